@@ -1,0 +1,10 @@
+//! What every lab binary shares: configuration and the fault switches
+//! ([`config`]), logging ([`telemetry`]), Prometheus metrics ([`metrics`]),
+//! the admin HTTP listener ([`admin`]) and signal-driven shutdown
+//! ([`shutdown`]).
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod shutdown;
+pub mod telemetry;

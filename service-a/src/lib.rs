@@ -1,0 +1,89 @@
+//! Service A: the caller of the incident. An axum HTTP/JSON front whose every
+//! request becomes a gRPC call to a B, with A's deadline (default 5 s).
+//!
+//! * [`api`] — routes, error mapping, request metrics;
+//! * [`balancer`] — cause 1: which connection(s) the calls ride on;
+//! * [`metrics`] — A's Prometheus metrics.
+
+pub mod api;
+pub mod balancer;
+pub mod metrics;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use lab_common::{admin, config::LabConfig};
+use lab_proto::v1::backend_client::BackendClient;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// How long `/readyz` waits for a health answer from B.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs service A until `shutdown` is cancelled.
+pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let backends = balancer::connect(&config)?;
+    let registry = lab_common::metrics::registry()?;
+    let metrics = metrics::Metrics::register(&registry)?;
+    metrics.backend_endpoints.set(backends.endpoints);
+
+    // Ready when some B answers a gRPC health check over A's own channel.
+    let readiness: admin::ReadinessProbe = {
+        let channel = backends.channel.clone();
+        Arc::new(move || {
+            let mut health = HealthClient::new(channel.clone());
+            Box::pin(async move {
+                let check = health.check(HealthCheckRequest {
+                    service: "lab.v1.Backend".into(),
+                });
+                match tokio::time::timeout(READINESS_TIMEOUT, check).await {
+                    Ok(Ok(reply)) if reply.get_ref().status == 1 => Ok(()),
+                    Ok(Ok(reply)) => Err(format!("B health status {}", reply.get_ref().status)),
+                    Ok(Err(status)) => Err(format!("B unreachable: {}", status.message())),
+                    Err(_) => Err(format!(
+                        "B health check timed out after {READINESS_TIMEOUT:?}"
+                    )),
+                }
+            })
+        })
+    };
+
+    let admin_addr = &config.service_a.admin_listen;
+    let admin_listener = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding admin listener {admin_addr}"))?;
+    let admin_router = admin::router(admin::AdminState {
+        service: "service-a",
+        registry,
+        config: config.clone(),
+        readiness,
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));
+
+    let app = api::router(
+        api::AppState {
+            backend: BackendClient::new(backends.channel),
+            deadline: config.service_a.backend_timeout,
+            metrics,
+        },
+        config.service_a.max_body_bytes,
+    );
+    let addr = &config.service_a.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding HTTP listener {addr}"))?;
+    tracing::info!(http = %addr, admin = %admin_addr, backend = %backends.target, mode = ?config.mode, faults = ?config.faults, "service-a serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown({
+            let shutdown = shutdown.clone();
+            async move { shutdown.cancelled().await }
+        })
+        .await
+        .context("HTTP server failed")?;
+    shutdown.cancel();
+    let _ = admin_task.await;
+    tracing::info!("service-a stopped");
+    Ok(())
+}

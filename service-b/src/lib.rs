@@ -1,0 +1,178 @@
+//! Service B: the gRPC callee of the incident.
+//!
+//! Start-up order matters for an honest `/readyz`: the admin listener comes
+//! first (so `/healthz` answers while MySQL is awaited), then MySQL,
+//! migrations and seed data, then the gRPC listener. `/readyz` is 200 only
+//! once gRPC is serving and MySQL answers.
+//!
+//! Shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, the listener
+//! stops accepting, HTTP/2 GOAWAY is sent and in-flight requests finish, for
+//! at most `service_b.shutdown_grace`.
+
+pub mod db;
+pub mod grpc;
+pub mod metrics;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context;
+use lab_common::{admin, config::LabConfig};
+use lab_proto::v1::{FILE_DESCRIPTOR_SET, backend_server::BackendServer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+
+use crate::{db::Db, grpc::BackendService, metrics::Metrics};
+
+/// Largest gRPC message B decodes; job payloads have their own, smaller,
+/// limit checked in the handler so they get INVALID_ARGUMENT with a reason.
+const MAX_DECODED_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// The id this instance reports as `served_by`.
+pub fn instance_id(config: &LabConfig) -> String {
+    if !config.service_b.instance_id.is_empty() {
+        return config.service_b.instance_id.clone();
+    }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    let port = config
+        .service_b
+        .listen
+        .parse::<SocketAddr>()
+        .map(|a| a.port())
+        .unwrap_or_default();
+    format!("b-{host}-{port}")
+}
+
+/// Runs service B until `shutdown` is cancelled.
+pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let instance_id: Arc<str> = instance_id(&config).into();
+    let registry = lab_common::metrics::registry()?;
+    let metrics = Metrics::register(&registry)?;
+
+    let db_slot: Arc<OnceLock<Db>> = Arc::new(OnceLock::new());
+    let serving = Arc::new(AtomicBool::new(false));
+    let readiness: admin::ReadinessProbe = {
+        let db_slot = db_slot.clone();
+        let serving = serving.clone();
+        let metrics = metrics.clone();
+        Arc::new(move || {
+            let db = db_slot.get().cloned();
+            let serving = serving.load(Ordering::Acquire);
+            let metrics = metrics.clone();
+            Box::pin(async move {
+                let Some(db) = db else {
+                    return Err("waiting for MySQL".to_string());
+                };
+                let (open, idle) = db.pool_stats();
+                let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+                metrics
+                    .db_pool_connections
+                    .with_label_values(&["idle"])
+                    .set(idle);
+                metrics
+                    .db_pool_connections
+                    .with_label_values(&["in_use"])
+                    .set(i64::from(open) - idle);
+                if !serving {
+                    return Err("gRPC listener not serving".to_string());
+                }
+                db.ping().await.map_err(|e| e.to_string())
+            })
+        })
+    };
+
+    let admin_addr = &config.service_b.admin_listen;
+    let admin_listener = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding admin listener {admin_addr}"))?;
+    let admin_router = admin::router(admin::AdminState {
+        service: "service-b",
+        registry: registry.clone(),
+        config: config.clone(),
+        readiness,
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));
+
+    let db = Db::connect_with_retry(&config.mysql, &shutdown).await?;
+    db.migrate().await?;
+    db.seed_items(config.mysql.seed_items).await?;
+    let _ = db_slot.set(db.clone());
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BackendServer<BackendService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let backend = BackendService {
+        db,
+        instance_id: instance_id.clone(),
+        max_payload_bytes: config.service_b.max_payload_bytes,
+        handler_latency: config.service_b.handler_latency,
+        metrics,
+    };
+
+    let grpc_addr = &config.service_b.listen;
+    let listener = TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("binding gRPC listener {grpc_addr}"))?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let mut server = Server::builder();
+    if !config.service_b.max_connection_age.is_zero() {
+        server = server
+            .max_connection_age(config.service_b.max_connection_age)
+            .max_connection_age_grace(config.service_b.max_connection_age_grace);
+    }
+    let drain = {
+        let shutdown = shutdown.clone();
+        let reporter = health_reporter.clone();
+        async move {
+            shutdown.cancelled().await;
+            reporter
+                .set_not_serving::<BackendServer<BackendService>>()
+                .await;
+        }
+    };
+    let serve = server
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            BackendServer::new(backend).max_decoding_message_size(MAX_DECODED_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, drain);
+    serving.store(true, Ordering::Release);
+    tracing::info!(%instance_id, grpc = %grpc_addr, admin = %admin_addr, mode = ?config.mode, faults = ?config.faults, "service-b serving");
+
+    let grace = config.service_b.shutdown_grace;
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => result.context("gRPC server failed")?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight requests still running after the grace period; closing anyway");
+        }
+    }
+    serving.store(false, Ordering::Release);
+    shutdown.cancel();
+    let _ = admin_task.await;
+    tracing::info!("service-b stopped");
+    Ok(())
+}
