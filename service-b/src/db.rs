@@ -11,7 +11,7 @@ use std::{future::Future, time::Duration};
 use lab_common::config::MysqlConfig;
 use sqlx::{
     AssertSqlSafe, MySql, QueryBuilder,
-    mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions},
+    mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -135,43 +135,34 @@ impl Db {
         })
     }
 
-    /// Applies pending migrations. Safe to run from several B instances at
-    /// once: sqlx serialises them with a database lock.
-    pub async fn migrate(&self) -> Result<(), DbError> {
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| DbError::Other(format!("migration failed: {e}")))
-    }
-
-    /// Makes sure items 1..=count exist. Idempotent and concurrency-safe
-    /// (`INSERT IGNORE`), so every B instance may call it at start.
-    pub async fn seed_items(&self, count: u32) -> Result<(), DbError> {
-        let present: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE id <= ?")
-            .bind(i64::from(count))
-            .fetch_one(&self.pool)
+    /// Applies pending migrations and seeds `items` 1..=seed_items.
+    ///
+    /// Several B instances start at once, so this runs under a named MySQL
+    /// lock on one connection. (sqlx's own migration lock asks for
+    /// `GET_LOCK(…, -1)`, which MariaDB does not treat as "wait forever": two
+    /// instances then race and one fails on a duplicate migration row.)
+    pub async fn migrate_and_seed(&self, item_count: u32) -> Result<(), DbError> {
+        let mut conn = self.pool.acquire().await?;
+        let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('lab_schema', 60)")
+            .fetch_one(&mut *conn)
             .await?;
-        if present >= i64::from(count) {
-            return Ok(());
+        if locked != Some(1) {
+            return Err(DbError::Unavailable(
+                "another instance held the schema lock for 60 s".into(),
+            ));
         }
-        const BATCH: u32 = 1000;
-        let mut start = 1;
-        while start <= count {
-            let end = (start + BATCH - 1).min(count);
-            let mut insert: QueryBuilder<MySql> =
-                QueryBuilder::new("INSERT IGNORE INTO items (id, name, price_cents, description) ");
-            insert.push_values(start..=end, |mut row, id| {
-                let id = i64::from(id);
-                row.push_bind(id)
-                    .push_bind(format!("item-{id}"))
-                    .push_bind((id * 7919) % 100_000)
-                    .push_bind(format!("Seeded catalogue item number {id}."));
-            });
-            insert.build().execute(&self.pool).await?;
-            start = end + 1;
+        let result = async {
+            MIGRATOR
+                .run(&mut *conn)
+                .await
+                .map_err(|e| DbError::Other(format!("migration failed: {e}")))?;
+            seed_items(&mut conn, item_count).await
         }
-        tracing::info!(count, "items seeded");
-        Ok(())
+        .await;
+        let _ = sqlx::query("SELECT RELEASE_LOCK('lab_schema')")
+            .execute(&mut *conn)
+            .await;
+        result
     }
 
     /// `SELECT 1` within the query timeout: the `/readyz` probe.
@@ -235,6 +226,35 @@ impl Db {
             ))),
         }
     }
+}
+
+/// Makes sure items 1..=count exist. Idempotent (`INSERT IGNORE`).
+async fn seed_items(conn: &mut MySqlConnection, count: u32) -> Result<(), DbError> {
+    let present: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE id <= ?")
+        .bind(i64::from(count))
+        .fetch_one(&mut *conn)
+        .await?;
+    if present >= i64::from(count) {
+        return Ok(());
+    }
+    const BATCH: u32 = 1000;
+    let mut start = 1;
+    while start <= count {
+        let end = (start + BATCH - 1).min(count);
+        let mut insert: QueryBuilder<MySql> =
+            QueryBuilder::new("INSERT IGNORE INTO items (id, name, price_cents, description) ");
+        insert.push_values(start..=end, |mut row, id| {
+            let id = i64::from(id);
+            row.push_bind(id)
+                .push_bind(format!("item-{id}"))
+                .push_bind((id * 7919) % 100_000)
+                .push_bind(format!("Seeded catalogue item number {id}."));
+        });
+        insert.build().execute(&mut *conn).await?;
+        start = end + 1;
+    }
+    tracing::info!(count, "items seeded");
+    Ok(())
 }
 
 /// `mysql://u:p@h:1/lab?x=y` → (`mysql://u:p@h:1/?x=y`, `lab`), checking that

@@ -104,8 +104,7 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));
 
     let db = Db::connect_with_retry(&config.mysql, &shutdown).await?;
-    db.migrate().await?;
-    db.seed_items(config.mysql.seed_items).await?;
+    db.migrate_and_seed(config.mysql.seed_items).await?;
     let _ = db_slot.set(db.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -1,0 +1,603 @@
+//! Starts, watches and stops the native stack — the one launcher behind
+//! `labctl up` and every end-to-end test.
+//!
+//! Start order, each step waiting until its processes are ready:
+//! MySQL/MariaDB and etcd → every B (ready = gRPC serving and MySQL
+//! answering) → HAProxy → A (ready = a B answers a gRPC health check through
+//! A's own channel). Stop order is the reverse, SIGTERM first.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use lab_common::config::LabConfig;
+
+use crate::{
+    ports::{PortPolicy, Ports},
+    probe::{self, HttpClient},
+    procs::{self, Lifetime},
+    state::{LabState, ServiceRecord},
+};
+
+/// The HAProxy frontends, shared with docker compose.
+pub const HAPROXY_CFG: &str = include_str!("../../deploy/haproxy/haproxy.cfg");
+/// Creates the lab's database and user at server start (MySQL and MariaDB).
+pub const MYSQL_INIT_SQL: &str = include_str!("../../deploy/mysql/init.sql");
+
+/// What to start and how.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The effective config (mode, switches, time constants); ports and
+    /// dependency addresses in it are replaced by the planned ones.
+    pub config: LabConfig,
+    /// Number of B instances.
+    pub backends: usize,
+    pub ports: PortPolicy,
+    pub state_dir: PathBuf,
+    pub lifetime: Lifetime,
+    /// Where `service-a` and `service-b` are, if not next to this executable.
+    pub bin_dir: Option<PathBuf>,
+    /// How long each step may take to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl UpOptions {
+    pub fn new(config: LabConfig, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config,
+            backends: 2,
+            ports: PortPolicy::Configured,
+            state_dir: state_dir.into(),
+            lifetime: Lifetime::TiedToLabctl,
+            bin_dir: None,
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A started stack. Dropping it without [`Stack::down`] still stops every
+/// process (SIGTERM, then SIGKILL), so a failing test leaves nothing behind.
+pub struct Stack {
+    pub state: LabState,
+    pub ports: Ports,
+    /// The config the services were given (with the planned ports).
+    pub config: LabConfig,
+    /// How long `up` took until everything was ready.
+    pub startup: Duration,
+    children: Vec<Child>,
+    lifetime: Lifetime,
+    stopped: bool,
+}
+
+/// A readiness check for one process.
+enum Ready {
+    Http(String),
+    MysqlGreeting(String),
+}
+
+struct Binaries {
+    mysqld: PathBuf,
+    mysql_flavor: MysqlFlavor,
+    etcd: PathBuf,
+    haproxy: PathBuf,
+    service_a: PathBuf,
+    service_b: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MysqlFlavor {
+    MariaDb,
+    MySql,
+}
+
+impl Binaries {
+    fn find(bin_dir: Option<&Path>) -> anyhow::Result<Self> {
+        const MYSQLD: [&str; 2] = ["mariadbd", "mysqld"];
+        let mysqld = procs::find_binary(&MYSQLD)
+            .ok_or_else(|| procs::missing("MySQL/MariaDB server", &MYSQLD))?;
+        let version = Command::new(&mysqld)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", mysqld.display()))?;
+        let mysql_flavor = if String::from_utf8_lossy(&version.stdout).contains("MariaDB") {
+            MysqlFlavor::MariaDb
+        } else {
+            MysqlFlavor::MySql
+        };
+        Ok(Self {
+            mysqld,
+            mysql_flavor,
+            etcd: procs::find_binary(&["etcd"]).ok_or_else(|| procs::missing("etcd", &["etcd"]))?,
+            haproxy: procs::find_binary(&["haproxy"])
+                .ok_or_else(|| procs::missing("HAProxy", &["haproxy"]))?,
+            service_a: procs::find_lab_binary("service-a", bin_dir)?,
+            service_b: procs::find_lab_binary("service-b", bin_dir)?,
+        })
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+impl Stack {
+    /// Starts everything and waits until it is ready.
+    pub async fn up(options: UpOptions) -> anyhow::Result<Stack> {
+        let started = Instant::now();
+        let state_dir = absolute(&options.state_dir)?;
+        std::fs::create_dir_all(state_dir.join("logs"))
+            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+        if let Some(old) = LabState::load(&state_dir)?
+            && old.any_alive()
+        {
+            bail!(
+                "a lab is already running from {} — stop it with `labctl down --state-dir {}`",
+                state_dir.display(),
+                state_dir.display()
+            );
+        }
+        if options.backends == 0 {
+            bail!("--backends must be at least 1");
+        }
+        let bins = Binaries::find(options.bin_dir.as_deref())?;
+        let ports = Ports::plan(&options.config, options.backends, options.ports)?;
+        if options.ports == PortPolicy::Configured {
+            ports.ensure_free()?;
+        }
+
+        let config = with_ports(&options.config, &ports);
+        let config_file = state_dir.join("lab.toml");
+        std::fs::write(&config_file, config.to_toml()?)
+            .with_context(|| format!("writing {}", config_file.display()))?;
+
+        let mut stack = Stack {
+            state: LabState {
+                mode: config.mode,
+                faults: config.faults,
+                state_dir: state_dir.clone(),
+                config_file: config_file.clone(),
+                services: Vec::new(),
+            },
+            ports: ports.clone(),
+            config: config.clone(),
+            startup: Duration::ZERO,
+            children: Vec::new(),
+            lifetime: options.lifetime,
+            stopped: false,
+        };
+        let client = probe::http_client();
+        let timeout = options.ready_timeout;
+
+        // 1. MySQL and etcd, side by side.
+        let mysql_cmd = mysql_command(&bins, &state_dir, ports.mysql).await?;
+        stack.start("mysql", mysql_cmd, |r| {
+            r.url = Some(format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql));
+        })?;
+        stack.start("etcd", etcd_command(&bins, &state_dir, &ports)?, |r| {
+            r.url = Some(url(ports.etcd_client));
+        })?;
+        stack
+            .wait_ready(
+                &client,
+                timeout,
+                vec![
+                    ("mysql", Ready::MysqlGreeting(addr(ports.mysql))),
+                    (
+                        "etcd",
+                        Ready::Http(format!("{}/health", url(ports.etcd_client))),
+                    ),
+                ],
+            )
+            .await?;
+
+        // 2. Every B.
+        let mut waits = Vec::new();
+        for (i, (grpc, admin)) in ports.b.iter().enumerate() {
+            let name = format!("service-b-{}", i + 1);
+            let instance_id = format!("b-{}", i + 1);
+            let mut cmd = Command::new(&bins.service_b);
+            cmd.arg("--config").arg(&config_file);
+            for set in [
+                format!("service_b.instance_id={instance_id}"),
+                format!("service_b.listen={}", addr(*grpc)),
+                format!("service_b.admin_listen={}", addr(*admin)),
+            ] {
+                cmd.arg("--set").arg(set);
+            }
+            stack.start(&name, cmd, |r| {
+                r.instance_id = Some(instance_id.clone());
+                r.grpc_addr = Some(addr(*grpc));
+                r.admin_url = Some(url(*admin));
+            })?;
+            waits.push((name, Ready::Http(format!("{}/readyz", url(*admin)))));
+        }
+        let waits = waits
+            .iter()
+            .map(|(n, r)| (n.as_str(), clone_ready(r)))
+            .collect();
+        stack.wait_ready(&client, timeout, waits).await?;
+
+        // 3. HAProxy over them.
+        stack.start(
+            "slb",
+            haproxy_command(&bins, &state_dir, &config, &ports)?,
+            |r| {
+                r.l4_addr = Some(addr(ports.slb_l4));
+                r.l7_addr = Some(addr(ports.slb_l7));
+                r.admin_url = Some(url(ports.slb_stats));
+                r.url = Some(format!("{}/stats", url(ports.slb_stats)));
+            },
+        )?;
+        stack
+            .wait_ready(
+                &client,
+                timeout,
+                vec![(
+                    "slb",
+                    Ready::Http(format!("{}/stats", url(ports.slb_stats))),
+                )],
+            )
+            .await?;
+
+        // 4. A.
+        let mut cmd = Command::new(&bins.service_a);
+        cmd.arg("--config").arg(&config_file);
+        stack.start("service-a", cmd, |r| {
+            r.url = Some(url(ports.a_http));
+            r.admin_url = Some(url(ports.a_admin));
+        })?;
+        stack
+            .wait_ready(
+                &client,
+                timeout,
+                vec![(
+                    "service-a",
+                    Ready::Http(format!("{}/readyz", url(ports.a_admin))),
+                )],
+            )
+            .await?;
+
+        stack.startup = started.elapsed();
+        Ok(stack)
+    }
+
+    /// Spawns one process, records it and saves the state (so even a
+    /// half-started stack can be stopped with `labctl down`).
+    fn start(
+        &mut self,
+        name: &str,
+        cmd: Command,
+        describe: impl FnOnce(&mut ServiceRecord),
+    ) -> anyhow::Result<()> {
+        let log = self
+            .state
+            .state_dir
+            .join("logs")
+            .join(format!("{name}.log"));
+        let child = procs::spawn(cmd, &log, self.lifetime)?;
+        let pid = child.id();
+        let start_time = procs::start_time(pid)
+            .with_context(|| format!("{name} exited at once; see {}", log.display()))?;
+        let mut record = ServiceRecord::new(name, pid, start_time, log);
+        describe(&mut record);
+        self.state.services.push(record);
+        self.children.push(child);
+        self.state.save()
+    }
+
+    async fn wait_ready(
+        &self,
+        client: &HttpClient,
+        timeout: Duration,
+        waits: Vec<(&str, Ready)>,
+    ) -> anyhow::Result<()> {
+        let checks = waits.into_iter().map(|(name, ready)| async move {
+            let record = self
+                .state
+                .service(name)
+                .with_context(|| format!("{name} was not started"))?;
+            let deadline = Instant::now() + timeout;
+            loop {
+                let ok = match &ready {
+                    Ready::Http(u) => probe::http_ok(client, u).await,
+                    Ready::MysqlGreeting(a) => probe::mysql_greets(a).await,
+                };
+                if ok {
+                    return anyhow::Ok(());
+                }
+                if !record.is_alive() {
+                    bail!(
+                        "{name} exited during start-up; last lines of {}:\n{}",
+                        record.log.display(),
+                        procs::tail(&record.log, 15)
+                    );
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{name} not ready after {timeout:?}; last lines of {}:\n{}",
+                        record.log.display(),
+                        procs::tail(&record.log, 15)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        futures::future::try_join_all(checks).await.map(|_| ())
+    }
+
+    /// The record of `name`.
+    pub fn service(&self, name: &str) -> anyhow::Result<&ServiceRecord> {
+        self.state
+            .service(name)
+            .with_context(|| format!("no service named {name}"))
+    }
+
+    /// A's public base URL.
+    pub fn a_url(&self) -> String {
+        url(self.ports.a_http)
+    }
+
+    /// Stops every process (reverse start order) and removes `state.json`.
+    pub async fn down(&mut self) -> anyhow::Result<()> {
+        stop_all(&self.state).await;
+        self.reap();
+        self.stopped = true;
+        LabState::remove(&self.state.state_dir)
+    }
+
+    /// Collects exited children so they do not linger as zombies.
+    pub fn reap(&mut self) {
+        for child in &mut self.children {
+            let _ = child.try_wait();
+        }
+    }
+
+    /// Leaves the processes running (after `up --detach`).
+    pub fn detach(mut self) {
+        self.stopped = true;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        // Best effort without an async runtime: TERM all, wait, KILL the rest.
+        for record in self.state.services.iter().rev() {
+            let _ = procs::signal(
+                record.pid,
+                record.start_time,
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && self
+                .children
+                .iter_mut()
+                .any(|c| matches!(c.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for child in &mut self.children {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = LabState::remove(&self.state.state_dir);
+    }
+}
+
+/// Stops every recorded process in reverse start order.
+pub async fn stop_all(state: &LabState) {
+    for record in state.services.iter().rev() {
+        if procs::terminate(record.pid, record.start_time, Duration::from_secs(15)).await {
+            tracing::warn!(name = %record.name, "did not stop on SIGTERM; killed");
+        }
+    }
+}
+
+/// `labctl down`: stops the stack recorded in `state_dir`. Returns the
+/// names of the processes that were still running.
+pub async fn down(state_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let Some(state) = LabState::load(state_dir)? else {
+        return Ok(Vec::new());
+    };
+    let running = state
+        .services
+        .iter()
+        .filter(|s| s.is_alive())
+        .map(|s| s.name.clone())
+        .collect();
+    stop_all(&state).await;
+    LabState::remove(state_dir)?;
+    Ok(running)
+}
+
+fn clone_ready(ready: &Ready) -> Ready {
+    match ready {
+        Ready::Http(u) => Ready::Http(u.clone()),
+        Ready::MysqlGreeting(a) => Ready::MysqlGreeting(a.clone()),
+    }
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(path))
+    }
+}
+
+/// The config the services get: the user's, with every address replaced by
+/// the planned loopback ports.
+fn with_ports(config: &LabConfig, ports: &Ports) -> LabConfig {
+    let mut c = config.clone();
+    c.service_a.listen = addr(ports.a_http);
+    c.service_a.admin_listen = addr(ports.a_admin);
+    c.service_a.backend_l4_url = url(ports.slb_l4);
+    c.service_a.backend_l7_url = url(ports.slb_l7);
+    if let Some((grpc, admin)) = ports.b.first() {
+        c.service_b.listen = addr(*grpc);
+        c.service_b.admin_listen = addr(*admin);
+    }
+    c.mysql.url = format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql);
+    c.etcd.endpoints = vec![url(ports.etcd_client)];
+    c.slb.l4_listen = addr(ports.slb_l4);
+    c.slb.l7_listen = addr(ports.slb_l7);
+    c.slb.stats_listen = addr(ports.slb_stats);
+    c
+}
+
+/// Initialises a private data directory on first use, then returns the
+/// server command. Data persists across `up`/`down` in `<state>/mysql/data`.
+async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::Result<Command> {
+    let dir = state_dir.join("mysql");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&dir)?;
+    let init_sql = dir.join("init.sql");
+    std::fs::write(&init_sql, MYSQL_INIT_SQL)?;
+    if !data.join("mysql").exists() {
+        std::fs::create_dir_all(&data)?;
+        let log = state_dir.join("logs").join("mysql-init.log");
+        let mut init = match bins.mysql_flavor {
+            MysqlFlavor::MariaDb => {
+                let tool = procs::find_binary(&["mariadb-install-db", "mysql_install_db"])
+                    .ok_or_else(|| procs::missing("mariadb-install-db", &["mariadb-install-db"]))?;
+                let mut cmd = tokio::process::Command::new(tool);
+                cmd.arg("--no-defaults")
+                    .arg(format!("--datadir={}", data.display()))
+                    .arg("--auth-root-authentication-method=normal")
+                    .arg("--skip-test-db");
+                cmd
+            }
+            MysqlFlavor::MySql => {
+                let mut cmd = tokio::process::Command::new(&bins.mysqld);
+                cmd.arg("--no-defaults")
+                    .arg("--initialize-insecure")
+                    .arg(format!("--datadir={}", data.display()));
+                cmd
+            }
+        };
+        if is_root() {
+            init.arg("--user=root");
+        }
+        let output = init
+            .output()
+            .await
+            .context("initialising the MySQL data directory")?;
+        std::fs::write(
+            &log,
+            [output.stdout.as_slice(), output.stderr.as_slice()].concat(),
+        )?;
+        if !output.status.success() {
+            bail!(
+                "initialising the MySQL data directory failed ({}); see {}",
+                output.status,
+                log.display()
+            );
+        }
+    }
+    let mut cmd = Command::new(&bins.mysqld);
+    // --no-defaults must come first: ignore /etc/mysql so the lab's server
+    // is private and identical on every machine.
+    cmd.arg("--no-defaults")
+        .arg(format!("--datadir={}", data.display()))
+        .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
+        .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+        .arg(format!("--port={port}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--init-file={}", init_sql.display()))
+        .arg("--skip-name-resolve")
+        .arg("--skip-log-bin")
+        .arg("--max-connections=1000")
+        .arg("--innodb-buffer-pool-size=128M")
+        // Lab data is disposable: do not fsync every commit.
+        .arg("--innodb-flush-log-at-trx-commit=2");
+    if bins.mysql_flavor == MysqlFlavor::MySql {
+        cmd.arg("--mysqlx=OFF");
+    }
+    if is_root() {
+        cmd.arg("--user=root");
+    }
+    Ok(cmd)
+}
+
+/// A single-member etcd with a fresh data dir (the registry is ephemeral).
+fn etcd_command(bins: &Binaries, state_dir: &Path, ports: &Ports) -> anyhow::Result<Command> {
+    let data = state_dir.join("etcd");
+    if data.exists() {
+        std::fs::remove_dir_all(&data)?;
+    }
+    let client = url(ports.etcd_client);
+    let peer = url(ports.etcd_peer);
+    let mut cmd = Command::new(&bins.etcd);
+    cmd.arg("--name=lab")
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=lab={peer}"))
+        .arg("--initial-cluster-state=new")
+        .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+    Ok(cmd)
+}
+
+/// HAProxy with the shared frontends file plus a generated backends file
+/// listing every native B.
+fn haproxy_command(
+    bins: &Binaries,
+    state_dir: &Path,
+    config: &LabConfig,
+    ports: &Ports,
+) -> anyhow::Result<Command> {
+    let dir = state_dir.join("haproxy");
+    std::fs::create_dir_all(&dir)?;
+    let frontends = dir.join("haproxy.cfg");
+    std::fs::write(&frontends, HAPROXY_CFG)?;
+    let backends = dir.join("backends.cfg");
+    std::fs::write(&backends, backends_cfg(&ports.b))?;
+    let mut cmd = Command::new(&bins.haproxy);
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&frontends)
+        .arg("-f")
+        .arg(&backends)
+        .env("SLB_L4_BIND", addr(ports.slb_l4))
+        .env("SLB_L7_BIND", addr(ports.slb_l7))
+        .env("SLB_STATS_BIND", addr(ports.slb_stats))
+        .env("SLB_MAXCONN", config.slb.maxconn.to_string());
+    Ok(cmd)
+}
+
+/// The `b_l4` (tcp) and `b_l7` (h2) backend sections for the given B ports.
+pub fn backends_cfg(backends: &[(u16, u16)]) -> String {
+    let mut l4 = String::from(
+        "# Generated by labctl: one server per native B.\n\nbackend b_l4\n    mode tcp\n    balance roundrobin\n",
+    );
+    let mut l7 = String::from("\nbackend b_l7\n    mode http\n    balance roundrobin\n");
+    for (i, (grpc, _)) in backends.iter().enumerate() {
+        let n = i + 1;
+        l4.push_str(&format!(
+            "    server b-{n} 127.0.0.1:{grpc} check inter 1s fall 2 rise 1\n"
+        ));
+        l7.push_str(&format!(
+            "    server b-{n} 127.0.0.1:{grpc} proto h2 check inter 1s fall 2 rise 1\n"
+        ));
+    }
+    l4 + &l7
+}

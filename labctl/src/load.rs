@@ -1,0 +1,349 @@
+//! `labctl load`: an HTTP load generator that tells the truth about latency.
+//!
+//! * Closed loop (`--concurrency C`, no `--rps`): C workers, each sends its
+//!   next request as soon as the previous answer arrives. Latency is measured
+//!   from the actual send.
+//! * Open loop (`--rps R`): request *k* is due at `start + k/R` whatever
+//!   happened before. The C workers take requests in order, and latency is
+//!   measured from the **intended** send time, so when the server stalls
+//!   and requests queue behind it, the wait is counted (no coordinated
+//!   omission, as in wrk2).
+//!
+//! Latencies go into HDR histograms (1 µs – 1 h, 3 significant digits), one
+//! per worker, merged at the end. `by_backend` counts the `x-served-by`
+//! header of each response.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::probe::{HttpClient, http_client};
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// Path appended to `url`; `{rand}` becomes a random item id.
+    pub path: String,
+    /// Stop after this many requests…
+    pub requests: Option<u64>,
+    /// …or after this long (whichever is given; both → whichever first).
+    pub duration: Option<Duration>,
+    pub concurrency: usize,
+    /// Open-loop target rate; `None` = closed loop.
+    pub rps: Option<f64>,
+    /// Upper bound of `{rand}` (ids are 1..=id_max).
+    pub id_max: u64,
+    pub seed: u64,
+    /// Per-request timeout; a request that exceeds it counts as error `timeout`.
+    pub timeout: Duration,
+}
+
+impl LoadSpec {
+    pub fn new(url: impl Into<String>, path: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            path: path.into(),
+            requests: None,
+            duration: None,
+            concurrency: 16,
+            rps: None,
+            id_max: 10_000,
+            seed: 1,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// The `--json` report (DESIGN.md §6).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoadReport {
+    pub requests: u64,
+    pub ok: u64,
+    /// Non-2xx statuses by code, plus `timeout` and `connect` for transport errors.
+    pub errors: BTreeMap<String, u64>,
+    pub rps: f64,
+    pub latency_ms: Percentiles,
+    pub by_backend: BTreeMap<String, u64>,
+}
+
+impl LoadReport {
+    /// The largest share of requests any one backend served (0.0–1.0).
+    pub fn max_backend_share(&self) -> f64 {
+        let total: u64 = self.by_backend.values().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        self.by_backend.values().copied().max().unwrap_or(0) as f64 / total as f64
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "requests  {:>10}\nok        {:>10}\nrate      {:>10.1} req/s\n",
+            self.requests, self.ok, self.rps
+        ));
+        out.push_str(&format!(
+            "latency   p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms\n",
+            self.latency_ms.p50, self.latency_ms.p90, self.latency_ms.p99, self.latency_ms.max
+        ));
+        if !self.errors.is_empty() {
+            out.push_str("errors\n");
+            for (kind, n) in &self.errors {
+                out.push_str(&format!("  {kind:<12} {n:>10}\n"));
+            }
+        }
+        if !self.by_backend.is_empty() {
+            let total: u64 = self.by_backend.values().sum();
+            out.push_str("served by\n");
+            for (backend, n) in &self.by_backend {
+                out.push_str(&format!(
+                    "  {backend:<20} {n:>10}  {:>5.1}%\n",
+                    100.0 * *n as f64 / total.max(1) as f64
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// One worker's tallies, merged at the end.
+struct Tally {
+    histogram: Histogram<u64>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    by_backend: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+            ok: 0,
+            errors: BTreeMap::new(),
+            by_backend: BTreeMap::new(),
+        })
+    }
+
+    fn merge(&mut self, other: Tally) -> anyhow::Result<()> {
+        self.histogram.add(&other.histogram)?;
+        self.ok += other.ok;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        for (k, v) in other.by_backend {
+            *self.by_backend.entry(k).or_default() += v;
+        }
+        Ok(())
+    }
+}
+
+/// Shared between workers: the next request number and the stop rule.
+struct Plan {
+    next: AtomicU64,
+    done: AtomicU64,
+    limit: Option<u64>,
+    end: Option<Instant>,
+    start: Instant,
+    interval: Option<Duration>,
+}
+
+impl Plan {
+    /// Claims the next request; returns its intended send time, or `None` to stop.
+    fn claim(&self) -> Option<Instant> {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.limit.is_some_and(|limit| k >= limit) {
+            return None;
+        }
+        let due = match self.interval {
+            Some(interval) => self.start + interval.mul_f64(k as f64),
+            None => Instant::now(),
+        };
+        if self.end.is_some_and(|end| due >= end) {
+            return None;
+        }
+        Some(due)
+    }
+}
+
+/// Runs the load and returns the report. `progress` (if any) is advanced
+/// once per finished request.
+pub async fn run(
+    spec: &LoadSpec,
+    progress: Option<indicatif::ProgressBar>,
+) -> anyhow::Result<LoadReport> {
+    if spec.requests.is_none() && spec.duration.is_none() {
+        bail!("give --requests N or --duration D");
+    }
+    if spec.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if let Some(rps) = spec.rps
+        && !(rps > 0.0 && rps.is_finite())
+    {
+        bail!("--rps must be a positive number, got {rps}");
+    }
+    let base: hyper::Uri = spec
+        .url
+        .parse()
+        .with_context(|| format!("invalid --url {:?}", spec.url))?;
+    if base.scheme_str() != Some("http") {
+        bail!("--url must be an http:// URL, got {:?}", spec.url);
+    }
+    let client = http_client();
+    let start = Instant::now();
+    let plan = Arc::new(Plan {
+        next: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        limit: spec.requests,
+        end: spec.duration.map(|d| start + d),
+        start,
+        interval: spec.rps.map(|r| Duration::from_secs_f64(1.0 / r)),
+    });
+
+    let ticker = progress.map(|bar| {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(plan.done.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+
+    let workers = (0..spec.concurrency).map(|i| {
+        let plan = plan.clone();
+        let client = client.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move { worker(i as u64, &spec, &client, &plan).await })
+    });
+    let mut total = Tally::new()?;
+    for result in futures::future::join_all(workers).await {
+        total.merge(result.context("load worker panicked")??)?;
+    }
+    let elapsed = start.elapsed();
+    if let Some(t) = ticker {
+        t.abort();
+    }
+
+    let h = &total.histogram;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let requests = h.len();
+    Ok(LoadReport {
+        requests,
+        ok: total.ok,
+        errors: total.errors,
+        rps: requests as f64 / elapsed.as_secs_f64().max(1e-9),
+        latency_ms: Percentiles {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            max: ms(h.max()),
+        },
+        by_backend: total.by_backend,
+    })
+}
+
+async fn worker(
+    index: u64,
+    spec: &LoadSpec,
+    client: &HttpClient,
+    plan: &Plan,
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::new()?;
+    let mut rng = SmallRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(index));
+    let needs_id = spec.path.contains("{rand}");
+    let base = spec.url.trim_end_matches('/');
+    while let Some(due) = plan.claim() {
+        tokio::time::sleep_until(due).await;
+        let path = if needs_id {
+            spec.path.replace(
+                "{rand}",
+                &rng.random_range(1..=spec.id_max.max(1)).to_string(),
+            )
+        } else {
+            spec.path.clone()
+        };
+        let uri: hyper::Uri = format!("{base}{path}")
+            .parse()
+            .with_context(|| format!("invalid URL {base}{path}"))?;
+        // Open loop: measured from when the request was due, not when it went out.
+        let measured_from = if plan.interval.is_some() {
+            due
+        } else {
+            Instant::now()
+        };
+        let outcome = tokio::time::timeout(spec.timeout, send(client, uri)).await;
+        let latency = measured_from.elapsed();
+        tally
+            .histogram
+            .saturating_record((latency.as_micros() as u64).max(1));
+        match outcome {
+            Ok(Ok((status, served_by))) => {
+                if (200..300).contains(&status) {
+                    tally.ok += 1;
+                } else {
+                    *tally.errors.entry(status.to_string()).or_default() += 1;
+                }
+                if let Some(b) = served_by {
+                    *tally.by_backend.entry(b).or_default() += 1;
+                }
+            }
+            Ok(Err(kind)) => *tally.errors.entry(kind.to_string()).or_default() += 1,
+            Err(_) => *tally.errors.entry("timeout".into()).or_default() += 1,
+        }
+        plan.done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(tally)
+}
+
+/// One GET; returns the status and `x-served-by`, or a transport error kind.
+async fn send(client: &HttpClient, uri: hyper::Uri) -> Result<(u16, Option<String>), &'static str> {
+    let request = hyper::Request::get(uri)
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| "request")?;
+    let response = client.request(request).await.map_err(|e| {
+        if e.is_connect() {
+            "connect"
+        } else {
+            "transport"
+        }
+    })?;
+    let status = response.status().as_u16();
+    let served_by = response
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // Read the body to the end so the connection can be reused.
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| "transport")?;
+    Ok((status, served_by))
+}

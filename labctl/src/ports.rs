@@ -1,0 +1,188 @@
+//! Which loopback ports the stack uses: the configured (native default) ones,
+//! or free ones picked by the kernel (`--ports auto`).
+
+use std::net::{SocketAddr, TcpListener};
+
+use anyhow::{Context, bail};
+use lab_common::config::LabConfig;
+
+/// Every port of one stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports {
+    pub a_http: u16,
+    pub a_admin: u16,
+    /// (gRPC, admin) per B instance.
+    pub b: Vec<(u16, u16)>,
+    pub slb_l4: u16,
+    pub slb_l7: u16,
+    pub slb_stats: u16,
+    pub etcd_client: u16,
+    pub etcd_peer: u16,
+    pub mysql: u16,
+}
+
+/// How ports are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PortPolicy {
+    /// From the config (B instance i gets base+i).
+    #[default]
+    Configured,
+    /// Free ports picked by the kernel.
+    Auto,
+}
+
+impl std::str::FromStr for PortPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(PortPolicy::Auto),
+            "config" | "default" => Ok(PortPolicy::Configured),
+            other => Err(format!(
+                "invalid --ports {other:?}: expected auto or config"
+            )),
+        }
+    }
+}
+
+fn port_of(key: &str, addr: &str) -> anyhow::Result<u16> {
+    // Accept both IP:PORT and URLs such as http://127.0.0.1:2379 or mysql://u:p@h:3306/db.
+    let host_port = addr.split_once("://").map(|(_, rest)| rest).unwrap_or(addr);
+    let host_port = host_port
+        .rsplit_once('@')
+        .map(|(_, hp)| hp)
+        .unwrap_or(host_port);
+    let host_port = host_port.split('/').next().unwrap_or(host_port);
+    host_port
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .with_context(|| format!("{key} = {addr:?} has no port"))
+}
+
+impl Ports {
+    /// Plans the ports for `backends` B instances.
+    pub fn plan(config: &LabConfig, backends: usize, policy: PortPolicy) -> anyhow::Result<Ports> {
+        match policy {
+            PortPolicy::Auto => Self::auto(backends),
+            PortPolicy::Configured => {
+                let b_grpc = port_of("service_b.listen", &config.service_b.listen)?;
+                let b_admin = port_of("service_b.admin_listen", &config.service_b.admin_listen)?;
+                let etcd = config
+                    .etcd
+                    .endpoints
+                    .first()
+                    .context("etcd.endpoints is empty")?;
+                let etcd_client = port_of("etcd.endpoints", etcd)?;
+                let offset = |base: u16, i: usize| -> anyhow::Result<u16> {
+                    u16::try_from(usize::from(base) + i).context("port out of range")
+                };
+                let b = (0..backends)
+                    .map(|i| Ok((offset(b_grpc, i)?, offset(b_admin, i)?)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok(Ports {
+                    a_http: port_of("service_a.listen", &config.service_a.listen)?,
+                    a_admin: port_of("service_a.admin_listen", &config.service_a.admin_listen)?,
+                    b,
+                    slb_l4: port_of("slb.l4_listen", &config.slb.l4_listen)?,
+                    slb_l7: port_of("slb.l7_listen", &config.slb.l7_listen)?,
+                    slb_stats: port_of("slb.stats_listen", &config.slb.stats_listen)?,
+                    etcd_client,
+                    etcd_peer: offset(etcd_client, 1)?,
+                    mysql: port_of("mysql.url", &config.mysql.url)?,
+                })
+            }
+        }
+    }
+
+    fn auto(backends: usize) -> anyhow::Result<Ports> {
+        // Hold every listener until all are picked so no port is handed out twice.
+        let count = 8 + 2 * backends;
+        let listeners = (0..count)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut ports = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<Vec<_>>>()?
+            .into_iter();
+        let mut next = || ports.next().context("not enough ports");
+        Ok(Ports {
+            a_http: next()?,
+            a_admin: next()?,
+            slb_l4: next()?,
+            slb_l7: next()?,
+            slb_stats: next()?,
+            etcd_client: next()?,
+            etcd_peer: next()?,
+            mysql: next()?,
+            b: (0..backends)
+                .map(|_| Ok((next()?, next()?)))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        })
+    }
+
+    /// Every (port, owner) pair.
+    pub fn all(&self) -> Vec<(u16, String)> {
+        let mut all = vec![
+            (self.mysql, "mysql".to_string()),
+            (self.etcd_client, "etcd".to_string()),
+            (self.etcd_peer, "etcd (peer)".to_string()),
+            (self.slb_l4, "slb l4".to_string()),
+            (self.slb_l7, "slb l7".to_string()),
+            (self.slb_stats, "slb stats".to_string()),
+            (self.a_http, "service-a".to_string()),
+            (self.a_admin, "service-a admin".to_string()),
+        ];
+        for (i, (grpc, admin)) in self.b.iter().enumerate() {
+            all.push((*grpc, format!("service-b-{}", i + 1)));
+            all.push((*admin, format!("service-b-{} admin", i + 1)));
+        }
+        all
+    }
+
+    /// Fails with one line per busy port, naming its owner and the way out.
+    pub fn ensure_free(&self) -> anyhow::Result<()> {
+        let busy: Vec<String> = self
+            .all()
+            .into_iter()
+            .filter(|(port, _)| {
+                TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], *port))).is_err()
+            })
+            .map(|(port, owner)| format!("port {port} ({owner}) is already in use"))
+            .collect();
+        if !busy.is_empty() {
+            bail!(
+                "{}\nstop whatever holds it (another `labctl up`? try `labctl down`) or use `--ports auto`",
+                busy.join("\n")
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_ports_follow_the_config_and_number_backends() {
+        let ports = Ports::plan(&LabConfig::default(), 3, PortPolicy::Configured).expect("plan");
+        assert_eq!(ports.a_http, 8080);
+        assert_eq!(ports.b, vec![(50051, 9081), (50052, 9082), (50053, 9083)]);
+        assert_eq!((ports.etcd_client, ports.etcd_peer), (2379, 2380));
+        assert_eq!(ports.mysql, 33306);
+        assert_eq!(
+            (ports.slb_l4, ports.slb_l7, ports.slb_stats),
+            (50050, 50060, 8404)
+        );
+    }
+
+    #[test]
+    fn auto_ports_are_distinct() {
+        let ports = Ports::plan(&LabConfig::default(), 4, PortPolicy::Auto).expect("plan");
+        let mut all: Vec<u16> = ports.all().into_iter().map(|(p, _)| p).collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n);
+    }
+}

@@ -1,0 +1,118 @@
+//! `state.json`: what `labctl up` started, read by `status`, `down`, `kill`
+//! and the tests. Its shape is the `status --json` contract of DESIGN.md §6.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use lab_common::config::{Faults, Mode};
+use serde::{Deserialize, Serialize};
+
+/// One started process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceRecord {
+    /// `mysql`, `etcd`, `service-b-1`, …, `slb`, `service-a`.
+    pub name: String,
+    pub pid: u32,
+    /// Kernel start time of `pid`, so a reused pid is never signalled.
+    pub start_time: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub instance_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grpc_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub admin_url: Option<String>,
+    /// Extra addresses (HAProxy's frontends).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub l4_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub l7_addr: Option<String>,
+    pub log: PathBuf,
+    /// Filled in by `status`: whether the process is alive right now.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub running: Option<bool>,
+}
+
+impl ServiceRecord {
+    pub fn new(name: impl Into<String>, pid: u32, start_time: u64, log: PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            pid,
+            start_time,
+            instance_id: None,
+            url: None,
+            grpc_addr: None,
+            admin_url: None,
+            l4_addr: None,
+            l7_addr: None,
+            log,
+            running: None,
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        crate::procs::is_alive(self.pid, self.start_time)
+    }
+}
+
+/// The running stack.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LabState {
+    pub mode: Mode,
+    pub faults: Faults,
+    pub state_dir: PathBuf,
+    /// The config file every service was started with.
+    pub config_file: PathBuf,
+    /// In start order; `down` stops them in reverse.
+    pub services: Vec<ServiceRecord>,
+}
+
+impl LabState {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("state.json")
+    }
+
+    pub fn load(state_dir: &Path) -> anyhow::Result<Option<LabState>> {
+        let path = Self::path(state_dir);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Written atomically (temp file + rename) so readers never see half a file.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let path = Self::path(&self.state_dir);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn remove(state_dir: &Path) -> anyhow::Result<()> {
+        match std::fs::remove_file(Self::path(state_dir)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceRecord> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The B instances, in order.
+    pub fn backends(&self) -> impl Iterator<Item = &ServiceRecord> {
+        self.services
+            .iter()
+            .filter(|s| s.name.starts_with("service-b-"))
+    }
+
+    pub fn any_alive(&self) -> bool {
+        self.services.iter().any(ServiceRecord::is_alive)
+    }
+}
