@@ -343,6 +343,40 @@ impl Stack {
             .with_context(|| format!("no service named {name}"))
     }
 
+    /// Sends `signal` to the named process (e.g. SIGTERM one B, SIGKILL MySQL).
+    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let record = self.service(name)?;
+        procs::signal(record.pid, record.start_time, signal)
+    }
+
+    /// Waits for the named child to exit and returns its exit status.
+    pub async fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let index = self
+            .state
+            .services
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no service named {name}"))?;
+        let child = self
+            .children
+            .get_mut(index)
+            .with_context(|| format!("{name} is not a child of this process"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} still running after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A's public base URL.
     pub fn a_url(&self) -> String {
         url(self.ports.a_http)

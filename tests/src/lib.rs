@@ -1,1 +1,184 @@
+//! Test harness: each test gets its own lab — real MariaDB/MySQL, etcd,
+//! HAProxy and the lab's own binaries on free loopback ports, in a temporary
+//! state dir — started by the same launcher as `labctl up`.
+//!
+//! The service binaries must be built first (`cargo build --workspace`;
+//! `scripts/test.sh` does it): the launcher looks for them in
+//! `target/<profile>/`, next to the test executable's `deps/` folder.
 
+use std::time::Duration;
+
+use lab_common::config::{LabConfig, Sources};
+use labctl::{
+    launcher::{Stack, UpOptions},
+    ports::PortPolicy,
+    probe,
+};
+
+/// A running lab that is stopped (and its state dir removed) on drop.
+pub struct TestLab {
+    pub stack: Stack,
+    // Declared after `stack` so the processes stop before the dir goes.
+    _dir: tempfile::TempDir,
+}
+
+impl TestLab {
+    /// Starts a lab with `backends` B instances and `--set`-style overrides
+    /// applied to the built-in defaults (the environment is ignored).
+    pub async fn start(backends: usize, overrides: &[&str]) -> anyhow::Result<TestLab> {
+        let config = lab_common::config::load(&Sources {
+            overrides: overrides.iter().map(|s| s.to_string()).collect(),
+            ..Sources::default()
+        })?;
+        Self::start_with(backends, config).await
+    }
+
+    pub async fn start_with(backends: usize, config: LabConfig) -> anyhow::Result<TestLab> {
+        let dir = tempfile::Builder::new().prefix("lab-e2e-").tempdir()?;
+        let mut options = UpOptions::new(config, dir.path().join("state"));
+        options.backends = backends;
+        options.ports = PortPolicy::Auto;
+        let stack = Stack::up(options).await?;
+        Ok(TestLab { stack, _dir: dir })
+    }
+
+    /// A's base URL.
+    pub fn a_url(&self) -> String {
+        self.stack.a_url()
+    }
+
+    /// The admin URL of a named service.
+    pub fn admin_url(&self, name: &str) -> anyhow::Result<String> {
+        self.stack
+            .service(name)?
+            .admin_url
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("{name} has no admin URL"))
+    }
+
+    /// The `/metrics` text of a named service.
+    pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
+        let url = format!("{}/metrics", self.admin_url(name)?);
+        let (status, body) =
+            probe::get(&probe::http_client(), &url, Duration::from_secs(5)).await?;
+        anyhow::ensure!(status == 200, "GET {url} answered {status}");
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// Sum of every sample of `name` whose labels include all of `labels`.
+/// Returns `None` when no sample matches (so a missing metric fails loudly).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_part, value) = if let Some(inner) = rest.strip_prefix('{') {
+            let Some((inner, value)) = inner.rsplit_once('}') else {
+                continue;
+            };
+            (inner, value)
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue; // a longer metric name with the same prefix
+        };
+        let matches = labels.iter().all(|(k, v)| {
+            label_part
+                .split(',')
+                .any(|pair| pair == format!("{k}=\"{v}\""))
+        });
+        if !matches {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// A GET against the lab: status, `x-served-by`, body as JSON (if any), and
+/// how long it took.
+pub async fn get_json(
+    url: &str,
+) -> anyhow::Result<(u16, Option<String>, serde_json::Value, Duration)> {
+    request_json("GET", url, None).await
+}
+
+/// Any request with an optional JSON body.
+pub async fn request_json(
+    method: &str,
+    url: &str,
+    body: Option<String>,
+) -> anyhow::Result<(u16, Option<String>, serde_json::Value, Duration)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A raw HTTP/1.1 exchange keeps the harness free of client magic
+    // (no retries, no pooling): exactly one request, timed end to end.
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("not an http URL: {url}"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed response: {text}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status line: {head}"))?;
+    let served_by = head.lines().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        key.eq_ignore_ascii_case("x-served-by")
+            .then(|| value.trim().to_owned())
+    });
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    Ok((status, served_by, json, elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_matches_names_and_labels_exactly() {
+        let text = "# HELP x\nlab_grpc_requests_total{method=\"GetItem\",code=\"OK\"} 7\n\
+                    lab_grpc_requests_total{method=\"GetItem\",code=\"NotFound\"} 2\n\
+                    lab_grpc_requests_total{method=\"GetJob\",code=\"OK\"} 5\n\
+                    lab_grpc_requests_total_extra 100\nprocess_threads 9\n\
+                    lab_http_requests_total{route=\"/api/items/{id}\",status=\"404\"} 3\n";
+        assert_eq!(
+            metric_sum(text, "lab_grpc_requests_total", &[("method", "GetItem")]),
+            Some(9.0)
+        );
+        assert_eq!(metric_sum(text, "lab_grpc_requests_total", &[]), Some(14.0));
+        assert_eq!(metric_sum(text, "process_threads", &[]), Some(9.0));
+        assert_eq!(
+            metric_sum(
+                text,
+                "lab_http_requests_total",
+                &[("route", "/api/items/{id}")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric_sum(text, "lab_grpc_requests_total", &[("method", "Nope")]),
+            None
+        );
+    }
+}

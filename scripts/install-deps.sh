@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what the lab needs to run natively and to pass its tests:
+# a MySQL-compatible server (MariaDB), etcd and HAProxy. Idempotent: does
+# nothing when they are already there. Debian and Ubuntu (apt) are
+# supported; elsewhere it names what to install.
+set -euo pipefail
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/local/sbin/$1" ]; }
+
+missing=()
+have mariadbd || have mysqld || missing+=(mariadb-server)
+have mariadb-install-db || have mysqld || missing+=(mariadb-server)
+have etcd || missing+=(etcd-server)
+have haproxy || missing+=(haproxy)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    # de-duplicate
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo=""
+        if [ "$(id -u)" -ne 0 ]; then
+            if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+                echo "install-deps: need root (or sudo) to apt-get install ${missing[*]}" >&2
+                exit 1
+            fi
+        fi
+        echo "install-deps: installing ${missing[*]} with apt-get"
+        $sudo apt-get update -qq
+        # Debian's packages try to start their system services; the lab runs
+        # its own private instances, so a refusal to start them is harmless.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        cat >&2 <<MSG
+install-deps: no apt-get here. Install these with your package manager and re-run:
+  - MariaDB >= 10.6 or MySQL 8 server (mariadbd/mysqld)
+  - etcd >= 3.4 (etcd)
+  - HAProxy >= 2.4 (haproxy)
+MSG
+        exit 1
+    fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: cargo not found; install Rust (https://rustup.rs) and re-run" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        rustup component add "$component" || {
+            echo "install-deps: cargo $component is missing and could not be installed" >&2
+            exit 1
+        }
+    fi
+done
+echo "install-deps: ok ($(command -v mariadbd || command -v mysqld || echo /usr/sbin/mariadbd), $(command -v etcd), $(command -v haproxy || echo /usr/sbin/haproxy))"
