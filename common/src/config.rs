@@ -7,7 +7,8 @@
 //! 1. built-in defaults (the native ports of DESIGN.md §2),
 //! 2. a TOML file (`--config FILE` or `LAB_CONFIG`),
 //! 3. environment variables: `LAB_` + the upper-snake key path
-//!    (`faults.http_client` → `LAB_FAULTS_HTTP_CLIENT`),
+//!    (`faults.http_client` → `LAB_FAULTS_HTTP_CLIENT`); an empty variable
+//!    counts as unset,
 //! 4. command-line overrides (`--set KEY=VALUE`, `--mode`).
 //!
 //! Nothing is silently ignored: an unknown key, an unknown `LAB_*` variable or
@@ -585,7 +586,11 @@ pub fn load(sources: &Sources) -> Result<LabConfig, ConfigError> {
     let mut env: Vec<&(String, String)> = sources
         .env
         .iter()
-        .filter(|(k, _)| k.starts_with("LAB_") && !RESERVED_ENV.contains(&k.as_str()))
+        // An empty variable counts as unset: compose passes `${X:-}` through
+        // as "" when the user did not set X.
+        .filter(|(k, v)| {
+            k.starts_with("LAB_") && !RESERVED_ENV.contains(&k.as_str()) && !v.is_empty()
+        })
         .collect();
     env.sort();
     for (var, raw) in env {
@@ -967,6 +972,20 @@ mod tests {
         assert!(
             bad_addr.contains("service_b.listen") && bad_addr.contains("IP:PORT"),
             "{bad_addr}"
+        );
+    }
+
+    #[test]
+    fn empty_env_vars_count_as_unset() {
+        let c = load(&Sources {
+            env: env(&[("LAB_FAULTS_LB", ""), ("LAB_MODE", "fixed")]),
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!(
+            c.faults.lb,
+            LbMode::Etcd,
+            "preset applies, empty override ignored"
         );
     }
 

@@ -56,6 +56,21 @@ pub fn instance_id(config: &LabConfig) -> String {
 pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let instance_id: Arc<str> = instance_id(&config).into();
+    // Switches whose B-side code has not landed yet: say so rather than
+    // pretend they took effect.
+    let f = &config.faults;
+    for (switch, value) in [
+        ("worker", format!("{:?}", f.worker)),
+        ("deadline", format!("{:?}", f.deadline)),
+        ("http_client", format!("{:?}", f.http_client)),
+        ("rows", format!("{:?}", f.rows)),
+    ] {
+        tracing::warn!(
+            switch,
+            value,
+            "fault switch accepted but not implemented in service-b yet; it has no effect"
+        );
+    }
     let registry = lab_common::metrics::registry()?;
     let metrics = Metrics::register(&registry)?;
 

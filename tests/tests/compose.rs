@@ -1,0 +1,327 @@
+//! There is no Docker engine on the build machines, so docker-compose.yml is
+//! checked statically: what it references exists, images are pinned, every
+//! service has a healthcheck and waits for healthy dependencies, the lab's
+//! environment variables are valid config, and published ports agree with
+//! the config defaults.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use lab_common::config::{LabConfig, Sources};
+use serde_yaml::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn compose() -> Value {
+    let text =
+        std::fs::read_to_string(repo().join("docker-compose.yml")).expect("docker-compose.yml");
+    let mut value: Value = serde_yaml::from_str(&text).expect("valid YAML");
+    value.apply_merge().expect("YAML merge keys resolve");
+    value
+}
+
+fn dotenv() -> BTreeMap<String, String> {
+    std::fs::read_to_string(repo().join(".env"))
+        .expect(".env")
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+fn services(c: &Value) -> &serde_yaml::Mapping {
+    c["services"].as_mapping().expect("services map")
+}
+
+fn str_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `${NAME}`, `${NAME:-default}` → (NAME, default).
+fn variables(text: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let Some(end) = rest[start..].find('}') else {
+            break;
+        };
+        let inner = &rest[start + 2..start + end];
+        match inner.split_once(":-") {
+            Some((name, default)) => out.push((name.to_string(), Some(default.to_string()))),
+            None => out.push((inner.to_string(), None)),
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out
+}
+
+/// Substitutes variables the way compose does, from .env and defaults.
+fn interpolate(text: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = text.to_string();
+    for (name, default) in variables(text) {
+        let value = env
+            .get(&name)
+            .cloned()
+            .or(default.clone())
+            .unwrap_or_default();
+        let pattern = match &default {
+            Some(d) => format!("${{{name}:-{d}}}"),
+            None => format!("${{{name}}}"),
+        };
+        out = out.replace(&pattern, &value);
+    }
+    out
+}
+
+#[test]
+fn every_variable_is_defined_and_every_image_pinned() {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).expect("compose file");
+    let env = dotenv();
+    for (name, default) in variables(&text) {
+        assert!(
+            env.contains_key(&name) || default.is_some(),
+            "${{{name}}} is used in docker-compose.yml but not set in .env and has no default"
+        );
+    }
+    let c = compose();
+    for (name, svc) in services(&c) {
+        let name = str_of(name);
+        let image = interpolate(&str_of(&svc["image"]), &env);
+        assert!(!image.is_empty(), "{name} has no image");
+        if svc.get("build").is_some() {
+            assert_eq!(
+                image, "grpc-incident-lab:local",
+                "{name}: locally built image tag"
+            );
+            continue;
+        }
+        let (_, tag) = image.rsplit_once(':').unwrap_or((&image, ""));
+        assert!(
+            !tag.is_empty()
+                && tag != "latest"
+                && tag.chars().any(|c| c.is_ascii_digit())
+                && tag.contains('.'),
+            "{name}: image {image:?} is not pinned to a version"
+        );
+    }
+    let dockerfile =
+        std::fs::read_to_string(repo().join("deploy/docker/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains(" AS build") && dockerfile.contains(" AS runtime"),
+        "multi-stage"
+    );
+    let user = dockerfile
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("USER "))
+        .expect("runtime stage sets USER");
+    assert!(
+        !user.contains("root") && !user.contains(" 0"),
+        "non-root runtime: {user}"
+    );
+    for arg in ["RUST_VERSION", "DEBIAN_VERSION"] {
+        assert!(
+            env.contains_key(arg),
+            "{arg} pinned in .env for the Dockerfile"
+        );
+    }
+}
+
+#[test]
+fn the_topology_matches_labctl_up() {
+    let c = compose();
+    let svcs = services(&c);
+    for required in [
+        "mysql",
+        "etcd",
+        "service-b-1",
+        "service-b-2",
+        "slb",
+        "service-a",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(svcs.contains_key(required), "service {required} missing");
+    }
+    for (name, svc) in svcs {
+        let name = str_of(name);
+        assert!(
+            svc.get("healthcheck").is_some(),
+            "{name} has no healthcheck"
+        );
+        if let Some(deps) = svc.get("depends_on").and_then(Value::as_mapping) {
+            for (dep, how) in deps {
+                let dep = str_of(dep);
+                assert!(
+                    svcs.contains_key(dep.as_str()),
+                    "{name} depends on unknown service {dep}"
+                );
+                assert_eq!(
+                    str_of(&how["condition"]),
+                    "service_healthy",
+                    "{name} → {dep}"
+                );
+            }
+        }
+        // Every host file mounted into a container exists in the repo.
+        for volume in svc
+            .get("volumes")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let spec = str_of(volume);
+            if let Some(host) = spec.strip_prefix("./") {
+                let host = host.split(':').next().unwrap_or(host);
+                assert!(repo().join(host).exists(), "{name} mounts missing {host}");
+            }
+        }
+    }
+    // HAProxy in compose loads the very frontends file labctl embeds, and
+    // its backends name the compose B services.
+    let slb = &svcs["slb"];
+    let mounts: Vec<String> = slb["volumes"]
+        .as_sequence()
+        .expect("slb volumes")
+        .iter()
+        .map(str_of)
+        .collect();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.starts_with("./deploy/haproxy/haproxy.cfg:")),
+        "{mounts:?}"
+    );
+    let backends = std::fs::read_to_string(repo().join("deploy/haproxy/backends-compose.cfg"))
+        .expect("backends");
+    for b in ["service-b-1:50051", "service-b-2:50051"] {
+        assert_eq!(backends.matches(b).count(), 2, "{b} in both b_l4 and b_l7");
+    }
+    let mysql_mounts: Vec<String> = svcs["mysql"]["volumes"]
+        .as_sequence()
+        .expect("mysql volumes")
+        .iter()
+        .map(str_of)
+        .collect();
+    assert!(
+        mysql_mounts
+            .iter()
+            .any(|m| m.starts_with("./deploy/mysql/init.sql:")),
+        "{mysql_mounts:?}"
+    );
+}
+
+#[test]
+fn lab_environment_is_valid_config_and_ports_agree_with_defaults() {
+    let c = compose();
+    let env = dotenv();
+    let defaults = LabConfig::default();
+    for name in ["service-a", "service-b-1", "service-b-2"] {
+        let svc = &services(&c)[name];
+        let vars: Vec<(String, String)> = svc["environment"]
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{name} environment"))
+            .iter()
+            .map(|(k, v)| (str_of(k), interpolate(&str_of(v), &env)))
+            .collect();
+        assert!(
+            vars.iter().any(|(k, _)| k == "LAB_MODE"),
+            "{name} passes LAB_MODE through"
+        );
+        let config = lab_common::config::load(&Sources {
+            env: vars,
+            ..Sources::default()
+        })
+        .unwrap_or_else(|e| panic!("{name}: its environment is not valid lab config: {e}"));
+        assert_eq!(
+            config.mode,
+            lab_common::config::Mode::Buggy,
+            "{name}: LAB_MODE from .env"
+        );
+
+        // Container ports are the config's default ports.
+        let published: Vec<(u16, u16)> = svc["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .map(|p| {
+                let p = str_of(p);
+                let (host, container) = p.split_once(':').expect("HOST:CONTAINER");
+                (
+                    host.parse().expect("host port"),
+                    container.parse().expect("container port"),
+                )
+            })
+            .collect();
+        let port = |addr: &str| {
+            addr.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .expect("port")
+        };
+        let (listen, admin) = if name == "service-a" {
+            (
+                config.service_a.listen.clone(),
+                config.service_a.admin_listen.clone(),
+            )
+        } else {
+            (
+                config.service_b.listen.clone(),
+                config.service_b.admin_listen.clone(),
+            )
+        };
+        let container_ports: Vec<u16> = published.iter().map(|(_, c)| *c).collect();
+        assert_eq!(container_ports, vec![port(&listen), port(&admin)], "{name}");
+        let expected_host = match name {
+            "service-a" => vec![
+                port(&defaults.service_a.listen),
+                port(&defaults.service_a.admin_listen),
+            ],
+            "service-b-1" => vec![
+                port(&defaults.service_b.listen),
+                port(&defaults.service_b.admin_listen),
+            ],
+            _ => vec![
+                port(&defaults.service_b.listen) + 1,
+                port(&defaults.service_b.admin_listen) + 1,
+            ],
+        };
+        let host_ports: Vec<u16> = published.iter().map(|(h, _)| *h).collect();
+        assert_eq!(
+            host_ports, expected_host,
+            "{name}: host ports are the native defaults"
+        );
+    }
+    let slb_ports: Vec<String> = services(&c)["slb"]["ports"]
+        .as_sequence()
+        .expect("slb ports")
+        .iter()
+        .map(str_of)
+        .collect();
+    for addr in [
+        &defaults.slb.l4_listen,
+        &defaults.slb.l7_listen,
+        &defaults.slb.stats_listen,
+    ] {
+        let p = addr.rsplit_once(':').map(|(_, p)| p).expect("port");
+        assert!(
+            slb_ports.contains(&format!("{p}:{p}")),
+            "slb publishes {p}: {slb_ports:?}"
+        );
+    }
+    let etcd_ports: Vec<String> = services(&c)["etcd"]["ports"]
+        .as_sequence()
+        .expect("etcd ports")
+        .iter()
+        .map(str_of)
+        .collect();
+    assert_eq!(etcd_ports, vec!["2379:2379"]);
+}
