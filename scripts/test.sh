@@ -18,4 +18,15 @@ echo "== cargo build"
 cargo build --workspace --bins --locked
 
 echo "== cargo test"
-cargo test --workspace --locked --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One summary line over every test binary (cargo prints one per binary,
+# the last of which is often an empty doc-test run).
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '^test result: .* ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+echo "tests: ${passed} passed, ${failed} failed"
+exit "$status"

@@ -20,3 +20,31 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+/// The tail of every service's `main`: logging, signal handling, running the
+/// service until a signal, and the exit code (0 after a clean shutdown).
+pub async fn run_service<F, Fut>(
+    service: &'static str,
+    config: crate::config::LabConfig,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(crate::config::LabConfig, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    crate::telemetry::init(service, &config.telemetry);
+    let shutdown = match on_signal() {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match run(config, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{service} failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -30,7 +30,8 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::probe::{HttpClient, http_client};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -207,14 +208,7 @@ pub async fn run(
     {
         bail!("--rps must be a positive number, got {rps}");
     }
-    let base: hyper::Uri = spec
-        .url
-        .parse()
-        .with_context(|| format!("invalid --url {:?}", spec.url))?;
-    if base.scheme_str() != Some("http") {
-        bail!("--url must be an http:// URL, got {:?}", spec.url);
-    }
-    let client = http_client();
+    let target = Arc::new(Target::parse(&spec.url, &spec.path)?);
     let start = Instant::now();
     let plan = Arc::new(Plan {
         next: AtomicU64::new(0),
@@ -237,9 +231,9 @@ pub async fn run(
 
     let workers = (0..spec.concurrency).map(|i| {
         let plan = plan.clone();
-        let client = client.clone();
+        let target = target.clone();
         let spec = spec.clone();
-        tokio::spawn(async move { worker(i as u64, &spec, &client, &plan).await })
+        tokio::spawn(async move { worker(i as u64, &spec, &target, &plan).await })
     });
     let mut total = Tally::new()?;
     for result in futures::future::join_all(workers).await {
@@ -271,33 +265,34 @@ pub async fn run(
 async fn worker(
     index: u64,
     spec: &LoadSpec,
-    client: &HttpClient,
+    target: &Target,
     plan: &Plan,
 ) -> anyhow::Result<Tally> {
     let mut tally = Tally::new()?;
     let mut rng = SmallRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(index));
     let needs_id = spec.path.contains("{rand}");
-    let base = spec.url.trim_end_matches('/');
+    let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
     while let Some(due) = plan.claim() {
-        tokio::time::sleep_until(due).await;
+        // Only sleep when early: tokio timers tick in whole milliseconds, so
+        // even an already-due sleep would cost up to 1 ms per request.
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
         let path = if needs_id {
-            spec.path.replace(
+            target.path_prefix.replace(
                 "{rand}",
                 &rng.random_range(1..=spec.id_max.max(1)).to_string(),
             )
         } else {
-            spec.path.clone()
+            target.path_prefix.clone()
         };
-        let uri: hyper::Uri = format!("{base}{path}")
-            .parse()
-            .with_context(|| format!("invalid URL {base}{path}"))?;
         // Open loop: measured from when the request was due, not when it went out.
         let measured_from = if plan.interval.is_some() {
             due
         } else {
             Instant::now()
         };
-        let outcome = tokio::time::timeout(spec.timeout, send(client, uri)).await;
+        let outcome = tokio::time::timeout(spec.timeout, send(&mut conn, target, &path)).await;
         let latency = measured_from.elapsed();
         tally
             .histogram
@@ -310,29 +305,103 @@ async fn worker(
                     *tally.errors.entry(status.to_string()).or_default() += 1;
                 }
                 if let Some(b) = served_by {
-                    *tally.by_backend.entry(b).or_default() += 1;
+                    match tally.by_backend.get_mut(b.as_str()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            tally.by_backend.insert(b, 1);
+                        }
+                    }
                 }
             }
-            Ok(Err(kind)) => *tally.errors.entry(kind.to_string()).or_default() += 1,
-            Err(_) => *tally.errors.entry("timeout".into()).or_default() += 1,
+            Ok(Err(kind)) => {
+                conn = None;
+                *tally.errors.entry(kind.to_string()).or_default() += 1;
+            }
+            Err(_) => {
+                // The connection may still carry the late answer: start afresh.
+                conn = None;
+                *tally.errors.entry("timeout".into()).or_default() += 1;
+            }
         }
         plan.done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(tally)
 }
 
-/// One GET; returns the status and `x-served-by`, or a transport error kind.
-async fn send(client: &HttpClient, uri: hyper::Uri) -> Result<(u16, Option<String>), &'static str> {
-    let request = hyper::Request::get(uri)
+/// Where requests go: `host:port` to dial, the Host header, and the path
+/// template (with `{rand}` still in it).
+struct Target {
+    addr: String,
+    host: http::HeaderValue,
+    path_prefix: String,
+}
+
+impl Target {
+    fn parse(url: &str, path: &str) -> anyhow::Result<Target> {
+        let base: hyper::Uri = url
+            .parse()
+            .with_context(|| format!("invalid --url {url:?}"))?;
+        if base.scheme_str() != Some("http") {
+            bail!("--url must be an http:// URL, got {url:?}");
+        }
+        let authority = base
+            .authority()
+            .with_context(|| format!("--url {url:?} has no host"))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let addr = format!("{}:{port}", authority.host());
+        let prefix = base.path().trim_end_matches('/');
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        let path_prefix = format!("{prefix}{path}");
+        // Check once that the path makes a valid URI.
+        path_prefix
+            .replace("{rand}", "1")
+            .parse::<hyper::Uri>()
+            .with_context(|| format!("invalid --path {path:?}"))?;
+        Ok(Target {
+            host: http::HeaderValue::from_str(authority.as_str())?,
+            addr,
+            path_prefix,
+        })
+    }
+}
+
+/// One GET on this worker's own keep-alive connection (dialled on first use
+/// and after any error): no shared pool, so workers never contend on a lock
+/// and the generator stays far from being the bottleneck.
+async fn send(
+    conn: &mut Option<http1::SendRequest<Empty<Bytes>>>,
+    target: &Target,
+    path: &str,
+) -> Result<(u16, Option<String>), &'static str> {
+    let sender = match conn {
+        Some(sender) if !sender.is_closed() => sender,
+        _ => {
+            let stream = tokio::net::TcpStream::connect(&target.addr)
+                .await
+                .map_err(|_| "connect")?;
+            let _ = stream.set_nodelay(true);
+            let (sender, connection) = http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|_| "connect")?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            conn.insert(sender)
+        }
+    };
+    sender.ready().await.map_err(|_| "transport")?;
+    let request = hyper::Request::get(path)
+        .header(http::header::HOST, target.host.clone())
         .body(Empty::<Bytes>::new())
         .map_err(|_| "request")?;
-    let response = client.request(request).await.map_err(|e| {
-        if e.is_connect() {
-            "connect"
-        } else {
-            "transport"
-        }
-    })?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|_| "transport")?;
     let status = response.status().as_u16();
     let served_by = response
         .headers()

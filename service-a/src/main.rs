@@ -21,19 +21,5 @@ async fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(CONFIG_ERROR_EXIT_CODE as u8);
     }
-    lab_common::telemetry::init("service-a", &config.telemetry);
-    let shutdown = match lab_common::shutdown::on_signal() {
-        Ok(token) => token,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
-    match service_a::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "service-a failed");
-            ExitCode::FAILURE
-        }
-    }
+    lab_common::shutdown::run_service("service-a", config, service_a::run).await
 }

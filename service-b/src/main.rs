@@ -15,19 +15,5 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = load_or_exit(&cli.config);
-    lab_common::telemetry::init("service-b", &config.telemetry);
-    let shutdown = match lab_common::shutdown::on_signal() {
-        Ok(token) => token,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
-    match service_b::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "service-b failed");
-            ExitCode::FAILURE
-        }
-    }
+    lab_common::shutdown::run_service("service-b", config, service_b::run).await
 }
