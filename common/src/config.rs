@@ -199,6 +199,10 @@ pub struct ServiceBConfig {
     /// Artificial latency added to every request handler (tests and demos).
     #[serde(with = "humantime_serde")]
     pub handler_latency: Duration,
+    /// On SIGTERM B revokes its etcd lease, then keeps serving this long so
+    /// clients can move away before the listener closes.
+    #[serde(with = "humantime_serde")]
+    pub drain_period: Duration,
     /// How long shutdown waits for in-flight requests before giving up.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -219,6 +223,7 @@ impl Default for ServiceBConfig {
             advertise_addr: String::new(),
             max_payload_bytes: 16 * 1024,
             handler_latency: Duration::ZERO,
+            drain_period: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             max_connection_age: Duration::ZERO,
             max_connection_age_grace: Duration::from_secs(5),

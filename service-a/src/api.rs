@@ -17,16 +17,24 @@ use lab_proto::v1::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tonic::transport::Channel;
 
-use crate::metrics::Metrics;
+use crate::{balancer::BackendChannel, metrics::Metrics};
 
 /// What every request handler needs.
 #[derive(Clone)]
 pub struct AppState {
-    pub backend: BackendClient<Channel>,
+    pub backend: BackendClient<BackendChannel>,
     pub deadline: std::time::Duration,
+    /// Retry a read once when no B answered (client-side balancing only).
+    pub retry_reads: bool,
     pub metrics: Metrics,
+}
+
+/// Whether a call may safely be sent twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Write,
 }
 
 /// The public router, with request metrics around every route.
@@ -145,50 +153,81 @@ fn parse_id(field: &str, raw: &str) -> Result<i64, ApiError> {
 }
 
 /// Sends one call to B with A's deadline: the deadline travels as
-/// `grpc-timeout`, and A also stops waiting itself when it passes.
-async fn call_b<T, F, Fut>(state: &AppState, call: F) -> Result<(T, String), ApiError>
+/// `grpc-timeout`, and A also stops waiting itself when it passes. With no
+/// endpoint at all the call fails at once (503) instead of waiting for one.
+/// A read that no B answered (transport failure) is retried once when
+/// `retry_reads` is on — the balancer has ejected the failed endpoint, so
+/// the retry lands elsewhere.
+async fn call_b<T, F, Fut>(state: &AppState, kind: Call, call: F) -> Result<(T, String), ApiError>
 where
-    F: FnOnce(BackendClient<Channel>, std::time::Duration) -> Fut,
+    F: Fn(BackendClient<BackendChannel>, std::time::Duration) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    if state.metrics.backend_endpoints.get() == 0 {
+        state
+            .metrics
+            .backend_calls
+            .with_label_values(&["none", lab_proto::code_name(tonic::Code::Unavailable)])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "no B instance is registered",
+        ));
+    }
     let deadline = state.deadline;
-    let outcome = tokio::time::timeout(deadline, call(state.backend.clone(), deadline)).await;
-    let (served_by, code, result) = match outcome {
-        Err(_) => (
-            None,
-            tonic::Code::DeadlineExceeded,
-            Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadline_exceeded",
-                format!("B did not answer within {deadline:?}"),
-            )),
-        ),
-        Ok(Ok(response)) => {
-            let served_by = metadata_served_by(response.metadata());
-            (
-                served_by.clone(),
-                tonic::Code::Ok,
-                Ok((response.into_inner(), served_by.unwrap_or_default())),
-            )
-        }
-        Ok(Err(status)) => {
-            let served_by = metadata_served_by(status.metadata());
-            (
-                served_by.clone(),
-                status.code(),
-                Err(ApiError::from_status(&status, served_by)),
-            )
-        }
+    let started = tokio::time::Instant::now();
+    let mut attempts_left = if state.retry_reads && kind == Call::Read {
+        2
+    } else {
+        1
     };
-    state
-        .metrics
-        .backend_calls
-        .with_label_values(&[
-            served_by.as_deref().unwrap_or("unknown"),
-            lab_proto::code_name(code),
-        ])
-        .inc();
-    result
+    loop {
+        attempts_left -= 1;
+        let remaining = deadline.saturating_sub(started.elapsed());
+        let outcome = tokio::time::timeout(remaining, call(state.backend.clone(), remaining)).await;
+        let (served_by, code, result) = match outcome {
+            Err(_) => (
+                None,
+                tonic::Code::DeadlineExceeded,
+                Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "deadline_exceeded",
+                    format!("B did not answer within {deadline:?}"),
+                )),
+            ),
+            Ok(Ok(response)) => {
+                let served_by = metadata_served_by(response.metadata());
+                (
+                    served_by.clone(),
+                    tonic::Code::Ok,
+                    Ok((response.into_inner(), served_by.unwrap_or_default())),
+                )
+            }
+            Ok(Err(status)) => {
+                let served_by = metadata_served_by(status.metadata());
+                (
+                    served_by.clone(),
+                    status.code(),
+                    Err(ApiError::from_status(&status, served_by)),
+                )
+            }
+        };
+        state
+            .metrics
+            .backend_calls
+            .with_label_values(&[
+                served_by.as_deref().unwrap_or("unknown"),
+                lab_proto::code_name(code),
+            ])
+            .inc();
+        let nobody_answered = served_by.is_none() && code == tonic::Code::Unavailable;
+        if nobody_answered && attempts_left > 0 && started.elapsed() < deadline {
+            state.metrics.backend_retries.inc();
+            continue;
+        }
+        return result;
+    }
 }
 
 fn metadata_served_by(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
@@ -209,7 +248,7 @@ async fn get_item(
     Path(raw_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id("id", &raw_id)?;
-    let (reply, served_by) = call_b(&state, |mut b, deadline| async move {
+    let (reply, served_by) = call_b(&state, Call::Read, |mut b, deadline| async move {
         b.get_item(with_deadline(GetItemRequest { id }, deadline))
             .await
     })
@@ -275,14 +314,13 @@ async fn submit_job(
     if job.payload.is_empty() {
         return Err(ApiError::bad_request("payload must not be empty"));
     }
-    let (reply, served_by) = call_b(&state, |mut b, deadline| async move {
-        b.submit_job(with_deadline(
-            SubmitJobRequest {
-                payload: job.payload,
-            },
-            deadline,
-        ))
-        .await
+    let payload = job.payload;
+    let (reply, served_by) = call_b(&state, Call::Write, |mut b, deadline| {
+        let payload = payload.clone();
+        async move {
+            b.submit_job(with_deadline(SubmitJobRequest { payload }, deadline))
+                .await
+        }
     })
     .await?;
     Ok(served(
@@ -297,7 +335,7 @@ async fn get_job(
     Path(raw_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job_id = parse_id("id", &raw_id)?;
-    let (reply, served_by) = call_b(&state, |mut b, deadline| async move {
+    let (reply, served_by) = call_b(&state, Call::Read, |mut b, deadline| async move {
         b.get_job(with_deadline(GetJobRequest { job_id }, deadline))
             .await
     })

@@ -7,61 +7,147 @@
 //! * `l7`: the same single channel, but to HAProxy's `mode http` h2 frontend,
 //!   which terminates HTTP/2 and picks a B for every request — balanced, at
 //!   the cost of one extra proxy hop.
-//! * `etcd` (fixed): client-side per-request balancing over the instances
-//!   registered in etcd. It parses today and arrives with issue #3; until
-//!   then A refuses to start with it rather than silently doing something
-//!   else.
+//! * `etcd` (fixed): A discovers the Bs in etcd ([`crate::discovery`]) and
+//!   balances each request itself with power-of-two-choices over requests in
+//!   flight (tower's `p2c::Balance` over [`crate::endpoint`] stacks). No
+//!   proxy hop, and the load measure is real — tonic's own `balance_channel`
+//!   reports a constant load of 0, which makes its P2C a random pick.
+
+use std::time::Duration;
 
 use lab_common::config::{LabConfig, LbMode};
-use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use prometheus::{IntCounterVec, Opts, Registry};
+use tokio_stream::{StreamExt, wrappers::UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{body::Body, transport::Endpoint};
+use tower::{
+    BoxError, ServiceExt, balance::p2c::Balance, buffer::Buffer, discover::Change,
+    util::BoxCloneSyncService,
+};
 
-/// How long an idle HTTP/2 connection may go without a ping answer before it
-/// is considered dead.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::discovery::{self, DiscoveryMetrics};
+
+/// The service every call to B goes through, whatever `faults.lb` is. Its
+/// error is already a gRPC `Status` (a concrete error type also keeps the
+/// handlers' futures `Send` — a boxed `dyn Error` trips a compiler limit on
+/// higher-ranked lifetimes in tonic's bounds).
+pub type BackendChannel =
+    BoxCloneSyncService<http::Request<Body>, http::Response<Body>, tonic::Status>;
+
+/// How long an idle HTTP/2 connection to the proxy may go without a ping
+/// answer before it is considered dead.
+const PROXY_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const PROXY_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests waiting for the balancer.
+const BALANCER_QUEUE: usize = 1024;
 
 /// Why no channel could be built.
 #[derive(Debug, thiserror::Error)]
-pub enum BalancerError {
-    #[error("invalid backend URL {url:?}: {reason}")]
-    BadUrl { url: String, reason: String },
-    #[error(
-        "faults.lb = \"etcd\" is a valid switch but service-a does not implement it yet \
-         (issue #3); use \"l4\" or \"l7\""
-    )]
-    NotYetImplemented,
+#[error("invalid backend URL {url:?}: {reason}")]
+pub struct BadUrl {
+    url: String,
+    reason: String,
 }
 
-/// The channel requests to B travel on, and how many endpoints it spreads
-/// them over (for `lab_backend_endpoints`).
+/// The channel requests to B travel on.
 pub struct Backends {
-    pub channel: Channel,
-    pub endpoints: i64,
+    pub channel: BackendChannel,
+    /// What A dials, for logs.
     pub target: String,
+    /// Whether a read that no B answered may be retried once: only with
+    /// client-side balancing, where the retry can pick another endpoint.
+    pub retry_reads: bool,
 }
 
-/// Builds the channel for the configured `faults.lb`.
-pub fn connect(config: &LabConfig) -> Result<Backends, BalancerError> {
-    let url = match config.faults.lb {
-        LbMode::L4 => &config.service_a.backend_l4_url,
-        LbMode::L7 => &config.service_a.backend_l7_url,
-        LbMode::Etcd => return Err(BalancerError::NotYetImplemented),
-    };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| BalancerError::BadUrl {
-            url: url.clone(),
+/// Builds the channel for the configured `faults.lb`. With `etcd` it also
+/// starts the discovery task, which stops with `shutdown`.
+pub fn connect(
+    config: &LabConfig,
+    registry: &Registry,
+    endpoints: prometheus::IntGauge,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Backends> {
+    match config.faults.lb {
+        LbMode::L4 => proxy(&config.service_a.backend_l4_url, config, endpoints),
+        LbMode::L7 => proxy(&config.service_a.backend_l7_url, config, endpoints),
+        LbMode::Etcd => client_side(config, registry, endpoints, shutdown),
+    }
+}
+
+/// One lazy channel to HAProxy.
+fn proxy(
+    url: &str,
+    config: &LabConfig,
+    endpoints: prometheus::IntGauge,
+) -> anyhow::Result<Backends> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| BadUrl {
+            url: url.to_string(),
             reason: e.to_string(),
         })?
         .connect_timeout(config.service_a.connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_interval(PROXY_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(PROXY_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    // Lazy: A starts even if the proxy is not up yet; the first request dials.
+    // A balancer of one: the proxy.
+    endpoints.set(1);
+    let channel = endpoint
+        .connect_lazy()
+        .map_err(|e| tonic::Status::from_error(Box::new(e)));
     Ok(Backends {
-        channel: endpoint.connect_lazy(),
-        endpoints: 1,
-        target: url.clone(),
+        channel: BoxCloneSyncService::new(channel),
+        target: url.to_string(),
+        retry_reads: false,
+    })
+}
+
+/// Discovery from etcd feeding tower's power-of-two-choices balancer.
+fn client_side(
+    config: &LabConfig,
+    registry: &Registry,
+    endpoints: prometheus::IntGauge,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Backends> {
+    let metrics = DiscoveryMetrics::register(registry, endpoints)?;
+    let ejections = IntCounterVec::new(
+        Opts::new(
+            "lab_backend_ejections_total",
+            "Times an endpoint was taken out of A's balancer after a transport failure.",
+        ),
+        &["backend"],
+    )?;
+    registry.register(Box::new(ejections.clone()))?;
+
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(discovery::run(
+        config.etcd.clone(),
+        tx,
+        metrics,
+        shutdown.clone(),
+    ));
+    let connect_timeout = config.service_a.connect_timeout;
+    let changes = UnboundedReceiverStream::new(rx).filter_map(move |change| match change {
+        Change::Insert(id, addr) => {
+            match crate::endpoint::service(&id, &addr, connect_timeout, ejections.clone()) {
+                Ok(svc) => Some(Ok::<_, BoxError>(Change::Insert(id, svc))),
+                Err(e) => {
+                    tracing::warn!(%id, %addr, error = %e, "unusable backend address; skipped");
+                    None
+                }
+            }
+        }
+        Change::Remove(id) => Some(Ok(Change::Remove(id))),
+    });
+    let balance = Balance::new(changes);
+    let channel = Buffer::new(balance, BALANCER_QUEUE).map_err(tonic::Status::from_error);
+    Ok(Backends {
+        channel: BoxCloneSyncService::new(channel),
+        target: format!(
+            "etcd {} {}",
+            config.etcd.endpoints.join(","),
+            config.etcd.prefix
+        ),
+        retry_reads: true,
     })
 }

@@ -2,11 +2,14 @@
 //! request becomes a gRPC call to a B, with A's deadline (default 5 s).
 //!
 //! * [`api`] — routes, error mapping, request metrics;
-//! * [`balancer`] — cause 1: which connection(s) the calls ride on;
+//! * [`balancer`] — cause 1: which connection(s) the calls ride on, with
+//!   [`discovery`] (etcd) and [`endpoint`] (one B in the balancer) for the fix;
 //! * [`metrics`] — A's Prometheus metrics.
 
 pub mod api;
 pub mod balancer;
+pub mod discovery;
+pub mod endpoint;
 pub mod metrics;
 
 use std::{sync::Arc, time::Duration};
@@ -24,10 +27,14 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(1);
 /// Runs service A until `shutdown` is cancelled.
 pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let backends = balancer::connect(&config)?;
     let registry = lab_common::metrics::registry()?;
     let metrics = metrics::Metrics::register(&registry)?;
-    metrics.backend_endpoints.set(backends.endpoints);
+    let backends = balancer::connect(
+        &config,
+        &registry,
+        metrics.backend_endpoints.clone(),
+        &shutdown,
+    )?;
 
     // Ready when some B answers a gRPC health check over A's own channel.
     let readiness: admin::ReadinessProbe = {
@@ -66,6 +73,7 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         api::AppState {
             backend: BackendClient::new(backends.channel),
             deadline: config.service_a.backend_timeout,
+            retry_reads: backends.retry_reads,
             metrics,
         },
         config.service_a.max_body_bytes,

@@ -1,6 +1,8 @@
 //! Service A's metrics (DESIGN.md §5).
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -11,6 +13,8 @@ pub struct Metrics {
     pub backend_calls: IntCounterVec,
     /// Endpoints currently in A's balancer (1 for l4/l7: the proxy).
     pub backend_endpoints: IntGauge,
+    /// Reads retried after no B answered.
+    pub backend_retries: IntCounter,
 }
 
 impl Metrics {
@@ -39,6 +43,11 @@ impl Metrics {
             "lab_backend_endpoints",
             "Endpoints currently in A's balancer.",
         ))?;
+        let backend_retries = IntCounter::with_opts(Opts::new(
+            "lab_backend_retries_total",
+            "Reads A sent a second time because no B answered the first (lb=etcd only).",
+        ))?;
+        registry.register(Box::new(backend_retries.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(backend_calls.clone()))?;
@@ -48,6 +57,7 @@ impl Metrics {
             http_duration,
             backend_calls,
             backend_endpoints,
+            backend_retries,
         })
     }
 }

@@ -12,6 +12,7 @@
 pub mod db;
 pub mod grpc;
 pub mod metrics;
+pub mod registry;
 
 use std::{
     net::SocketAddr,
@@ -28,7 +29,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 
-use crate::{db::Db, grpc::BackendService, metrics::Metrics};
+use crate::{
+    db::Db,
+    grpc::BackendService,
+    metrics::Metrics,
+    registry::{Registration, RegistryMetrics},
+};
 
 /// Largest gRPC message B decodes; job payloads have their own, smaller,
 /// limit checked in the handler so they get INVALID_ARGUMENT with a reason.
@@ -52,6 +58,25 @@ pub fn instance_id(config: &LabConfig) -> String {
     format!("b-{host}-{port}")
 }
 
+/// The address other processes dial: `service_b.advertise_addr`, else the
+/// listen address — with the host name instead of an unspecified IP.
+pub fn advertise_addr(config: &LabConfig) -> String {
+    let b = &config.service_b;
+    if !b.advertise_addr.is_empty() {
+        return b.advertise_addr.clone();
+    }
+    match b.listen.parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into());
+            format!("{host}:{}", addr.port())
+        }
+        _ => b.listen.clone(),
+    }
+}
+
 /// Runs service B until `shutdown` is cancelled.
 pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -73,6 +98,7 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     }
     let registry = lab_common::metrics::registry()?;
     let metrics = Metrics::register(&registry)?;
+    let registry_metrics = RegistryMetrics::register(&registry)?;
 
     let db_slot: Arc<OnceLock<Db>> = Arc::new(OnceLock::new());
     let serving = Arc::new(AtomicBool::new(false));
@@ -155,15 +181,13 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
             .max_connection_age(config.service_b.max_connection_age)
             .max_connection_age_grace(config.service_b.max_connection_age_grace);
     }
+    // Shutdown sequence: SIGTERM → NOT_SERVING and lease revoked → keep
+    // serving for the drain period → stop accepting, finish in-flight.
+    let stop_serving = CancellationToken::new();
+    let stop_registration = CancellationToken::new();
     let drain = {
-        let shutdown = shutdown.clone();
-        let reporter = health_reporter.clone();
-        async move {
-            shutdown.cancelled().await;
-            reporter
-                .set_not_serving::<BackendServer<BackendService>>()
-                .await;
-        }
+        let stop_serving = stop_serving.clone();
+        async move { stop_serving.cancelled().await }
     };
     let serve = server
         .add_service(health_service)
@@ -174,16 +198,42 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         )
         .serve_with_incoming_shutdown(incoming, drain);
     serving.store(true, Ordering::Release);
-    tracing::info!(%instance_id, grpc = %grpc_addr, admin = %admin_addr, mode = ?config.mode, faults = ?config.faults, "service-b serving");
+    let advertised = advertise_addr(&config);
+    tracing::info!(%instance_id, grpc = %grpc_addr, advertised = %advertised, admin = %admin_addr, mode = ?config.mode, faults = ?config.faults, "service-b serving");
+
+    let registration = tokio::spawn(registry::maintain(
+        config.etcd.clone(),
+        Registration::new(&config.etcd, &instance_id, &advertised, admin_addr),
+        registry_metrics,
+        stop_registration.clone(),
+    ));
+    let drain_period = config.service_b.drain_period;
+    let sequence = {
+        let shutdown = shutdown.clone();
+        let stop_serving = stop_serving.clone();
+        async move {
+            shutdown.cancelled().await;
+            health_reporter
+                .set_not_serving::<BackendServer<BackendService>>()
+                .await;
+            stop_registration.cancel();
+            let _ = registration.await;
+            tracing::info!(?drain_period, "deregistered; draining");
+            tokio::time::sleep(drain_period).await;
+            stop_serving.cancel();
+        }
+    };
+    let sequence = tokio::spawn(sequence);
 
     let grace = config.service_b.shutdown_grace;
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => result.context("gRPC server failed")?,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+        _ = async { stop_serving.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "in-flight requests still running after the grace period; closing anyway");
         }
     }
+    sequence.abort();
     serving.store(false, Ordering::Release);
     shutdown.cancel();
     let _ = admin_task.await;

@@ -1,0 +1,293 @@
+//! Cause 1, the fix — A's half: discovering the B instances from etcd.
+//!
+//! A background task (never request traffic) keeps A's view of the registry:
+//! a prefix Get, then a Watch from that revision + 1. When the watch fails it
+//! resumes from the last revision it saw, with backoff; when etcd says that
+//! revision was compacted it re-reads everything and sends the difference.
+//! While etcd is unreachable nothing is removed: A keeps balancing over the
+//! last endpoints it knew (a B that really died is still ejected by the
+//! balancer on its first failed call).
+
+use std::{collections::HashMap, time::Duration};
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use lab_common::config::EtcdConfig;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use tower::discover::Change;
+
+/// One registered B: its instance id (the key suffix) and address.
+pub type EndpointChange = Change<String, String>;
+
+/// Discovery metrics.
+#[derive(Clone)]
+pub struct DiscoveryMetrics {
+    /// Endpoints currently known (this is `lab_backend_endpoints`).
+    pub endpoints: IntGauge,
+    pub events: IntCounterVec,
+    pub watch_errors: IntCounterVec,
+}
+
+impl DiscoveryMetrics {
+    pub fn register(registry: &Registry, endpoints: IntGauge) -> prometheus::Result<Self> {
+        let events = IntCounterVec::new(
+            Opts::new(
+                "lab_discovery_events_total",
+                "Registry changes applied to A's balancer (insert, remove, resync).",
+            ),
+            &["kind"],
+        )?;
+        let watch_errors = IntCounterVec::new(
+            Opts::new(
+                "lab_discovery_watch_errors_total",
+                "etcd connection, get or watch failures seen by discovery.",
+            ),
+            &["stage"],
+        )?;
+        registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(watch_errors.clone()))?;
+        Ok(Self {
+            endpoints,
+            events,
+            watch_errors,
+        })
+    }
+}
+
+/// The registered address in a value written by B (or by grpc-go's
+/// endpoints manager): `{"Addr": "host:port", ...}`.
+pub fn parse_addr(value: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+    let addr = v.get("Addr")?.as_str()?;
+    (!addr.is_empty()).then(|| addr.to_string())
+}
+
+/// Applies registry changes to the balancer and keeps the gauge true.
+struct View {
+    prefix: String,
+    known: HashMap<String, String>,
+    tx: UnboundedSender<EndpointChange>,
+    metrics: DiscoveryMetrics,
+}
+
+impl View {
+    fn id_of(&self, key: &[u8]) -> Option<String> {
+        std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.prefix)
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+    }
+
+    fn upsert(&mut self, id: String, addr: String) {
+        if self.known.get(&id) == Some(&addr) {
+            return;
+        }
+        tracing::info!(%id, %addr, "backend discovered");
+        self.known.insert(id.clone(), addr.clone());
+        let _ = self.tx.send(Change::Insert(id, addr));
+        self.metrics.events.with_label_values(&["insert"]).inc();
+        self.metrics.endpoints.set(self.known.len() as i64);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if self.known.remove(id).is_some() {
+            tracing::info!(%id, "backend removed");
+            let _ = self.tx.send(Change::Remove(id.to_string()));
+            self.metrics.events.with_label_values(&["remove"]).inc();
+            self.metrics.endpoints.set(self.known.len() as i64);
+        }
+    }
+
+    /// Replaces the whole view with `current`, sending only the difference.
+    fn resync(&mut self, current: HashMap<String, String>) {
+        self.metrics.events.with_label_values(&["resync"]).inc();
+        let gone: Vec<String> = self
+            .known
+            .keys()
+            .filter(|id| !current.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
+        for (id, addr) in current {
+            self.upsert(id, addr);
+        }
+    }
+}
+
+/// Runs discovery until `shutdown`, sending every change to `tx`.
+pub async fn run(
+    config: EtcdConfig,
+    tx: UnboundedSender<EndpointChange>,
+    metrics: DiscoveryMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut view = View {
+        prefix: config.prefix.clone(),
+        known: HashMap::new(),
+        tx,
+        metrics,
+    };
+    metrics_reset(&view);
+    // The revision the view reflects; None = must (re)read everything.
+    let mut revision: Option<i64> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let outcome = tokio::select! {
+            r = watch_once(&config, &mut view, &mut revision) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        if let Err((stage, e)) = outcome {
+            view.metrics.watch_errors.with_label_values(&[stage]).inc();
+            tracing::warn!(stage, error = %e, retry_in = ?backoff, endpoints = view.known.len(), "etcd discovery interrupted; keeping the last known endpoints");
+        } else {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn metrics_reset(view: &View) {
+    view.metrics.endpoints.set(0);
+}
+
+/// One connection's worth of discovery: (re)sync if needed, then watch until
+/// the stream ends. Returns Ok when it should simply start over.
+async fn watch_once(
+    config: &EtcdConfig,
+    view: &mut View,
+    revision: &mut Option<i64>,
+) -> Result<(), (&'static str, String)> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
+    let mut client = Client::connect(&config.endpoints, Some(options))
+        .await
+        .map_err(|e| ("connect", e.to_string()))?;
+
+    if revision.is_none() {
+        let get = client.get(
+            config.prefix.as_bytes(),
+            Some(GetOptions::new().with_prefix()),
+        );
+        let response = tokio::time::timeout(Duration::from_secs(2), get)
+            .await
+            .map_err(|_| ("get", "timed out".to_string()))?
+            .map_err(|e| ("get", e.to_string()))?;
+        let mut current = HashMap::new();
+        for kv in response.kvs() {
+            if let (Some(id), Some(addr)) = (view.id_of(kv.key()), parse_addr(kv.value())) {
+                current.insert(id, addr);
+            }
+        }
+        view.resync(current);
+        *revision = response.header().map(|h| h.revision());
+    }
+    let start = revision.map(|r| r + 1).unwrap_or(0);
+    let mut stream = client
+        .watch(
+            config.prefix.as_bytes(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+        )
+        .await
+        .map_err(|e| ("watch", e.to_string()))?;
+    loop {
+        let Some(response) = stream
+            .message()
+            .await
+            .map_err(|e| ("watch", e.to_string()))?
+        else {
+            return Err(("watch", "watch stream ended".into()));
+        };
+        if response.compact_revision() > 0 {
+            tracing::warn!(
+                compacted = response.compact_revision(),
+                "watch revision compacted; resyncing"
+            );
+            *revision = None;
+            return Ok(());
+        }
+        if response.canceled() {
+            return Err((
+                "watch",
+                format!("watch canceled: {}", response.cancel_reason()),
+            ));
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let Some(id) = view.id_of(kv.key()) else {
+                continue;
+            };
+            match event.event_type() {
+                EventType::Put => match parse_addr(kv.value()) {
+                    Some(addr) => view.upsert(id, addr),
+                    None => {
+                        tracing::warn!(%id, "registry value without an Addr; ignoring it");
+                        view.remove(&id);
+                    }
+                },
+                EventType::Delete => view.remove(&id),
+            }
+            *revision = Some(kv.mod_revision().max(revision.unwrap_or(0)));
+        }
+        if let Some(header) = response.header() {
+            *revision = Some(header.revision().max(revision.unwrap_or(0)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_b_and_grpc_go_values() {
+        assert_eq!(
+            parse_addr(br#"{"Op":0,"Addr":"127.0.0.1:50051","Metadata":{"instance_id":"b-1"}}"#),
+            Some("127.0.0.1:50051".into())
+        );
+        assert_eq!(
+            parse_addr(br#"{"Addr":"b:1","Metadata":null}"#),
+            Some("b:1".into())
+        );
+        assert_eq!(parse_addr(br#"{"Addr":""}"#), None);
+        assert_eq!(parse_addr(b"not json"), None);
+    }
+
+    #[test]
+    fn resync_sends_only_the_difference() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let registry = Registry::new();
+        let gauge = IntGauge::new("g", "g").expect("gauge");
+        let mut view = View {
+            prefix: "/p/".into(),
+            known: HashMap::new(),
+            tx,
+            metrics: DiscoveryMetrics::register(&registry, gauge.clone()).expect("metrics"),
+        };
+        view.upsert("a".into(), "h:1".into());
+        view.upsert("b".into(), "h:2".into());
+        view.resync(HashMap::from([
+            ("b".into(), "h:2".into()),
+            ("c".into(), "h:3".into()),
+        ]));
+        let mut changes = Vec::new();
+        while let Ok(change) = rx.try_recv() {
+            changes.push(match change {
+                Change::Insert(k, v) => format!("+{k}={v}"),
+                Change::Remove(k) => format!("-{k}"),
+            });
+        }
+        assert_eq!(changes, ["+a=h:1", "+b=h:2", "-a", "+c=h:3"]);
+        assert_eq!(gauge.get(), 2);
+        assert_eq!(view.id_of(b"/p/x"), Some("x".into()));
+        assert_eq!(view.id_of(b"/other/x"), None);
+    }
+}
