@@ -212,6 +212,8 @@ pub struct ServiceBConfig {
     /// Grace period after `max_connection_age` before the connection is closed.
     #[serde(with = "humantime_serde")]
     pub max_connection_age_grace: Duration,
+    /// Spread of `max_connection_age` per instance, as a fraction (0.1 = ±10%).
+    pub max_connection_age_jitter: f64,
 }
 
 impl Default for ServiceBConfig {
@@ -227,6 +229,7 @@ impl Default for ServiceBConfig {
             shutdown_grace: Duration::from_secs(10),
             max_connection_age: Duration::ZERO,
             max_connection_age_grace: Duration::from_secs(5),
+            max_connection_age_jitter: 0.1,
         }
     }
 }
@@ -520,6 +523,7 @@ const RESERVED_ENV: [&str; 1] = ["LAB_CONFIG"];
 enum Kind {
     Str,
     Int,
+    Float,
     Bool,
     List,
 }
@@ -549,6 +553,7 @@ fn collect_leaves(table: &toml::Table, prefix: &str, out: &mut BTreeMap<String, 
                 continue;
             }
             toml::Value::Integer(_) => Kind::Int,
+            toml::Value::Float(_) => Kind::Float,
             toml::Value::Boolean(_) => Kind::Bool,
             toml::Value::Array(_) => Kind::List,
             _ => Kind::Str,
@@ -692,6 +697,7 @@ fn typed_value(
     Ok(match kind {
         Kind::Str => toml::Value::String(raw.to_string()),
         Kind::Int => toml::Value::Integer(raw.parse().map_err(|_| invalid("expected an integer"))?),
+        Kind::Float => toml::Value::Float(raw.parse().map_err(|_| invalid("expected a number"))?),
         Kind::Bool => {
             toml::Value::Boolean(raw.parse().map_err(|_| invalid("expected true or false"))?)
         }
@@ -801,6 +807,14 @@ fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), Con
         if value.is_zero() {
             return Err(err(key, "\"0s\"".into(), "must be greater than zero"));
         }
+    }
+    let jitter = c.service_b.max_connection_age_jitter;
+    if !(0.0..=0.5).contains(&jitter) {
+        return Err(err(
+            "service_b.max_connection_age_jitter",
+            jitter.to_string(),
+            "expected a fraction between 0 and 0.5",
+        ));
     }
     if c.mysql.pool_max == 0 {
         return Err(err("mysql.pool_max", "0".into(), "must be at least 1"));

@@ -25,8 +25,6 @@ use crate::{balancer::BackendChannel, metrics::Metrics};
 pub struct AppState {
     pub backend: BackendClient<BackendChannel>,
     pub deadline: std::time::Duration,
-    /// Retry a read once when no B answered (client-side balancing only).
-    pub retry_reads: bool,
     pub metrics: Metrics,
 }
 
@@ -106,9 +104,11 @@ impl ApiError {
             Code::Unavailable | Code::ResourceExhausted => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
-            Code::DeadlineExceeded | Code::Cancelled => {
-                (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded")
-            }
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
+            // A never cancels its own calls (its deadline is the branch above),
+            // so CANCELLED here means the transport dropped the call before
+            // B answered — e.g. it was queued on a connection that got GOAWAY.
+            Code::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::BAD_GATEWAY, "backend_error"),
         };
         Self {
@@ -155,9 +155,11 @@ fn parse_id(field: &str, raw: &str) -> Result<i64, ApiError> {
 /// Sends one call to B with A's deadline: the deadline travels as
 /// `grpc-timeout`, and A also stops waiting itself when it passes. With no
 /// endpoint at all the call fails at once (503) instead of waiting for one.
-/// A read that no B answered (transport failure) is retried once when
-/// `retry_reads` is on — the balancer has ejected the failed endpoint, so
-/// the retry lands elsewhere.
+/// A read that no B answered (the call failed in the transport: connection
+/// refused or reset, queued on a connection that got GOAWAY) is retried once
+/// within the same deadline, like gRPC clients' transparent retry. With
+/// `lb = "etcd"` the balancer has ejected the failed endpoint, so the retry
+/// lands on another B. Writes are never retried: B may have applied them.
 async fn call_b<T, F, Fut>(state: &AppState, kind: Call, call: F) -> Result<(T, String), ApiError>
 where
     F: Fn(BackendClient<BackendChannel>, std::time::Duration) -> Fut,
@@ -177,11 +179,7 @@ where
     }
     let deadline = state.deadline;
     let started = tokio::time::Instant::now();
-    let mut attempts_left = if state.retry_reads && kind == Call::Read {
-        2
-    } else {
-        1
-    };
+    let mut attempts_left = if kind == Call::Read { 2 } else { 1 };
     loop {
         attempts_left -= 1;
         let remaining = deadline.saturating_sub(started.elapsed());
@@ -221,7 +219,10 @@ where
                 lab_proto::code_name(code),
             ])
             .inc();
-        let nobody_answered = served_by.is_none() && code == tonic::Code::Unavailable;
+        if let (None, Err(e)) = (&served_by, &result) {
+            tracing::debug!(?code, error = %e.message, "no B answered");
+        }
+        let nobody_answered = served_by.is_none() && code != tonic::Code::DeadlineExceeded;
         if nobody_answered && attempts_left > 0 && started.elapsed() < deadline {
             state.metrics.backend_retries.inc();
             continue;

@@ -54,9 +54,6 @@ pub struct Backends {
     pub channel: BackendChannel,
     /// What A dials, for logs.
     pub target: String,
-    /// Whether a read that no B answered may be retried once: only with
-    /// client-side balancing, where the retry can pick another endpoint.
-    pub retry_reads: bool,
 }
 
 /// Builds the channel for the configured `faults.lb`. With `etcd` it also
@@ -98,7 +95,6 @@ fn proxy(
     Ok(Backends {
         channel: BoxCloneSyncService::new(channel),
         target: url.to_string(),
-        retry_reads: false,
     })
 }
 
@@ -148,6 +144,5 @@ fn client_side(
             config.etcd.endpoints.join(","),
             config.etcd.prefix
         ),
-        retry_reads: true,
     })
 }

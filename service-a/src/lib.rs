@@ -73,7 +73,6 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         api::AppState {
             backend: BackendClient::new(backends.channel),
             deadline: config.service_a.backend_timeout,
-            retry_reads: backends.retry_reads,
             metrics,
         },
         config.service_a.max_body_bytes,

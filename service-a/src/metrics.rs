@@ -45,7 +45,7 @@ impl Metrics {
         ))?;
         let backend_retries = IntCounter::with_opts(Opts::new(
             "lab_backend_retries_total",
-            "Reads A sent a second time because no B answered the first (lb=etcd only).",
+            "Reads A sent a second time because no B answered the first.",
         ))?;
         registry.register(Box::new(backend_retries.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;

@@ -12,6 +12,7 @@
 pub mod db;
 pub mod grpc;
 pub mod metrics;
+pub mod recycle;
 pub mod registry;
 
 use std::{
@@ -26,8 +27,9 @@ use anyhow::Context;
 use lab_common::{admin, config::LabConfig};
 use lab_proto::v1::{FILE_DESCRIPTOR_SET, backend_server::BackendServer};
 use tokio::net::TcpListener;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 
 use crate::{
     db::Db,
@@ -173,13 +175,23 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let listener = TcpListener::bind(grpc_addr)
         .await
         .with_context(|| format!("binding gRPC listener {grpc_addr}"))?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-
+    // Connection recycling: tonic sends GOAWAY at the age; AgedStream cuts
+    // what is still open after the grace (see `recycle`).
+    let age = recycle::jittered(
+        config.service_b.max_connection_age,
+        config.service_b.max_connection_age_jitter,
+    );
+    let hard_limit = (!age.is_zero()).then(|| age + config.service_b.max_connection_age_grace);
+    let incoming = TcpListenerStream::new(listener).map(move |accepted| {
+        accepted.map(|stream| {
+            let _ = stream.set_nodelay(true);
+            recycle::AgedStream::new(stream, hard_limit)
+        })
+    });
     let mut server = Server::builder();
-    if !config.service_b.max_connection_age.is_zero() {
-        server = server
-            .max_connection_age(config.service_b.max_connection_age)
-            .max_connection_age_grace(config.service_b.max_connection_age_grace);
+    if !age.is_zero() {
+        tracing::info!(?age, grace = ?config.service_b.max_connection_age_grace, "connection recycling on");
+        server = server.max_connection_age(age);
     }
     // Shutdown sequence: SIGTERM → NOT_SERVING and lease revoked → keep
     // serving for the drain period → stop accepting, finish in-flight.
