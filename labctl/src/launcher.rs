@@ -7,6 +7,7 @@
 //! A's own channel). Stop order is the reverse, SIGTERM first.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     process::{Child, Command},
     time::{Duration, Instant},
@@ -67,8 +68,11 @@ pub struct Stack {
     pub config: LabConfig,
     /// How long `up` took until everything was ready.
     pub startup: Duration,
-    children: Vec<Child>,
+    /// The processes this labctl spawned, by name (empty after `attach`).
+    children: HashMap<String, Child>,
     lifetime: Lifetime,
+    /// Set when the processes must outlive this value (`down` done,
+    /// `--detach`, or attached from another labctl).
     stopped: bool,
 }
 
@@ -167,12 +171,13 @@ impl Stack {
                 faults: config.faults,
                 state_dir: state_dir.clone(),
                 config_file: config_file.clone(),
+                auto_ports: options.ports == PortPolicy::Auto,
                 services: Vec::new(),
             },
             ports: ports.clone(),
             config: config.clone(),
             startup: Duration::ZERO,
-            children: Vec::new(),
+            children: HashMap::new(),
             lifetime: options.lifetime,
             stopped: false,
         };
@@ -204,22 +209,7 @@ impl Stack {
         // 2. Every B.
         let mut waits = Vec::new();
         for (i, (grpc, admin)) in ports.b.iter().enumerate() {
-            let name = format!("service-b-{}", i + 1);
-            let instance_id = format!("b-{}", i + 1);
-            let mut cmd = Command::new(&bins.service_b);
-            cmd.arg("--config").arg(&config_file);
-            for set in [
-                format!("service_b.instance_id={instance_id}"),
-                format!("service_b.listen={}", addr(*grpc)),
-                format!("service_b.admin_listen={}", addr(*admin)),
-            ] {
-                cmd.arg("--set").arg(set);
-            }
-            stack.start(&name, cmd, |r| {
-                r.instance_id = Some(instance_id.clone());
-                r.grpc_addr = Some(addr(*grpc));
-                r.admin_url = Some(url(*admin));
-            })?;
+            let name = stack.spawn_backend(&bins.service_b, i + 1, *grpc, *admin)?;
             waits.push((name, Ready::Http(format!("{}/readyz", url(*admin)))));
         }
         let waits = waits
@@ -231,7 +221,7 @@ impl Stack {
         // 3. HAProxy over them.
         stack.start(
             "slb",
-            haproxy_command(&bins, &state_dir, &config, &ports)?,
+            haproxy_command(&bins.haproxy, &state_dir, &config, &b_ports(&stack.state))?,
             |r| {
                 r.l4_addr = Some(addr(ports.slb_l4));
                 r.l7_addr = Some(addr(ports.slb_l7));
@@ -292,7 +282,7 @@ impl Stack {
         let mut record = ServiceRecord::new(name, pid, start_time, log);
         describe(&mut record);
         self.state.services.push(record);
-        self.children.push(child);
+        self.children.insert(name.to_string(), child);
         self.state.save()
     }
 
@@ -355,15 +345,9 @@ impl Stack {
         name: &str,
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
-        let index = self
-            .state
-            .services
-            .iter()
-            .position(|s| s.name == name)
-            .with_context(|| format!("no service named {name}"))?;
         let child = self
             .children
-            .get_mut(index)
+            .get_mut(name)
             .with_context(|| format!("{name} is not a child of this process"))?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -379,7 +363,179 @@ impl Stack {
 
     /// A's public base URL.
     pub fn a_url(&self) -> String {
-        url(self.ports.a_http)
+        format!("http://{}", self.config.service_a.listen)
+    }
+
+    /// Re-attaches to the stack recorded in `state_dir` (for `labctl kill`
+    /// and `labctl scale`). Its processes are not children of this labctl,
+    /// and dropping the value leaves them running.
+    pub fn attach(state_dir: &Path) -> anyhow::Result<Stack> {
+        let state_dir = absolute(state_dir)?;
+        let state = LabState::load(&state_dir)?.with_context(|| {
+            format!(
+                "no lab running in {} (start one with `labctl up`)",
+                state_dir.display()
+            )
+        })?;
+        let config = lab_common::config::check_file(&state.config_file)
+            .with_context(|| format!("reading {}", state.config_file.display()))?;
+        let ports = Ports::plan(&config, 0, PortPolicy::Configured)?;
+        Ok(Stack {
+            state,
+            ports,
+            config,
+            startup: Duration::ZERO,
+            children: HashMap::new(),
+            lifetime: Lifetime::Detached,
+            stopped: true,
+        })
+    }
+
+    /// Starts B number `index` on the given ports (not waiting for it).
+    fn spawn_backend(
+        &mut self,
+        binary: &Path,
+        index: usize,
+        grpc: u16,
+        admin: u16,
+    ) -> anyhow::Result<String> {
+        let name = format!("service-b-{index}");
+        let instance_id = format!("b-{index}");
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config").arg(&self.state.config_file);
+        for set in [
+            format!("service_b.instance_id={instance_id}"),
+            format!("service_b.listen={}", addr(grpc)),
+            format!("service_b.admin_listen={}", addr(admin)),
+        ] {
+            cmd.arg("--set").arg(set);
+        }
+        self.start(&name, cmd, |r| {
+            r.instance_id = Some(instance_id.clone());
+            r.grpc_addr = Some(addr(grpc));
+            r.admin_url = Some(url(admin));
+        })?;
+        Ok(name)
+    }
+
+    /// Runs `n` B instances: starts new ones (numbered after the highest) or
+    /// stops the highest-numbered ones gracefully, then points HAProxy at
+    /// the new set (a restart: its open connections drop and clients
+    /// reconnect). With `lb = "etcd"` A learns of the change from etcd alone.
+    pub async fn scale_backends(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
+        if n == 0 {
+            bail!("at least one backend must remain");
+        }
+        let mut changed = Vec::new();
+        let alive: Vec<(usize, String)> = self
+            .state
+            .backends()
+            .filter(|b| b.is_alive())
+            .filter_map(|b| {
+                let index = b.name.strip_prefix("service-b-")?.parse().ok()?;
+                Some((index, b.name.clone()))
+            })
+            .collect();
+        // Forget Bs that died on their own.
+        self.state
+            .services
+            .retain(|s| !s.name.starts_with("service-b-") || s.is_alive());
+        if n > alive.len() {
+            let bins = Binaries::find(None)?;
+            let client = probe::http_client();
+            let mut next = alive.iter().map(|(i, _)| *i).max().unwrap_or(0);
+            let mut names = Vec::new();
+            for _ in alive.len()..n {
+                next += 1;
+                let (grpc, admin) = self.ports_for_backend(next)?;
+                let name = self.spawn_backend(&bins.service_b, next, grpc, admin)?;
+                names.push((name, Ready::Http(format!("{}/readyz", url(admin)))));
+            }
+            let waits = names
+                .iter()
+                .map(|(n, r)| (n.as_str(), clone_ready(r)))
+                .collect();
+            self.wait_ready(&client, Duration::from_secs(30), waits)
+                .await?;
+            changed.extend(names.into_iter().map(|(n, _)| n));
+        } else {
+            let mut by_index = alive.clone();
+            by_index.sort();
+            for (_, name) in by_index.into_iter().skip(n).rev() {
+                let record = self.service(&name)?.clone();
+                procs::terminate(record.pid, record.start_time, Duration::from_secs(30)).await;
+                if let Some(mut child) = self.children.remove(&name) {
+                    let _ = child.wait();
+                }
+                self.state.services.retain(|s| s.name != name);
+                changed.push(name);
+            }
+        }
+        self.state.save()?;
+        self.restart_slb().await?;
+        Ok(changed)
+    }
+
+    /// Ports for B number `index`: the configured base + (index − 1), or
+    /// free ones when the stack was started with `--ports auto`.
+    fn ports_for_backend(&self, index: usize) -> anyhow::Result<(u16, u16)> {
+        if self.state.auto_ports {
+            let pick = || -> anyhow::Result<u16> {
+                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port())
+            };
+            let (a, b) = (pick()?, pick()?);
+            if a != b {
+                return Ok((a, b));
+            }
+            return Ok((a, pick()?));
+        }
+        let base = Ports::plan(&self.config, index, PortPolicy::Configured)?;
+        base.b
+            .last()
+            .copied()
+            .context("no port for the new backend")
+    }
+
+    /// Rewrites HAProxy's backends for the current Bs and restarts it.
+    async fn restart_slb(&mut self) -> anyhow::Result<()> {
+        let Some(old) = self.state.service("slb").cloned() else {
+            return Ok(());
+        };
+        procs::terminate(old.pid, old.start_time, Duration::from_secs(10)).await;
+        if let Some(mut child) = self.children.remove("slb") {
+            let _ = child.wait();
+        }
+        let position = self.state.services.iter().position(|s| s.name == "slb");
+        self.state.services.retain(|s| s.name != "slb");
+        let bins = Binaries::find(None)?;
+        let cmd = haproxy_command(
+            &bins.haproxy,
+            &self.state.state_dir,
+            &self.config,
+            &b_ports(&self.state),
+        )?;
+        self.start("slb", cmd, |r| {
+            r.l4_addr = old.l4_addr.clone();
+            r.l7_addr = old.l7_addr.clone();
+            r.admin_url = old.admin_url.clone();
+            r.url = old.url.clone();
+        })?;
+        // Keep the start order (slb before service-a) for `down`.
+        if let (Some(pos), Some(record)) = (position, self.state.services.pop()) {
+            self.state
+                .services
+                .insert(pos.min(self.state.services.len()), record);
+            self.state.save()?;
+        }
+        let stats = format!("http://{}/stats", self.config.slb.stats_listen);
+        self.wait_ready(
+            &probe::http_client(),
+            Duration::from_secs(10),
+            vec![("slb", Ready::Http(stats))],
+        )
+        .await
     }
 
     /// Stops every process (reverse start order) and removes `state.json`.
@@ -392,7 +548,7 @@ impl Stack {
 
     /// Collects exited children so they do not linger as zombies.
     pub fn reap(&mut self) {
-        for child in &mut self.children {
+        for child in self.children.values_mut() {
             let _ = child.try_wait();
         }
     }
@@ -420,12 +576,12 @@ impl Drop for Stack {
         while Instant::now() < deadline
             && self
                 .children
-                .iter_mut()
+                .values_mut()
                 .any(|c| matches!(c.try_wait(), Ok(None)))
         {
             std::thread::sleep(Duration::from_millis(20));
         }
-        for child in &mut self.children {
+        for child in self.children.values_mut() {
             if matches!(child.try_wait(), Ok(None)) {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -594,37 +750,45 @@ fn etcd_command(bins: &Binaries, state_dir: &Path, ports: &Ports) -> anyhow::Res
 /// HAProxy with the shared frontends file plus a generated backends file
 /// listing every native B.
 fn haproxy_command(
-    bins: &Binaries,
+    haproxy: &Path,
     state_dir: &Path,
     config: &LabConfig,
-    ports: &Ports,
+    backends: &[u16],
 ) -> anyhow::Result<Command> {
     let dir = state_dir.join("haproxy");
     std::fs::create_dir_all(&dir)?;
     let frontends = dir.join("haproxy.cfg");
     std::fs::write(&frontends, HAPROXY_CFG)?;
-    let backends = dir.join("backends.cfg");
-    std::fs::write(&backends, backends_cfg(&ports.b))?;
-    let mut cmd = Command::new(&bins.haproxy);
+    let backends_file = dir.join("backends.cfg");
+    std::fs::write(&backends_file, backends_cfg(backends))?;
+    let mut cmd = Command::new(haproxy);
     cmd.arg("-db")
         .arg("-f")
         .arg(&frontends)
         .arg("-f")
-        .arg(&backends)
-        .env("SLB_L4_BIND", addr(ports.slb_l4))
-        .env("SLB_L7_BIND", addr(ports.slb_l7))
-        .env("SLB_STATS_BIND", addr(ports.slb_stats))
+        .arg(&backends_file)
+        .env("SLB_L4_BIND", &config.slb.l4_listen)
+        .env("SLB_L7_BIND", &config.slb.l7_listen)
+        .env("SLB_STATS_BIND", &config.slb.stats_listen)
         .env("SLB_MAXCONN", config.slb.maxconn.to_string());
     Ok(cmd)
 }
 
+/// The gRPC ports of the recorded B instances.
+fn b_ports(state: &LabState) -> Vec<u16> {
+    state
+        .backends()
+        .filter_map(|b| b.grpc_addr.as_deref()?.rsplit_once(':')?.1.parse().ok())
+        .collect()
+}
+
 /// The `b_l4` (tcp) and `b_l7` (h2) backend sections for the given B ports.
-pub fn backends_cfg(backends: &[(u16, u16)]) -> String {
+pub fn backends_cfg(backends: &[u16]) -> String {
     let mut l4 = String::from(
         "# Generated by labctl: one server per native B.\n\nbackend b_l4\n    mode tcp\n    balance roundrobin\n",
     );
     let mut l7 = String::from("\nbackend b_l7\n    mode http\n    balance roundrobin\n");
-    for (i, (grpc, _)) in backends.iter().enumerate() {
+    for (i, grpc) in backends.iter().enumerate() {
         let n = i + 1;
         l4.push_str(&format!(
             "    server b-{n} 127.0.0.1:{grpc} check inter 1s fall 2 rise 1\n"

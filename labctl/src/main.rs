@@ -39,11 +39,50 @@ enum Cmd {
     },
     /// Send HTTP load and report latency percentiles, errors and backends.
     Load(LoadArgs),
+    /// Send a signal to one process of the running stack (watch failover).
+    Kill {
+        /// Process name from `labctl status`, e.g. service-b-2.
+        name: String,
+        /// TERM (graceful), KILL (crash), STOP (freeze) or CONT (thaw).
+        #[arg(long, default_value = "TERM", value_parser = parse_signal)]
+        signal: nix::sys::signal::Signal,
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Change the number of running instances (watch scale-out live).
+    Scale {
+        #[command(subcommand)]
+        what: ScaleCmd,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScaleCmd {
+    /// Run N service-b instances.
+    Backends {
+        n: usize,
+        #[command(flatten)]
+        dir: StateDir,
+    },
+}
+
+fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    use nix::sys::signal::Signal;
+    match s.trim_start_matches("SIG").to_ascii_uppercase().as_str() {
+        "TERM" => Ok(Signal::SIGTERM),
+        "KILL" => Ok(Signal::SIGKILL),
+        "INT" => Ok(Signal::SIGINT),
+        "STOP" => Ok(Signal::SIGSTOP),
+        "CONT" => Ok(Signal::SIGCONT),
+        other => Err(format!(
+            "unknown signal {other:?}: expected TERM, KILL, INT, STOP or CONT"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +162,15 @@ async fn main() -> ExitCode {
         Cmd::Status { dir, json } => status(&dir.state_dir, json),
         Cmd::Down { dir } => down(&dir.state_dir).await,
         Cmd::Load(args) => load_cmd(args).await,
+        Cmd::Kill { name, signal, dir } => Stack::attach(&dir.state_dir).and_then(|stack| {
+            stack.signal(&name, signal)?;
+            let pid = stack.service(&name)?.pid;
+            println!("sent {signal} to {name} (pid {pid})");
+            Ok(())
+        }),
+        Cmd::Scale {
+            what: ScaleCmd::Backends { n, dir },
+        } => scale(&dir.state_dir, n).await,
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => match config::check_file(&file) {
@@ -294,6 +342,17 @@ fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             },
             address
         );
+    }
+    Ok(())
+}
+
+async fn scale(state_dir: &std::path::Path, n: usize) -> anyhow::Result<()> {
+    let mut stack = Stack::attach(state_dir)?;
+    let changed = stack.scale_backends(n).await?;
+    if changed.is_empty() {
+        println!("already {n} backends");
+    } else {
+        println!("now {n} backends (changed: {})", changed.join(", "));
     }
     Ok(())
 }

@@ -64,6 +64,9 @@ pub struct LabState {
     pub state_dir: PathBuf,
     /// The config file every service was started with.
     pub config_file: PathBuf,
+    /// Started with `--ports auto` (new Bs then get free ports too).
+    #[serde(default)]
+    pub auto_ports: bool,
     /// In start order; `down` stops them in reverse.
     pub services: Vec<ServiceRecord>,
 }
