@@ -189,9 +189,13 @@ impl Stack {
         stack.start("mysql", mysql_cmd, |r| {
             r.url = Some(format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql));
         })?;
-        stack.start("etcd", etcd_command(&bins, &state_dir, &ports)?, |r| {
-            r.url = Some(url(ports.etcd_client));
-        })?;
+        stack.start(
+            "etcd",
+            etcd_command(&bins.etcd, &state_dir, &ports, true)?,
+            |r| {
+                r.url = Some(url(ports.etcd_client));
+            },
+        )?;
         stack
             .wait_ready(
                 &client,
@@ -498,6 +502,44 @@ impl Stack {
             .context("no port for the new backend")
     }
 
+    /// Stops one process (SIGTERM, then SIGKILL after 15 s) and waits for it.
+    pub async fn stop_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let record = self.service(name)?.clone();
+        procs::terminate(record.pid, record.start_time, Duration::from_secs(15)).await;
+        if let Some(mut child) = self.children.remove(name) {
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts etcd again on the same port and data dir after
+    /// [`Stack::stop_service`] (an etcd outage and recovery).
+    pub async fn restart_etcd(&mut self) -> anyhow::Result<()> {
+        let record = self.service("etcd")?.clone();
+        if record.is_alive() {
+            bail!("etcd is still running");
+        }
+        let bins = Binaries::find(None)?;
+        let ports = self.ports.clone();
+        let cmd = etcd_command(&bins.etcd, &self.state.state_dir, &ports, false)?;
+        let position = self.state.services.iter().position(|s| s.name == "etcd");
+        self.state.services.retain(|s| s.name != "etcd");
+        self.start("etcd", cmd, |r| r.url = record.url.clone())?;
+        if let (Some(pos), Some(new)) = (position, self.state.services.pop()) {
+            self.state
+                .services
+                .insert(pos.min(self.state.services.len()), new);
+            self.state.save()?;
+        }
+        let health = format!("{}/health", url(ports.etcd_client));
+        self.wait_ready(
+            &probe::http_client(),
+            Duration::from_secs(30),
+            vec![("etcd", Ready::Http(health))],
+        )
+        .await
+    }
+
     /// Rewrites HAProxy's backends for the current Bs and restarts it.
     async fn restart_slb(&mut self) -> anyhow::Result<()> {
         let Some(old) = self.state.service("slb").cloned() else {
@@ -726,15 +768,21 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
     Ok(cmd)
 }
 
-/// A single-member etcd with a fresh data dir (the registry is ephemeral).
-fn etcd_command(bins: &Binaries, state_dir: &Path, ports: &Ports) -> anyhow::Result<Command> {
+/// A single-member etcd. `fresh` wipes its data dir (at `up`: the registry
+/// is ephemeral); a restart keeps it, as a real etcd restart would.
+fn etcd_command(
+    etcd: &Path,
+    state_dir: &Path,
+    ports: &Ports,
+    fresh: bool,
+) -> anyhow::Result<Command> {
     let data = state_dir.join("etcd");
-    if data.exists() {
+    if fresh && data.exists() {
         std::fs::remove_dir_all(&data)?;
     }
     let client = url(ports.etcd_client);
     let peer = url(ports.etcd_peer);
-    let mut cmd = Command::new(&bins.etcd);
+    let mut cmd = Command::new(etcd);
     cmd.arg("--name=lab")
         .arg(format!("--data-dir={}", data.display()))
         .arg(format!("--listen-client-urls={client}"))

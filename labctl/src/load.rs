@@ -89,6 +89,12 @@ pub struct LoadReport {
     pub rps: f64,
     pub latency_ms: Percentiles,
     pub by_backend: BTreeMap<String, u64>,
+    /// Seconds from the start to the first and the last failed request
+    /// (absent when nothing failed): where in the run the failures were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_error_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_s: Option<f64>,
 }
 
 impl LoadReport {
@@ -138,6 +144,8 @@ struct Tally {
     ok: u64,
     errors: BTreeMap<String, u64>,
     by_backend: BTreeMap<String, u64>,
+    first_error: Option<Duration>,
+    last_error: Option<Duration>,
 }
 
 impl Tally {
@@ -147,6 +155,8 @@ impl Tally {
             ok: 0,
             errors: BTreeMap::new(),
             by_backend: BTreeMap::new(),
+            first_error: None,
+            last_error: None,
         })
     }
 
@@ -159,7 +169,18 @@ impl Tally {
         for (k, v) in other.by_backend {
             *self.by_backend.entry(k).or_default() += v;
         }
+        self.first_error = match (self.first_error, other.first_error) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_error = self.last_error.max(other.last_error);
         Ok(())
+    }
+
+    fn error(&mut self, kind: &str, at: Duration) {
+        *self.errors.entry(kind.to_string()).or_default() += 1;
+        self.first_error.get_or_insert(at);
+        self.last_error = Some(at);
     }
 }
 
@@ -259,6 +280,8 @@ pub async fn run(
             max: ms(h.max()),
         },
         by_backend: total.by_backend,
+        first_error_s: total.first_error.map(|d| d.as_secs_f64()),
+        last_error_s: total.last_error.map(|d| d.as_secs_f64()),
     })
 }
 
@@ -302,7 +325,7 @@ async fn worker(
                 if (200..300).contains(&status) {
                     tally.ok += 1;
                 } else {
-                    *tally.errors.entry(status.to_string()).or_default() += 1;
+                    tally.error(&status.to_string(), plan.start.elapsed());
                 }
                 if let Some(b) = served_by {
                     match tally.by_backend.get_mut(b.as_str()) {
@@ -315,12 +338,12 @@ async fn worker(
             }
             Ok(Err(kind)) => {
                 conn = None;
-                *tally.errors.entry(kind.to_string()).or_default() += 1;
+                tally.error(kind, plan.start.elapsed());
             }
             Err(_) => {
                 // The connection may still carry the late answer: start afresh.
                 conn = None;
-                *tally.errors.entry("timeout".into()).or_default() += 1;
+                tally.error("timeout", plan.start.elapsed());
             }
         }
         plan.done.fetch_add(1, Ordering::Relaxed);

@@ -66,6 +66,32 @@ impl TestLab {
     }
 }
 
+/// Polls `check` every 100 ms until it returns `Some`, for at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl TestLab {
+    /// One metric of a named service, summed over matching samples.
+    pub async fn metric(&self, name: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = self.metrics(name).await.ok()?;
+        metric_sum(&text, metric, labels)
+    }
+}
+
 /// Sum of every sample of `name` whose labels include all of `labels`.
 /// Returns `None` when no sample matches (so a missing metric fails loudly).
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

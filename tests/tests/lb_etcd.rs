@@ -1,0 +1,278 @@
+//! Cause 1, the fix and the other remedies, end to end: client-side
+//! balancing from etcd (spread, scale-out, graceful stop, crash, etcd outage,
+//! lease expiry) and server-side connection recycling behind the L4 proxy.
+
+use std::time::Duration;
+
+use lab_tests::{TestLab, eventually};
+use labctl::load::{LoadReport, LoadSpec, run};
+use nix::sys::signal::Signal;
+
+fn closed_loop(url: String, requests: u64) -> LoadSpec {
+    let mut spec = LoadSpec::new(url, "/api/items/{rand}");
+    spec.requests = Some(requests);
+    spec.concurrency = 16;
+    spec
+}
+
+fn open_loop(url: String, rps: f64, duration: Duration) -> LoadSpec {
+    let mut spec = LoadSpec::new(url, "/api/items/{rand}");
+    spec.rps = Some(rps);
+    spec.duration = Some(duration);
+    spec.concurrency = 16;
+    spec
+}
+
+/// Runs a load in the background.
+fn spawn_load(spec: LoadSpec) -> tokio::task::JoinHandle<anyhow::Result<LoadReport>> {
+    tokio::spawn(async move { run(&spec, None).await })
+}
+
+fn shares(report: &LoadReport) -> Vec<(String, f64)> {
+    let total: u64 = report.by_backend.values().sum();
+    report
+        .by_backend
+        .iter()
+        .map(|(b, n)| (b.clone(), *n as f64 / total.max(1) as f64))
+        .collect()
+}
+
+fn failed(report: &LoadReport) -> u64 {
+    report.errors.values().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_balancing_spreads_requests_over_two_and_three_backends() -> anyhow::Result<()> {
+    for (backends, range) in [(2, 0.40..=0.60), (3, 0.25..=0.42)] {
+        let lab = TestLab::start(backends, &["faults.lb=etcd"]).await?;
+        let endpoints = lab.metric("service-a", "lab_backend_endpoints", &[]).await;
+        assert_eq!(endpoints, Some(backends as f64), "A discovered every B");
+        let report = run(&closed_loop(lab.a_url(), 1000), None).await?;
+        assert_eq!(report.ok, 1000, "{report:?}");
+        let shares = shares(&report);
+        assert_eq!(shares.len(), backends, "{shares:?}");
+        for (b, share) in &shares {
+            assert!(
+                range.contains(share),
+                "{backends} B: {b} got {:.1}% ({shares:?})",
+                share * 100.0
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_started_during_load_takes_its_share_within_3s() -> anyhow::Result<()> {
+    let mut lab = TestLab::start(2, &["faults.lb=etcd"]).await?;
+    let background = spawn_load(open_loop(lab.a_url(), 300.0, Duration::from_secs(8)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Ready means serving and registered in etcd: the clock starts here.
+    let added = lab.stack.scale_backends(3).await?;
+    assert_eq!(added, ["service-b-3"]);
+    let mut spec = closed_loop(lab.a_url(), u64::MAX);
+    spec.requests = None;
+    spec.duration = Some(Duration::from_secs(3));
+    spec.concurrency = 8;
+    let after = run(&spec, None).await?;
+    let share =
+        after.by_backend.get("b-3").copied().unwrap_or(0) as f64 / after.requests.max(1) as f64;
+    assert!(
+        share >= 0.15,
+        "b-3 served {:.1}% in its first 3 s: {:?}",
+        share * 100.0,
+        after.by_backend
+    );
+
+    let before = background.await??;
+    assert_eq!(
+        failed(&before),
+        0,
+        "no request failed while scaling: {before:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_a_backend_under_load_fails_no_request() -> anyhow::Result<()> {
+    let mut lab = TestLab::start(2, &["faults.lb=etcd"]).await?;
+    let load = spawn_load(open_loop(lab.a_url(), 400.0, Duration::from_secs(6)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.stack.signal("service-b-2", Signal::SIGTERM)?;
+    let report = load.await??;
+    assert_eq!(
+        failed(&report),
+        0,
+        "graceful stop lost requests: {report:?}"
+    );
+    assert!(
+        report.by_backend.get("b-2").copied().unwrap_or(0) > 0,
+        "b-2 served before its stop"
+    );
+    let exit = lab
+        .stack
+        .wait_exit("service-b-2", Duration::from_secs(15))
+        .await?;
+    assert!(exit.success(), "b-2 exited {exit}");
+    let endpoints = lab.metric("service-a", "lab_backend_endpoints", &[]).await;
+    assert_eq!(endpoints, Some(1.0), "b-2 left A's balancer");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_to_a_backend_fails_at_most_one_percent_right_after_the_kill() -> anyhow::Result<()>
+{
+    let lab = TestLab::start(2, &["faults.lb=etcd"]).await?;
+    let load = spawn_load(open_loop(lab.a_url(), 400.0, Duration::from_secs(6)));
+    let kill_at = 2.0;
+    tokio::time::sleep(Duration::from_secs_f64(kill_at)).await;
+    lab.stack.signal("service-b-2", Signal::SIGKILL)?;
+    let report = load.await??;
+    let failures = failed(&report);
+    assert!(
+        failures as f64 <= 0.01 * report.requests as f64,
+        "{failures} of {} failed: {report:?}",
+        report.requests
+    );
+    if let (Some(first), Some(last)) = (report.first_error_s, report.last_error_s) {
+        assert!(
+            first >= kill_at - 0.1 && last <= kill_at + 1.5,
+            "failures between {first:.2}s and {last:.2}s, kill at {kill_at}s"
+        );
+    }
+    let retries = lab
+        .metric("service-a", "lab_backend_retries_total", &[])
+        .await
+        .unwrap_or(0.0);
+    let ejections = lab
+        .metric(
+            "service-a",
+            "lab_backend_ejections_total",
+            &[("backend", "b-2")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(ejections >= 1.0, "the dead endpoint was ejected");
+    println!(
+        "crash: {failures} failed of {}, {retries} reads retried, b-2 ejected {ejections} times",
+        report.requests
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_fails_no_request_and_backends_reregister() -> anyhow::Result<()> {
+    let ttl = Duration::from_secs(3);
+    let mut lab = TestLab::start(2, &["faults.lb=etcd", "etcd.lease_ttl=3s"]).await?;
+    let load = spawn_load(open_loop(lab.a_url(), 300.0, Duration::from_secs(16)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.stack.stop_service("etcd").await?;
+    for b in ["service-b-1", "service-b-2"] {
+        eventually(Duration::from_secs(5), "B to notice the outage", || async {
+            (lab.metric(b, "lab_registry_registered", &[]).await == Some(0.0)).then_some(())
+        })
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    lab.stack.restart_etcd().await?;
+    let back = tokio::time::Instant::now();
+    for b in ["service-b-1", "service-b-2"] {
+        eventually(ttl, "B registered again within one TTL", || async {
+            (lab.metric(b, "lab_registry_registered", &[]).await == Some(1.0)).then_some(())
+        })
+        .await?;
+    }
+    let reregistered_in = back.elapsed();
+    let report = load.await??;
+    assert_eq!(
+        failed(&report),
+        0,
+        "requests failed during the etcd outage: {report:?}"
+    );
+    assert_eq!(
+        report.by_backend.len(),
+        2,
+        "both Bs kept serving: {:?}",
+        report.by_backend
+    );
+    let watch_errors = lab
+        .metric("service-a", "lab_discovery_watch_errors_total", &[])
+        .await
+        .unwrap_or(0.0);
+    assert!(watch_errors >= 1.0, "A saw the outage");
+    println!(
+        "etcd outage: {} requests, 0 failed; re-registered {reregistered_in:?} after etcd was back",
+        report.requests
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backend_leaves_the_balancer_when_its_lease_expires() -> anyhow::Result<()> {
+    let lab = TestLab::start(2, &["faults.lb=etcd", "etcd.lease_ttl=2s"]).await?;
+    lab.stack.signal("service-b-2", Signal::SIGSTOP)?;
+    let frozen = tokio::time::Instant::now();
+    eventually(
+        Duration::from_secs(6),
+        "b-2 removed from A's balancer",
+        || async {
+            (lab.metric("service-a", "lab_backend_endpoints", &[]).await == Some(1.0)).then_some(())
+        },
+    )
+    .await?;
+    let removed_after = frozen.elapsed();
+    assert!(
+        removed_after >= Duration::from_millis(1500),
+        "removed by the lease, not earlier ({removed_after:?})"
+    );
+    let removes = lab
+        .metric(
+            "service-a",
+            "lab_discovery_events_total",
+            &[("kind", "remove")],
+        )
+        .await;
+    assert_eq!(removes, Some(1.0));
+
+    // Thawed, it registers again and rejoins.
+    lab.stack.signal("service-b-2", Signal::SIGCONT)?;
+    eventually(
+        Duration::from_secs(6),
+        "b-2 back in A's balancer",
+        || async {
+            (lab.metric("service-a", "lab_backend_endpoints", &[]).await == Some(2.0)).then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_recycling_spreads_l4_traffic_over_time() -> anyhow::Result<()> {
+    let lab = TestLab::start(
+        2,
+        &[
+            "faults.lb=l4",
+            "service_b.max_connection_age=2s",
+            "service_b.max_connection_age_grace=1s",
+        ],
+    )
+    .await?;
+    let report = run(
+        &open_loop(lab.a_url(), 200.0, Duration::from_secs(30)),
+        None,
+    )
+    .await?;
+    let shares = shares(&report);
+    assert_eq!(shares.len(), 2, "{shares:?}");
+    for (b, share) in &shares {
+        assert!(*share >= 0.30, "{b} got {:.1}% ({shares:?})", share * 100.0);
+    }
+    println!(
+        "recycling: {shares:?}, {} failed of {}",
+        failed(&report),
+        report.requests
+    );
+    Ok(())
+}
