@@ -2,6 +2,7 @@
 //! `labctl` binary and the end-to-end tests alike), the load generator, and
 //! their helpers.
 
+pub mod bench;
 pub mod launcher;
 pub mod load;
 pub mod ports;

@@ -49,6 +49,11 @@ enum Cmd {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// Compare configurations under identical load (fresh stacks, one run).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Change the number of running instances (watch scale-out live).
     Scale {
         #[command(subcommand)]
@@ -59,6 +64,39 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Throughput and p50/p99 through A for each `faults.lb` value.
+    Lb(BenchLbArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchLbArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Which lb values, in order.
+    #[arg(long, value_delimiter = ',', default_value = "l4,l7,etcd")]
+    lbs: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    backends: usize,
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured time per mode and round.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unmeasured load before each measurement.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Rounds (modes interleave within a round); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long, default_value = "/api/items/{rand}")]
+    path: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +209,9 @@ async fn main() -> ExitCode {
         Cmd::Scale {
             what: ScaleCmd::Backends { n, dir },
         } => scale(&dir.state_dir, n).await,
+        Cmd::Bench {
+            what: BenchCmd::Lb(args),
+        } => bench_lb(args).await,
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => match config::check_file(&file) {
@@ -342,6 +383,45 @@ fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             },
             address
         );
+    }
+    Ok(())
+}
+
+async fn bench_lb(args: BenchLbArgs) -> anyhow::Result<()> {
+    let mut config = config::load_or_exit(&args.config);
+    // Quieter services: the benchmark measures, it does not debug.
+    config.telemetry.log_filter = "warn".into();
+    let modes = args
+        .lbs
+        .iter()
+        .map(|name| {
+            config::load(&config::Sources {
+                overrides: vec![format!("faults.lb={name}")],
+                ..config::Sources::default()
+            })
+            .map(|c| c.faults.lb)
+            .unwrap_or_else(|e| e.exit())
+        })
+        .collect();
+    let spec = labctl::bench::BenchSpec {
+        config,
+        modes,
+        backends: args.backends,
+        concurrency: args.concurrency,
+        duration: args.duration,
+        warmup: args.warmup,
+        rounds: args.rounds,
+        path: args.path,
+    };
+    let results = labctl::bench::run(&spec, |line| eprintln!("{line}")).await?;
+    println!(
+        "\n{} B, concurrency {}, {} × {:?} per mode, medians:\n",
+        spec.backends, spec.concurrency, spec.rounds, spec.duration
+    );
+    print!("{}", labctl::bench::table(&results));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -276,3 +276,27 @@ async fn connection_recycling_spreads_l4_traffic_over_time() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_backend_registered_a_fails_fast_with_503() -> anyhow::Result<()> {
+    let lab = TestLab::start(1, &["faults.lb=etcd", "service_b.drain_period=5s"]).await?;
+    lab.stack.signal("service-b-1", Signal::SIGTERM)?;
+    // B revokes its lease at once; the watch brings the removal to A.
+    eventually(
+        Duration::from_secs(1),
+        "the removal to reach A within 1 s",
+        || async {
+            (lab.metric("service-a", "lab_backend_endpoints", &[]).await == Some(0.0)).then_some(())
+        },
+    )
+    .await?;
+    let (status, _, body, elapsed) =
+        lab_tests::get_json(&format!("{}/api/items/1", lab.a_url())).await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "unavailable");
+    assert!(
+        elapsed < Duration::from_millis(500),
+        "503 took {elapsed:?}, not a wait for the 5 s deadline"
+    );
+    Ok(())
+}
