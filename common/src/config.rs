@@ -199,6 +199,9 @@ pub struct ServiceBConfig {
     /// Artificial latency added to every request handler (tests and demos).
     #[serde(with = "humantime_serde")]
     pub handler_latency: Duration,
+    /// `deadline = "propagate"`: requests worked on at once; more are shed
+    /// with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: u32,
     /// On SIGTERM B revokes its etcd lease, then keeps serving this long so
     /// clients can move away before the listener closes.
     #[serde(with = "humantime_serde")]
@@ -225,11 +228,64 @@ impl Default for ServiceBConfig {
             advertise_addr: String::new(),
             max_payload_bytes: 16 * 1024,
             handler_latency: Duration::ZERO,
+            max_concurrent_requests: 64,
             drain_period: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             max_connection_age: Duration::ZERO,
             max_connection_age_grace: Duration::from_secs(5),
             max_connection_age_jitter: 0.1,
+        }
+    }
+}
+
+/// Service B's job worker (cause 2) and its handler.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Run the worker at all (tests of other causes may turn it off).
+    pub enabled: bool,
+    /// How often the worker looks for pending rows.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// Rows fetched per tick by `unbounded` and `capped`.
+    pub batch: u32,
+    /// `capped`: running tasks above which a tick is skipped.
+    pub cap: u32,
+    /// `capped`: how long it sleeps when over the cap.
+    #[serde(with = "humantime_serde")]
+    pub cap_sleep: Duration,
+    /// `bounded`: jobs handled at once by one B.
+    pub pool_size: u32,
+    /// `bounded`: a claim older than this is taken back (its B presumed dead).
+    #[serde(with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// `bounded`: a job running longer than this is abandoned and retried.
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+    /// `bounded`: attempts before a failing job is marked failed.
+    pub max_attempts: u32,
+    /// CPU time the handler burns per KiB of payload.
+    #[serde(with = "humantime_serde")]
+    pub cpu_per_kib: Duration,
+    /// The handler's awaited I/O step (the partner API call of a later issue).
+    #[serde(with = "humantime_serde")]
+    pub io_latency: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tick: Duration::from_secs(1),
+            batch: 100,
+            cap: 200,
+            cap_sleep: Duration::from_secs(3),
+            pool_size: 8,
+            visibility_timeout: Duration::from_secs(30),
+            job_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            cpu_per_kib: Duration::from_millis(2),
+            io_latency: Duration::from_millis(50),
         }
     }
 }
@@ -355,6 +411,7 @@ pub struct LabConfig {
     pub faults: Faults,
     pub service_a: ServiceAConfig,
     pub service_b: ServiceBConfig,
+    pub worker: WorkerConfig,
     pub mysql: MysqlConfig,
     pub etcd: EtcdConfig,
     pub slb: SlbConfig,
@@ -383,6 +440,7 @@ struct RawConfig {
     faults: FaultOverrides,
     service_a: ServiceAConfig,
     service_b: ServiceBConfig,
+    worker: WorkerConfig,
     mysql: MysqlConfig,
     etcd: EtcdConfig,
     slb: SlbConfig,
@@ -404,6 +462,7 @@ impl RawConfig {
             },
             service_a: self.service_a,
             service_b: self.service_b,
+            worker: self.worker,
             mysql: self.mysql,
             etcd: self.etcd,
             slb: self.slb,
@@ -815,6 +874,31 @@ fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), Con
             jitter.to_string(),
             "expected a fraction between 0 and 0.5",
         ));
+    }
+    let at_least_one = [
+        ("worker.batch", c.worker.batch),
+        ("worker.cap", c.worker.cap),
+        ("worker.pool_size", c.worker.pool_size),
+        ("worker.max_attempts", c.worker.max_attempts),
+        (
+            "service_b.max_concurrent_requests",
+            c.service_b.max_concurrent_requests,
+        ),
+    ];
+    for (key, value) in at_least_one {
+        if value == 0 {
+            return Err(err(key, "0".into(), "must be at least 1"));
+        }
+    }
+    let worker_positive = [
+        ("worker.tick", c.worker.tick),
+        ("worker.visibility_timeout", c.worker.visibility_timeout),
+        ("worker.job_timeout", c.worker.job_timeout),
+    ];
+    for (key, value) in worker_positive {
+        if value.is_zero() {
+            return Err(err(key, "\"0s\"".into(), "must be greater than zero"));
+        }
     }
     if c.mysql.pool_max == 0 {
         return Err(err("mysql.pool_max", "0".into(), "must be at least 1"));

@@ -702,6 +702,10 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
     std::fs::create_dir_all(&dir)?;
     let init_sql = dir.join("init.sql");
     std::fs::write(&init_sql, MYSQL_INIT_SQL)?;
+    // A private tmpdir: two servers bootstrapping at once in a shared /tmp
+    // were seen to delete each other's temporary tables.
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
     if !data.join("mysql").exists() {
         std::fs::create_dir_all(&data)?;
         let log = state_dir.join("logs").join("mysql-init.log");
@@ -712,6 +716,7 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
                 let mut cmd = tokio::process::Command::new(tool);
                 cmd.arg("--no-defaults")
                     .arg(format!("--datadir={}", data.display()))
+                    .arg(format!("--tmpdir={}", tmp.display()))
                     .arg("--auth-root-authentication-method=normal")
                     .arg("--skip-test-db");
                 cmd
@@ -720,7 +725,8 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
                 let mut cmd = tokio::process::Command::new(&bins.mysqld);
                 cmd.arg("--no-defaults")
                     .arg("--initialize-insecure")
-                    .arg(format!("--datadir={}", data.display()));
+                    .arg(format!("--datadir={}", data.display()))
+                    .arg(format!("--tmpdir={}", tmp.display()));
                 cmd
             }
         };
@@ -737,9 +743,10 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
         )?;
         if !output.status.success() {
             bail!(
-                "initialising the MySQL data directory failed ({}); see {}",
+                "initialising the MySQL data directory failed ({}); last lines of {}:\n{}",
                 output.status,
-                log.display()
+                log.display(),
+                procs::tail(&log, 20)
             );
         }
     }
@@ -748,6 +755,7 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
     // is private and identical on every machine.
     cmd.arg("--no-defaults")
         .arg(format!("--datadir={}", data.display()))
+        .arg(format!("--tmpdir={}", tmp.display()))
         .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
         .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
         .arg(format!("--port={port}"))

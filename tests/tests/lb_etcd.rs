@@ -168,13 +168,14 @@ async fn an_etcd_outage_fails_no_request_and_backends_reregister() -> anyhow::Re
     let load = spawn_load(open_loop(lab.a_url(), 300.0, Duration::from_secs(16)));
     tokio::time::sleep(Duration::from_secs(2)).await;
     lab.stack.stop_service("etcd").await?;
+    let stopped = tokio::time::Instant::now();
     for b in ["service-b-1", "service-b-2"] {
         eventually(Duration::from_secs(5), "B to notice the outage", || async {
             (lab.metric(b, "lab_registry_registered", &[]).await == Some(0.0)).then_some(())
         })
         .await?;
     }
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep_until(stopped + Duration::from_secs(10)).await;
     lab.stack.restart_etcd().await?;
     let back = tokio::time::Instant::now();
     for b in ["service-b-1", "service-b-2"] {
