@@ -39,6 +39,8 @@ enum Cmd {
     },
     /// Send HTTP load and report latency percentiles, errors and backends.
     Load(LoadArgs),
+    /// Insert jobs into the running stack's MySQL at a steady rate.
+    Jobs(JobsArgs),
     /// Send a signal to one process of the running stack (watch failover).
     Kill {
         /// Process name from `labctl status`, e.g. service-b-2.
@@ -64,6 +66,26 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+}
+
+#[derive(Debug, Args)]
+struct JobsArgs {
+    #[command(flatten)]
+    dir: StateDir,
+    /// Jobs per second.
+    #[arg(long)]
+    rate: f64,
+    /// How long to produce.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Fraction of rows whose payload cannot be decoded (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    poison_ratio: f64,
+    /// Size of each good payload (the handler's CPU work scales with it).
+    #[arg(long, default_value_t = 1024)]
+    payload_bytes: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,6 +222,7 @@ async fn main() -> ExitCode {
         Cmd::Status { dir, json } => status(&dir.state_dir, json),
         Cmd::Down { dir } => down(&dir.state_dir).await,
         Cmd::Load(args) => load_cmd(args).await,
+        Cmd::Jobs(args) => jobs(args).await,
         Cmd::Kill { name, signal, dir } => Stack::attach(&dir.state_dir).and_then(|stack| {
             stack.signal(&name, signal)?;
             let pid = stack.service(&name)?.pid;
@@ -384,6 +407,28 @@ fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             address
         );
     }
+    Ok(())
+}
+
+async fn jobs(args: JobsArgs) -> anyhow::Result<()> {
+    let stack = Stack::attach(&args.dir.state_dir)?;
+    let spec = labctl::jobs::JobSpec {
+        mysql_url: stack.config.mysql.url.clone(),
+        rate: args.rate,
+        duration: args.duration,
+        poison_ratio: args.poison_ratio,
+        payload_bytes: args.payload_bytes,
+        seed: args.seed,
+    };
+    eprintln!(
+        "inserting {} jobs/s for {:?} into {} …",
+        spec.rate, spec.duration, spec.mysql_url
+    );
+    let report = labctl::jobs::produce(&spec).await?;
+    println!(
+        "inserted {} jobs ({} poison)",
+        report.inserted, report.poison
+    );
     Ok(())
 }
 

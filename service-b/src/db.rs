@@ -13,6 +13,7 @@ use sqlx::{
     AssertSqlSafe, MySql, QueryBuilder,
     mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions},
 };
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Schema migrations compiled into the binary (service-b/migrations).
@@ -27,6 +28,9 @@ pub enum DbError {
     /// Anything else (a bug or a schema mismatch).
     #[error("database error: {0}")]
     Other(String),
+    /// The caller's deadline left no time for the query.
+    #[error("{0}")]
+    Deadline(String),
 }
 
 impl From<sqlx::Error> for DbError {
@@ -65,6 +69,17 @@ pub struct JobRow {
     pub result: Option<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+}
+
+/// A job as the worker sees it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobTask {
+    pub id: i64,
+    pub payload: Vec<u8>,
+    /// Attempts so far (after a claim: including this one).
+    pub attempts: u32,
+    /// Microseconds since the job was created (for the job-lag histogram).
+    pub age_us: i64,
 }
 
 /// The pool plus the per-query time bound.
@@ -172,8 +187,13 @@ impl Db {
             .map(|_| ())
     }
 
-    pub async fn get_item(&self, id: i64) -> Result<Option<ItemRow>, DbError> {
-        self.bounded(
+    pub async fn get_item(
+        &self,
+        id: i64,
+        deadline: Option<Instant>,
+    ) -> Result<Option<ItemRow>, DbError> {
+        self.within(
+            deadline,
             sqlx::query_as::<_, ItemRow>(
                 "SELECT id, name, price_cents, description FROM items WHERE id = ?",
             )
@@ -183,9 +203,14 @@ impl Db {
         .await
     }
 
-    pub async fn insert_job(&self, payload: &[u8]) -> Result<i64, DbError> {
+    pub async fn insert_job(
+        &self,
+        payload: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<i64, DbError> {
         let done = self
-            .bounded(
+            .within(
+                deadline,
                 sqlx::query("INSERT INTO jobs (payload) VALUES (?)")
                     .bind(payload)
                     .execute(&self.pool),
@@ -195,8 +220,13 @@ impl Db {
             .map_err(|_| DbError::Other("job id out of range".into()))
     }
 
-    pub async fn get_job(&self, id: i64) -> Result<Option<JobRow>, DbError> {
-        self.bounded(
+    pub async fn get_job(
+        &self,
+        id: i64,
+        deadline: Option<Instant>,
+    ) -> Result<Option<JobRow>, DbError> {
+        self.within(
+            deadline,
             sqlx::query_as::<_, JobRow>(
                 "SELECT id, status, attempts, payload, result, \
                  CAST(UNIX_TIMESTAMP(created_at) * 1000 AS SIGNED) AS created_at_ms, \
@@ -209,6 +239,138 @@ impl Db {
         .await
     }
 
+    // ----- the job worker's queries (see `worker`) -----
+
+    /// `unbounded` / `capped`: pending rows, *not* claimed — exactly what
+    /// the incident's loop read, so a row stays pending while it is handled.
+    pub async fn fetch_pending(&self, limit: u32) -> Result<Vec<JobTask>, DbError> {
+        self.bounded(
+            sqlx::query_as::<_, JobTask>(
+                "SELECT id, payload, attempts, \
+                 CAST(TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) AS SIGNED) AS age_us \
+                 FROM jobs WHERE status = 'pending' ORDER BY id LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(&self.pool),
+        )
+        .await
+    }
+
+    /// Records that an attempt started (attempts + 1), without claiming.
+    /// Returns the attempt number.
+    pub async fn start_attempt(&self, id: i64, instance: &str) -> Result<u32, DbError> {
+        self.bounded(
+            sqlx::query(
+                "UPDATE jobs SET attempts = attempts + 1, claimed_by = ?, claimed_at = NOW(3) \
+                 WHERE id = ?",
+            )
+            .bind(instance)
+            .bind(id)
+            .execute(&self.pool),
+        )
+        .await?;
+        let attempts: u32 = self
+            .bounded(
+                sqlx::query_scalar("SELECT attempts FROM jobs WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(attempts)
+    }
+
+    /// `bounded`: atomically claims up to `limit` jobs — pending ones, and
+    /// running ones whose claim is older than `visibility` (their B died).
+    /// `FOR UPDATE SKIP LOCKED` lets several Bs claim side by side without
+    /// ever taking the same row.
+    pub async fn claim(
+        &self,
+        limit: u32,
+        instance: &str,
+        visibility: Duration,
+    ) -> Result<Vec<JobTask>, DbError> {
+        let claim = async {
+            let mut tx = self.pool.begin().await?;
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM jobs \
+                 WHERE status = 'pending' \
+                    OR (status = 'running' AND claimed_at < NOW(3) - INTERVAL ? MICROSECOND) \
+                 ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
+            )
+            .bind(i64::try_from(visibility.as_micros()).unwrap_or(i64::MAX))
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            if ids.is_empty() {
+                tx.commit().await?;
+                return Ok(Vec::new());
+            }
+            let mut update: QueryBuilder<MySql> = QueryBuilder::new(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_by = ",
+            );
+            update.push_bind(instance);
+            update.push(", claimed_at = NOW(3) WHERE id IN (");
+            let mut list = update.separated(", ");
+            for id in &ids {
+                list.push_bind(*id);
+            }
+            list.push_unseparated(")");
+            update.build().execute(&mut *tx).await?;
+            let mut select: QueryBuilder<MySql> = QueryBuilder::new(
+                "SELECT id, payload, attempts, \
+                 CAST(TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) AS SIGNED) AS age_us \
+                 FROM jobs WHERE id IN (",
+            );
+            let mut list = select.separated(", ");
+            for id in &ids {
+                list.push_bind(*id);
+            }
+            list.push_unseparated(") ORDER BY id");
+            let jobs = select
+                .build_query_as::<JobTask>()
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(jobs)
+        };
+        self.bounded(claim).await
+    }
+
+    /// Writes a job's outcome. With `fence = Some(attempt)` only the holder
+    /// of that attempt may write (a reclaimed job's old owner cannot
+    /// overwrite the new one); returns whether the row was written.
+    pub async fn finish_job(
+        &self,
+        id: i64,
+        fence: Option<u32>,
+        status: &str,
+        result: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<bool, DbError> {
+        let query = match fence {
+            Some(attempt) => sqlx::query(
+                "UPDATE jobs SET status = ?, result = ?, last_error = ?, \
+                 claimed_by = IF(? = 'pending', NULL, claimed_by) \
+                 WHERE id = ? AND attempts = ? AND status = 'running'",
+            )
+            .bind(status)
+            .bind(result)
+            .bind(error)
+            .bind(status)
+            .bind(id)
+            .bind(attempt),
+            None => {
+                sqlx::query("UPDATE jobs SET status = ?, result = ?, last_error = ? WHERE id = ?")
+                    .bind(status)
+                    .bind(result)
+                    .bind(error)
+                    .bind(id)
+            }
+        };
+        let done = self.bounded(query.execute(&self.pool)).await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// Pool gauges for `/metrics`: (open connections, idle connections).
     pub fn pool_stats(&self) -> (u32, usize) {
         (self.pool.size(), self.pool.num_idle())
@@ -218,8 +380,27 @@ impl Db {
         &self,
         query: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, DbError> {
-        match tokio::time::timeout(self.query_timeout, query).await {
+        self.within(None, query).await
+    }
+
+    /// Runs `query` within `mysql.query_timeout` and, when the caller has a
+    /// deadline, within what is left of it (the budget forwarded downstream).
+    async fn within<T>(
+        &self,
+        deadline: Option<Instant>,
+        query: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, DbError> {
+        let budget = crate::deadline::remaining(deadline, self.query_timeout);
+        if budget.is_zero() {
+            return Err(DbError::Deadline(
+                "no time left before the caller's deadline; query skipped".into(),
+            ));
+        }
+        match tokio::time::timeout(budget, query).await {
             Ok(result) => result.map_err(DbError::from),
+            Err(_) if budget < self.query_timeout => Err(DbError::Deadline(format!(
+                "query cut at the caller's deadline ({budget:?} left)"
+            ))),
             Err(_) => Err(DbError::Unavailable(format!(
                 "query did not finish within {:?}",
                 self.query_timeout

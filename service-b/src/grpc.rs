@@ -1,51 +1,103 @@
 //! The `lab.v1.Backend` service: validation, MySQL reads and writes, and the
 //! per-method metrics. Every reply, success or error, names this instance
-//! (`served_by` in the body, `x-served-by` in the metadata).
+//! (`served_by` in the body, `x-served-by` in the metadata). The work of
+//! each request runs under the deadline policy of [`crate::deadline`].
 
-use std::{future::Future, sync::Arc, time::Instant};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use lab_proto::v1::{
     GetItemReply, GetItemRequest, GetJobReply, GetJobRequest, Item, Job, SubmitJobReply,
     SubmitJobRequest, backend_server::Backend,
 };
+use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
     db::{Db, DbError},
+    deadline::{Arrived, DeadlinePolicy, caller_deadline},
     metrics::Metrics,
 };
 
 /// Request handling state shared by every connection.
 pub struct BackendService {
-    pub db: Db,
-    pub instance_id: Arc<str>,
-    pub max_payload_bytes: usize,
-    pub handler_latency: std::time::Duration,
-    pub metrics: Metrics,
+    inner: Arc<Inner>,
+    policy: DeadlinePolicy,
+    metrics: Metrics,
+}
+
+/// What the (possibly detached) request work needs.
+struct Inner {
+    db: Db,
+    instance_id: Arc<str>,
+    max_payload_bytes: usize,
+    handler_latency: Duration,
+}
+
+impl BackendService {
+    pub fn new(
+        db: Db,
+        instance_id: Arc<str>,
+        max_payload_bytes: usize,
+        handler_latency: Duration,
+        policy: DeadlinePolicy,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                instance_id,
+                max_payload_bytes,
+                handler_latency,
+            }),
+            policy,
+            metrics,
+        }
+    }
 }
 
 impl From<DbError> for Status {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(reason) => Status::unavailable(reason),
+            DbError::Deadline(reason) => Status::deadline_exceeded(reason),
             DbError::Other(reason) => Status::internal(reason),
         }
     }
 }
 
+/// When the request arrived and until when its caller waits.
+fn timing<T>(request: &Request<T>) -> (Instant, Option<Instant>) {
+    let arrived = request
+        .extensions()
+        .get::<Arrived>()
+        .map_or_else(Instant::now, |a| a.0);
+    (arrived, caller_deadline(arrived, request.metadata()))
+}
+
 impl BackendService {
-    /// Runs one handler: counts it, times it and stamps `x-served-by` on
-    /// the reply or the error.
-    async fn observe<T>(
+    /// Runs one request's `work` under the deadline policy, counts and times
+    /// it, and stamps `x-served-by` on the reply or the error.
+    async fn serve<T, F, Fut>(
         &self,
         method: &'static str,
-        handler: impl Future<Output = Result<T, Status>>,
-    ) -> Result<Response<T>, Status> {
-        let started = Instant::now();
-        if !self.handler_latency.is_zero() {
-            tokio::time::sleep(self.handler_latency).await;
-        }
-        let result = handler.await;
+        (arrived, deadline): (Instant, Option<Instant>),
+        work: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(Arc<Inner>, Option<Instant>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let result = self
+            .policy
+            .run(arrived, deadline, move |deadline| async move {
+                if !inner.handler_latency.is_zero() {
+                    tokio::time::sleep(inner.handler_latency).await;
+                }
+                work(inner, deadline).await
+            })
+            .await;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(status) => status.code(),
@@ -57,8 +109,8 @@ impl BackendService {
         self.metrics
             .grpc_duration
             .with_label_values(&[method])
-            .observe(started.elapsed().as_secs_f64());
-        let served_by = MetadataValue::try_from(&*self.instance_id).ok();
+            .observe(arrived.elapsed().as_secs_f64());
+        let served_by = MetadataValue::try_from(&*self.inner.instance_id).ok();
         match result {
             Ok(reply) => {
                 let mut response = Response::new(reply);
@@ -97,14 +149,14 @@ impl Backend for BackendService {
         &self,
         request: Request<GetItemRequest>,
     ) -> Result<Response<GetItemReply>, Status> {
+        let timing = timing(&request);
         let id = request.into_inner().id;
-        self.observe("GetItem", async {
+        self.serve("GetItem", timing, move |b, deadline| async move {
             let id = positive_id("id", id)?;
-            let row = self
-                .db
-                .get_item(id)
-                .await?
-                .ok_or_else(|| Status::not_found(format!("item {id} not found")))?;
+            let row =
+                b.db.get_item(id, deadline)
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("item {id} not found")))?;
             Ok(GetItemReply {
                 item: Some(Item {
                     id: row.id,
@@ -112,7 +164,7 @@ impl Backend for BackendService {
                     price_cents: row.price_cents,
                     description: row.description,
                 }),
-                served_by: self.instance_id.to_string(),
+                served_by: b.instance_id.to_string(),
             })
         })
         .await
@@ -122,22 +174,23 @@ impl Backend for BackendService {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobReply>, Status> {
+        let timing = timing(&request);
         let payload = request.into_inner().payload;
-        self.observe("SubmitJob", async {
+        self.serve("SubmitJob", timing, move |b, deadline| async move {
             if payload.is_empty() {
                 return Err(Status::invalid_argument("payload must not be empty"));
             }
-            if payload.len() > self.max_payload_bytes {
+            if payload.len() > b.max_payload_bytes {
                 return Err(Status::invalid_argument(format!(
                     "payload is {} bytes; the limit is {} (service_b.max_payload_bytes)",
                     payload.len(),
-                    self.max_payload_bytes
+                    b.max_payload_bytes
                 )));
             }
-            let job_id = self.db.insert_job(payload.as_bytes()).await?;
+            let job_id = b.db.insert_job(payload.as_bytes(), deadline).await?;
             Ok(SubmitJobReply {
                 job_id,
-                served_by: self.instance_id.to_string(),
+                served_by: b.instance_id.to_string(),
             })
         })
         .await
@@ -147,14 +200,14 @@ impl Backend for BackendService {
         &self,
         request: Request<GetJobRequest>,
     ) -> Result<Response<GetJobReply>, Status> {
+        let timing = timing(&request);
         let job_id = request.into_inner().job_id;
-        self.observe("GetJob", async {
+        self.serve("GetJob", timing, move |b, deadline| async move {
             let id = positive_id("job_id", job_id)?;
-            let row = self
-                .db
-                .get_job(id)
-                .await?
-                .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+            let row =
+                b.db.get_job(id, deadline)
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
             Ok(GetJobReply {
                 job: Some(Job {
                     id: row.id,
@@ -165,7 +218,7 @@ impl Backend for BackendService {
                     created_at_ms: row.created_at_ms,
                     updated_at_ms: row.updated_at_ms,
                 }),
-                served_by: self.instance_id.to_string(),
+                served_by: b.instance_id.to_string(),
             })
         })
         .await

@@ -10,10 +10,12 @@
 //! at most `service_b.shutdown_grace`.
 
 pub mod db;
+pub mod deadline;
 pub mod grpc;
 pub mod metrics;
 pub mod recycle;
 pub mod registry;
+pub mod worker;
 
 use std::{
     net::SocketAddr,
@@ -87,8 +89,6 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     // pretend they took effect.
     let f = &config.faults;
     for (switch, value) in [
-        ("worker", format!("{:?}", f.worker)),
-        ("deadline", format!("{:?}", f.deadline)),
         ("http_client", format!("{:?}", f.http_client)),
         ("rows", format!("{:?}", f.rows)),
     ] {
@@ -101,6 +101,8 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let registry = lab_common::metrics::registry()?;
     let metrics = Metrics::register(&registry)?;
     let registry_metrics = RegistryMetrics::register(&registry)?;
+    let worker_metrics = worker::WorkerMetrics::register(&registry)?;
+    let deadline_metrics = deadline::DeadlineMetrics::register(&registry)?;
 
     let db_slot: Arc<OnceLock<Db>> = Arc::new(OnceLock::new());
     let serving = Arc::new(AtomicBool::new(false));
@@ -163,13 +165,18 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let backend = BackendService {
+    let backend = BackendService::new(
         db,
-        instance_id: instance_id.clone(),
-        max_payload_bytes: config.service_b.max_payload_bytes,
-        handler_latency: config.service_b.handler_latency,
+        instance_id.clone(),
+        config.service_b.max_payload_bytes,
+        config.service_b.handler_latency,
+        deadline::DeadlinePolicy::new(
+            config.faults.deadline,
+            config.service_b.max_concurrent_requests as usize,
+            deadline_metrics,
+        ),
         metrics,
-    };
+    );
 
     let grpc_addr = &config.service_b.listen;
     let listener = TcpListener::bind(grpc_addr)
@@ -201,7 +208,16 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         let stop_serving = stop_serving.clone();
         async move { stop_serving.cancelled().await }
     };
+    // Stamp each request's arrival before its handler task is scheduled, so
+    // time spent waiting for a starved runtime is measured too.
+    let stamp_arrival = tower::util::MapRequestLayer::new(|mut request: http::Request<_>| {
+        request
+            .extensions_mut()
+            .insert(deadline::Arrived(tokio::time::Instant::now()));
+        request
+    });
     let serve = server
+        .layer(stamp_arrival)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -219,12 +235,26 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         registry_metrics,
         stop_registration.clone(),
     ));
+    let stop_worker = CancellationToken::new();
+    if config.worker.enabled {
+        tokio::spawn(worker::run(
+            config.faults.worker,
+            config.worker.clone(),
+            db_slot.get().cloned().context("database connected above")?,
+            instance_id.clone(),
+            worker_metrics,
+            stop_worker.clone(),
+        ));
+    }
     let drain_period = config.service_b.drain_period;
     let sequence = {
         let shutdown = shutdown.clone();
         let stop_serving = stop_serving.clone();
         async move {
             shutdown.cancelled().await;
+            // No new jobs from now on; claimed ones still running are
+            // reclaimed by another B after the visibility timeout if cut.
+            stop_worker.cancel();
             health_reporter
                 .set_not_serving::<BackendServer<BackendService>>()
                 .await;

@@ -69,9 +69,22 @@ async fn http_and_grpc_contracts_hold() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no job_id in {body}"))?;
     let (status, _, body, _) = get_json(&format!("{a}/api/jobs/{job_id}")).await?;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["job"]["status"], "pending");
     assert_eq!(body["job"]["payload"], "hello");
     assert_eq!(body["served_by"], "b-1");
+    // B's worker picks it up and records the result.
+    let done = lab_tests::eventually(Duration::from_secs(10), "the job to be done", || async {
+        let (_, _, body, _) = get_json(&format!("{a}/api/jobs/{job_id}")).await.ok()?;
+        (body["job"]["status"] == "done").then_some(body)
+    })
+    .await?;
+    assert!(
+        done["job"]["result"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("digest "),
+        "{done}"
+    );
+    assert!(done["job"]["attempts"].as_u64().unwrap_or(0) >= 1, "{done}");
 
     // Oversized payload (B's limit is 100 bytes here) → 400 naming the limit;
     // a body over A's own limit → 413; malformed JSON → 400.

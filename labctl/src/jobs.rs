@@ -1,0 +1,119 @@
+//! `labctl jobs`: a steady job producer that inserts rows straight into the
+//! `jobs` table — the inflow the worker of cause 2 consumes. With
+//! `--poison-ratio` some rows carry a payload that is not valid UTF-8: the
+//! worker cannot decode it and must dead-letter it, not retry it forever.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use serde::Serialize;
+use sqlx::{MySql, QueryBuilder, mysql::MySqlPoolOptions};
+use tokio::time::Instant;
+
+/// What to insert.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// `mysql://…` of the lab's database.
+    pub mysql_url: String,
+    /// Jobs per second.
+    pub rate: f64,
+    /// How long to produce.
+    pub duration: Duration,
+    /// Fraction (0–1) of rows with an undecodable payload.
+    pub poison_ratio: f64,
+    /// Size of a good payload.
+    pub payload_bytes: usize,
+    pub seed: u64,
+}
+
+/// What was inserted.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct JobReport {
+    pub inserted: u64,
+    pub poison: u64,
+}
+
+/// A good payload: printable text of `len` bytes, different per job.
+fn payload(rng: &mut SmallRng, len: usize) -> Vec<u8> {
+    let mut text = format!("{{\"job\":{},\"data\":\"", rng.random::<u32>()).into_bytes();
+    while text.len() + 2 < len.max(16) {
+        text.push(b'a' + rng.random_range(0..26u8));
+    }
+    text.extend_from_slice(b"\"}");
+    text
+}
+
+/// A poison payload: bytes that are not UTF-8.
+fn poison(rng: &mut SmallRng) -> Vec<u8> {
+    vec![0xff, 0xfe, 0xfd, rng.random::<u8>() | 0x80, 0x00]
+}
+
+/// Inserts jobs at `rate` for `duration` (open loop, in small batches).
+pub async fn produce(spec: &JobSpec) -> anyhow::Result<JobReport> {
+    if !(spec.rate > 0.0 && spec.rate.is_finite()) {
+        bail!("--rate must be a positive number, got {}", spec.rate);
+    }
+    if !(0.0..=1.0).contains(&spec.poison_ratio) {
+        bail!(
+            "--poison-ratio must be between 0 and 1, got {}",
+            spec.poison_ratio
+        );
+    }
+    let pool = MySqlPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&spec.mysql_url)
+        .await
+        .with_context(|| format!("connecting to {}", spec.mysql_url))?;
+    let mut rng = SmallRng::seed_from_u64(spec.seed);
+    let mut report = JobReport::default();
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let elapsed = start.elapsed().min(spec.duration);
+        let due = (elapsed.as_secs_f64() * spec.rate).floor() as u64;
+        let batch = due.saturating_sub(report.inserted);
+        if batch > 0 {
+            let mut insert: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO jobs (payload) ");
+            let mut poisoned = 0;
+            insert.push_values(0..batch, |mut row, _| {
+                let bytes = if rng.random::<f64>() < spec.poison_ratio {
+                    poisoned += 1;
+                    poison(&mut rng)
+                } else {
+                    payload(&mut rng, spec.payload_bytes)
+                };
+                row.push_bind(bytes);
+            });
+            insert
+                .build()
+                .execute(&pool)
+                .await
+                .context("inserting jobs")?;
+            report.inserted += batch;
+            report.poison += poisoned;
+        }
+        if elapsed >= spec.duration {
+            break;
+        }
+    }
+    pool.close().await;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_payloads_are_utf8_of_the_asked_size_and_poison_is_not() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let good = payload(&mut rng, 1024);
+        assert_eq!(good.len(), 1024);
+        assert!(std::str::from_utf8(&good).is_ok());
+        assert!(std::str::from_utf8(&poison(&mut rng)).is_err());
+    }
+}

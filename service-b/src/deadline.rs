@@ -1,0 +1,267 @@
+//! Cause 3 — whether B honours its caller's deadline (`faults.deadline`),
+//! both forms side by side.
+//!
+//! tonic already enforces the caller's `grpc-timeout` on the handler future:
+//! when it passes, tonic drops the future and answers CANCELLED. What it
+//! cannot stop is work the handler *detached* — a spawned task runs on.
+//!
+//! * `ignore` (the incident): the handler does its work in a detached task,
+//!   as the Go service did in a goroutine with a background context. The
+//!   caller gives up at its deadline; B keeps working, nothing is shed, and
+//!   requests queue behind each other on a starved runtime. Work finishing
+//!   after the caller's deadline is counted in `lab_work_after_deadline_total`.
+//! * `propagate` (the fix): the work stays in the handler future, so it
+//!   stops when the deadline passes; at most `max_concurrent_requests` run
+//!   at once and the excess is shed at once with RESOURCE_EXHAUSTED (A
+//!   answers 503); a request whose deadline already passed while it waited
+//!   is skipped; and the remaining budget bounds every downstream call.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use tokio::{sync::Semaphore, time::Instant};
+use tonic::{Status, metadata::MetadataMap};
+
+use lab_common::config::DeadlineMode;
+
+/// When the request reached B's connection (stamped by a server layer
+/// before the handler task is scheduled, so runtime queueing shows).
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub Instant);
+
+/// Deadline metrics.
+#[derive(Clone)]
+pub struct DeadlineMetrics {
+    work_after_deadline: IntCounter,
+    queue: Histogram,
+    refused: IntCounterVec,
+}
+
+impl DeadlineMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let work_after_deadline = IntCounter::with_opts(Opts::new(
+            "lab_work_after_deadline_total",
+            "Requests still being worked on after their caller's deadline passed.",
+        ))?;
+        let queue = Histogram::with_opts(
+            HistogramOpts::new(
+                "lab_request_queue_seconds",
+                "Time from a request reaching B to its work starting.",
+            )
+            .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "lab_requests_refused_total",
+                "Requests not worked on: shed (over max_concurrent_requests) or stale (deadline passed while queued).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(work_after_deadline.clone()))?;
+        registry.register(Box::new(queue.clone()))?;
+        registry.register(Box::new(refused.clone()))?;
+        Ok(Self {
+            work_after_deadline,
+            queue,
+            refused,
+        })
+    }
+}
+
+/// The caller's deadline: arrival + `grpc-timeout` (gRPC over HTTP/2 spec:
+/// up to 8 digits and a unit H, M, S, m, u or n).
+pub fn caller_deadline(arrived: Instant, metadata: &MetadataMap) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    arrived.checked_add(timeout)
+}
+
+/// Runs request work under the configured deadline policy.
+#[derive(Clone)]
+pub struct DeadlinePolicy {
+    mode: DeadlineMode,
+    limiter: Arc<Semaphore>,
+    max_concurrent: usize,
+    metrics: DeadlineMetrics,
+}
+
+impl DeadlinePolicy {
+    pub fn new(mode: DeadlineMode, max_concurrent: usize, metrics: DeadlineMetrics) -> Self {
+        Self {
+            mode,
+            limiter: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+            metrics,
+        }
+    }
+
+    /// Runs `work`. It receives the deadline to honour downstream (`None`
+    /// under `ignore`, which forwards nothing).
+    pub async fn run<T, F, Fut>(
+        &self,
+        arrived: Instant,
+        deadline: Option<Instant>,
+        work: F,
+    ) -> Result<T, Status>
+    where
+        F: FnOnce(Option<Instant>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let metrics = self.metrics.clone();
+        match self.mode {
+            DeadlineMode::Ignore => {
+                // Detached: dropping this handler (caller gone, deadline
+                // passed) does not stop the task.
+                let task = tokio::spawn(async move {
+                    metrics.queue.observe(arrived.elapsed().as_secs_f64());
+                    let result = work(None).await;
+                    if deadline.is_some_and(|d| Instant::now() > d) {
+                        metrics.work_after_deadline.inc();
+                    }
+                    result
+                });
+                task.await
+                    .map_err(|e| Status::internal(format!("request task failed: {e}")))?
+            }
+            DeadlineMode::Propagate => {
+                let Ok(_permit) = self.limiter.try_acquire() else {
+                    metrics.refused.with_label_values(&["shed"]).inc();
+                    return Err(Status::resource_exhausted(format!(
+                        "B is working on {} requests (service_b.max_concurrent_requests); shedding",
+                        self.max_concurrent
+                    )));
+                };
+                metrics.queue.observe(arrived.elapsed().as_secs_f64());
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    metrics.refused.with_label_values(&["stale"]).inc();
+                    return Err(Status::deadline_exceeded(
+                        "the caller's deadline passed before work started; skipped",
+                    ));
+                }
+                let result = work(deadline).await;
+                if deadline.is_some_and(|d| Instant::now() > d) {
+                    metrics.work_after_deadline.inc();
+                }
+                result
+            }
+        }
+    }
+}
+
+/// What is left of `deadline`, capped at `cap` (no deadline: `cap`).
+pub fn remaining(deadline: Option<Instant>, cap: Duration) -> Duration {
+    match deadline {
+        Some(d) => d.saturating_duration_since(Instant::now()).min(cap),
+        None => cap,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(timeout: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", timeout.parse().expect("ascii"));
+        m
+    }
+
+    #[test]
+    fn grpc_timeout_units_parse() {
+        let now = Instant::now();
+        assert_eq!(
+            caller_deadline(now, &metadata("5S")),
+            Some(now + Duration::from_secs(5))
+        );
+        assert_eq!(
+            caller_deadline(now, &metadata("250m")),
+            Some(now + Duration::from_millis(250))
+        );
+        assert_eq!(
+            caller_deadline(now, &metadata("2M")),
+            Some(now + Duration::from_secs(120))
+        );
+        assert_eq!(
+            caller_deadline(now, &metadata("123456789S")),
+            None,
+            "at most 8 digits"
+        );
+        assert_eq!(caller_deadline(now, &metadata("5x")), None);
+        assert_eq!(caller_deadline(now, &MetadataMap::new()), None);
+    }
+
+    fn policy(mode: DeadlineMode, max: usize) -> (DeadlinePolicy, DeadlineMetrics) {
+        let metrics = DeadlineMetrics::register(&Registry::new()).expect("metrics");
+        (DeadlinePolicy::new(mode, max, metrics.clone()), metrics)
+    }
+
+    #[tokio::test]
+    async fn ignore_keeps_working_after_the_caller_gave_up() {
+        let (policy, metrics) = policy(DeadlineMode::Ignore, 1);
+        let now = Instant::now();
+        let deadline = Some(now + Duration::from_millis(20));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let call = policy.run(now, deadline, move |_| async move {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let _ = tx.send(());
+            Ok(())
+        });
+        // The caller gives up at its deadline: the handler future is dropped…
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), call)
+                .await
+                .is_err()
+        );
+        // …but the detached work finishes anyway, late.
+        rx.await.expect("work ran to the end");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(metrics.work_after_deadline.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn propagate_sheds_the_excess_and_skips_stale_work() {
+        let (policy, metrics) = policy(DeadlineMode::Propagate, 1);
+        let now = Instant::now();
+        let slow = {
+            let policy = policy.clone();
+            tokio::spawn(async move {
+                policy
+                    .run(now, None, |_| async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let shed = policy.run(Instant::now(), None, |_| async { Ok(()) }).await;
+        assert_eq!(
+            shed.expect_err("shed").code(),
+            tonic::Code::ResourceExhausted
+        );
+        slow.await.expect("join").expect("first request ran");
+
+        let stale = policy
+            .run(now, Some(now), |_| async { Ok(()) })
+            .await
+            .expect_err("skipped");
+        assert_eq!(stale.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(metrics.refused.with_label_values(&["shed"]).get(), 1);
+        assert_eq!(metrics.refused.with_label_values(&["stale"]).get(), 1);
+        assert_eq!(metrics.work_after_deadline.get(), 0);
+    }
+}

@@ -1,0 +1,446 @@
+//! Cause 2 — the job worker over MySQL rows (`faults.worker`), its three
+//! forms side by side.
+//!
+//! * [`unbounded`] — the incident's loop, translated faithfully: every tick,
+//!   read a batch of pending rows (without claiming them) and spawn one task
+//!   per row, no limit. The handler's CPU work runs inline on the runtime
+//!   threads, as goroutines ran on the Go scheduler, so it competes with
+//!   request serving. When a tick's work takes longer than a tick, the same
+//!   still-pending rows are read and started again: tasks pile up, the
+//!   runtime starves, everything slows further — the feedback loop.
+//! * [`capped`] — the team's patch: skip the tick and sleep 3 s while more
+//!   than `cap` tasks run. It still spawns a whole batch after the check (so
+//!   the count overshoots by up to a batch) and still re-reads rows in
+//!   flight (so jobs still run twice).
+//! * [`bounded`] — the fix: a fixed pool; each tick claims only as many rows
+//!   as there are free slots, atomically (`FOR UPDATE SKIP LOCKED`, then
+//!   marked running), so no two Bs ever hold the same job; a claim older
+//!   than the visibility timeout is taken back (a crashed B loses nothing);
+//!   per-job timeout; bounded retries; an undecodable payload is
+//!   dead-lettered at once. Its CPU work runs on a small pool of
+//!   low-priority threads, so request serving keeps the CPU it needs.
+
+use std::{
+    collections::HashSet,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lab_common::config::{WorkerConfig, WorkerMode};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{Db, JobTask};
+
+/// Worker metrics (DESIGN.md §5).
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub tasks_alive: IntGauge,
+    pub tasks_spawned: IntCounter,
+    pub jobs: IntCounterVec,
+    pub duplicates: IntCounter,
+    pub job_lag: HistogramVec,
+}
+
+impl WorkerMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let tasks_alive = IntGauge::with_opts(Opts::new(
+            "lab_worker_tasks_alive",
+            "Job tasks currently alive in this B.",
+        ))?;
+        let tasks_spawned = IntCounter::with_opts(Opts::new(
+            "lab_worker_tasks_spawned_total",
+            "Job tasks started.",
+        ))?;
+        let jobs = IntCounterVec::new(
+            Opts::new(
+                "lab_jobs_total",
+                "Job attempts finished, by outcome (done, retry, failed, dead, timeout, lost).",
+            ),
+            &["outcome"],
+        )?;
+        let duplicates = IntCounter::with_opts(Opts::new(
+            "lab_jobs_duplicate_total",
+            "Job attempts started while another attempt of the same job was still running here.",
+        ))?;
+        let job_lag = HistogramVec::new(
+            HistogramOpts::new(
+                "lab_job_lag_seconds",
+                "Time from a job's creation to an attempt picking it up.",
+            )
+            .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
+            &["mode"],
+        )?;
+        registry.register(Box::new(tasks_alive.clone()))?;
+        registry.register(Box::new(tasks_spawned.clone()))?;
+        registry.register(Box::new(jobs.clone()))?;
+        registry.register(Box::new(duplicates.clone()))?;
+        registry.register(Box::new(job_lag.clone()))?;
+        Ok(Self {
+            tasks_alive,
+            tasks_spawned,
+            jobs,
+            duplicates,
+            job_lag,
+        })
+    }
+}
+
+/// What every job task shares.
+struct Shared {
+    db: Db,
+    instance: Arc<str>,
+    config: WorkerConfig,
+    metrics: WorkerMetrics,
+    /// Job ids with an attempt running in this process (duplicate detection).
+    running: Mutex<HashSet<i64>>,
+    /// Tasks alive, as the `capped` patch counts them.
+    alive: AtomicU64,
+    /// Low-priority threads for `bounded`'s CPU work.
+    cpu_pool: Option<rayon::ThreadPool>,
+}
+
+/// Keeps the alive counts and the running set true however a task ends.
+struct TaskGuard {
+    shared: Arc<Shared>,
+    job: i64,
+    duplicate: bool,
+}
+
+impl TaskGuard {
+    fn start(shared: &Arc<Shared>, job: i64) -> Self {
+        shared.alive.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.tasks_alive.inc();
+        shared.metrics.tasks_spawned.inc();
+        let duplicate = match shared.running.lock() {
+            Ok(mut running) => !running.insert(job),
+            Err(_) => false,
+        };
+        if duplicate {
+            shared.metrics.duplicates.inc();
+        }
+        Self {
+            shared: shared.clone(),
+            job,
+            duplicate,
+        }
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.shared.alive.fetch_sub(1, Ordering::Relaxed);
+        self.shared.metrics.tasks_alive.dec();
+        if !self.duplicate
+            && let Ok(mut running) = self.shared.running.lock()
+        {
+            running.remove(&self.job);
+        }
+    }
+}
+
+/// Runs the configured worker until `shutdown`.
+pub async fn run(
+    mode: WorkerMode,
+    config: WorkerConfig,
+    db: Db,
+    instance: Arc<str>,
+    metrics: WorkerMetrics,
+    shutdown: CancellationToken,
+) {
+    let cpu_pool = (mode == WorkerMode::Bounded)
+        .then(|| low_priority_pool(&config))
+        .flatten();
+    let shared = Arc::new(Shared {
+        db,
+        instance,
+        config,
+        metrics,
+        running: Mutex::new(HashSet::new()),
+        alive: AtomicU64::new(0),
+        cpu_pool,
+    });
+    tracing::info!(?mode, "job worker started");
+    match mode {
+        WorkerMode::Unbounded => unbounded(shared, shutdown).await,
+        WorkerMode::Capped => capped(shared, shutdown).await,
+        WorkerMode::Bounded => bounded(shared, shutdown).await,
+    }
+}
+
+/// Sleeps `d` unless shutdown comes first; false on shutdown.
+async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+/// The incident: fetch a batch every tick, one task per row, no limit.
+async fn unbounded(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        match shared.db.fetch_pending(shared.config.batch).await {
+            Ok(rows) => {
+                for row in rows {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { attempt_unclaimed(shared, row, "unbounded").await });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "fetching pending jobs failed"),
+        }
+        if !pause(shared.config.tick, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// The team's patch: the same loop, skipped while more than `cap` run.
+async fn capped(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let running = shared.alive.load(Ordering::Relaxed);
+        if running > u64::from(shared.config.cap) {
+            // "if more than 200 running, sleep 3 s" — and then fetch a whole
+            // batch again, whatever the count is by then.
+            if !pause(shared.config.cap_sleep, &shutdown).await {
+                return;
+            }
+            continue;
+        }
+        match shared.db.fetch_pending(shared.config.batch).await {
+            Ok(rows) => {
+                for row in rows {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { attempt_unclaimed(shared, row, "capped").await });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "fetching pending jobs failed"),
+        }
+        if !pause(shared.config.tick, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// One attempt of an unclaimed row (`unbounded` / `capped`): CPU inline on
+/// the runtime, no timeout, the row written at the end.
+async fn attempt_unclaimed(shared: Arc<Shared>, row: JobTask, mode: &'static str) {
+    let _guard = TaskGuard::start(&shared, row.id);
+    shared
+        .metrics
+        .job_lag
+        .with_label_values(&[mode])
+        .observe(row.age_us.max(0) as f64 / 1e6);
+    if let Err(e) = shared.db.start_attempt(row.id, &shared.instance).await {
+        tracing::warn!(job = row.id, error = %e, "recording the attempt failed");
+    }
+    let outcome = handle(&shared, &row.payload, Cpu::Inline).await;
+    record(&shared, row.id, None, outcome).await;
+}
+
+/// The fix: a fixed pool fed by atomic claims, only as many as fit.
+async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(shared.config.pool_size as usize));
+    loop {
+        // Backpressure: wait for a free slot before reading anything.
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let free = 1 + slots.available_permits() as u32;
+        let jobs = match shared
+            .db
+            .claim(free, &shared.instance, shared.config.visibility_timeout)
+            .await
+        {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming jobs failed");
+                Vec::new()
+            }
+        };
+        if jobs.is_empty() {
+            drop(first);
+            if !pause(shared.config.tick, &shutdown).await {
+                return;
+            }
+            continue;
+        }
+        let mut first = Some(first);
+        for job in jobs {
+            let permit = match first.take() {
+                Some(p) => p,
+                None => match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    // Cannot happen: we claimed no more than were free.
+                    Err(_) => break,
+                },
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _slot = permit;
+                attempt_claimed(shared, job).await;
+            });
+        }
+    }
+}
+
+/// One attempt of a claimed job (`bounded`): time-limited, fenced by the
+/// attempt number, retried or failed on error.
+async fn attempt_claimed(shared: Arc<Shared>, job: JobTask) {
+    let _guard = TaskGuard::start(&shared, job.id);
+    shared
+        .metrics
+        .job_lag
+        .with_label_values(&["bounded"])
+        .observe(job.age_us.max(0) as f64 / 1e6);
+    let outcome = match tokio::time::timeout(
+        shared.config.job_timeout,
+        handle(&shared, &job.payload, Cpu::Pool),
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::Failed(format!(
+            "timed out after {:?} (worker.job_timeout)",
+            shared.config.job_timeout
+        )),
+    };
+    let outcome = match outcome {
+        Outcome::Failed(reason) if job.attempts < shared.config.max_attempts => {
+            Outcome::Retry(reason)
+        }
+        other => other,
+    };
+    record(&shared, job.id, Some(job.attempts), outcome).await;
+}
+
+/// What one attempt came to.
+#[derive(Debug)]
+enum Outcome {
+    Done(String),
+    /// Failed; may be retried.
+    Failed(String),
+    /// Failed, to be retried (bounded only).
+    Retry(String),
+    /// The payload cannot be decoded: never retried.
+    Dead(String),
+}
+
+async fn record(shared: &Shared, id: i64, fence: Option<u32>, outcome: Outcome) {
+    let (status, label, result, error) = match &outcome {
+        Outcome::Done(r) => ("done", "done", Some(r.as_str()), None),
+        Outcome::Retry(e) => ("pending", "retry", None, Some(e.as_str())),
+        Outcome::Failed(e) => ("failed", "failed", None, Some(e.as_str())),
+        Outcome::Dead(e) => ("dead", "dead", None, Some(e.as_str())),
+    };
+    match shared.db.finish_job(id, fence, status, result, error).await {
+        Ok(true) => shared.metrics.jobs.with_label_values(&[label]).inc(),
+        Ok(false) => {
+            // Our claim was taken back (we were too slow); the new owner decides.
+            shared.metrics.jobs.with_label_values(&["lost"]).inc();
+        }
+        Err(e) => tracing::warn!(job = id, error = %e, "writing the job outcome failed"),
+    }
+}
+
+/// Where the handler's CPU work runs.
+#[derive(Debug, Clone, Copy)]
+enum Cpu {
+    /// On the async runtime's own threads (the incident's behaviour).
+    Inline,
+    /// On the worker's low-priority thread pool.
+    Pool,
+}
+
+/// The job handler: decode, CPU work proportional to the payload, an
+/// awaited I/O step, then the outcome (the caller writes the row).
+async fn handle(shared: &Shared, payload: &[u8], cpu: Cpu) -> Outcome {
+    let text = match std::str::from_utf8(payload) {
+        Ok(text) => text.to_owned(),
+        Err(e) => return Outcome::Dead(format!("payload is not valid UTF-8: {e}")),
+    };
+    let budget = shared
+        .config
+        .cpu_per_kib
+        .mul_f64(text.len() as f64 / 1024.0);
+    let digest = match (cpu, &shared.cpu_pool) {
+        (Cpu::Pool, Some(pool)) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            pool.spawn(move || {
+                let _ = tx.send(burn_cpu(text.as_bytes(), budget));
+            });
+            match rx.await {
+                Ok(d) => d,
+                Err(_) => return Outcome::Failed("CPU pool dropped the job".into()),
+            }
+        }
+        _ => burn_cpu(text.as_bytes(), budget),
+    };
+    tokio::time::sleep(shared.config.io_latency).await;
+    Outcome::Done(format!("digest {digest:016x}"))
+}
+
+/// Real CPU work — repeated hashing of the payload — for `budget` of time.
+pub fn burn_cpu(data: &[u8], budget: Duration) -> u64 {
+    let started = Instant::now();
+    let mut hasher = DefaultHasher::new();
+    loop {
+        data.hash(&mut hasher);
+        let digest = hasher.finish();
+        if started.elapsed() >= budget {
+            return digest;
+        }
+        digest.hash(&mut hasher);
+    }
+}
+
+/// A pool of low-priority (nice 10) threads, at most one per core, for the
+/// bounded worker's CPU work: the OS then gives request-serving threads the
+/// CPU first. `None` (CPU work inline) if the pool cannot be built.
+fn low_priority_pool(config: &WorkerConfig) -> Option<rayon::ThreadPool> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (config.pool_size as usize).min(cores).max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("job-cpu-{i}"))
+        .start_handler(|_| lower_thread_priority(10))
+        .build()
+        .map_err(|e| tracing::warn!(error = %e, "no CPU pool; job CPU work runs inline"))
+        .ok()
+}
+
+/// Raises the calling thread's nice value (Linux: per thread).
+fn lower_thread_priority(nice: i32) {
+    // SAFETY: setpriority only reads its integer arguments; `who = 0` is
+    // the calling thread on Linux.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::debug!("could not lower the CPU pool's priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burn_cpu_takes_its_budget_and_depends_on_the_data() {
+        let started = Instant::now();
+        let a = burn_cpu(b"abc", Duration::from_millis(20));
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        let b = burn_cpu(b"abd", Duration::ZERO);
+        let c = burn_cpu(b"abd", Duration::ZERO);
+        assert_eq!(b, c);
+        assert_ne!(a, 0);
+    }
+}
