@@ -484,16 +484,7 @@ impl Stack {
     /// free ones when the stack was started with `--ports auto`.
     fn ports_for_backend(&self, index: usize) -> anyhow::Result<(u16, u16)> {
         if self.state.auto_ports {
-            let pick = || -> anyhow::Result<u16> {
-                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .port())
-            };
-            let (a, b) = (pick()?, pick()?);
-            if a != b {
-                return Ok((a, b));
-            }
-            return Ok((a, pick()?));
+            return Ports::free_pair();
         }
         let base = Ports::plan(&self.config, index, PortPolicy::Configured)?;
         base.b

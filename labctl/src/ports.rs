@@ -94,11 +94,25 @@ impl Ports {
     }
 
     fn auto(backends: usize) -> anyhow::Result<Ports> {
-        // Hold every listener until all are picked so no port is handed out twice.
+        // Hold every listener until all are picked so no port is handed out
+        // twice. Ports come from below the kernel's ephemeral range: a port
+        // the kernel handed out (bind to :0) can be taken as the source port
+        // of some outgoing connection before the service binds it.
         let count = 8 + 2 * backends;
-        let listeners = (0..count)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let (low, high) = unreserved_range();
+        let mut rng = rand::rng();
+        let mut listeners = Vec::with_capacity(count);
+        let mut tries = 0;
+        while listeners.len() < count {
+            tries += 1;
+            if tries > 10_000 {
+                bail!("no free loopback ports between {low} and {high}");
+            }
+            let port = rand::Rng::random_range(&mut rng, low..high);
+            if let Ok(l) = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))) {
+                listeners.push(l);
+            }
+        }
         let mut ports = listeners
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
@@ -118,6 +132,12 @@ impl Ports {
                 .map(|_| Ok((next()?, next()?)))
                 .collect::<anyhow::Result<Vec<_>>>()?,
         })
+    }
+
+    /// Two free ports for one more B (gRPC, admin), picked like `--ports auto`.
+    pub fn free_pair() -> anyhow::Result<(u16, u16)> {
+        let extra = Self::auto(1)?;
+        extra.b.first().copied().context("no port pair")
     }
 
     /// Every (port, owner) pair.
@@ -156,6 +176,21 @@ impl Ports {
             );
         }
         Ok(())
+    }
+}
+
+/// A port range the kernel does not hand out as ephemeral source ports:
+/// from 20000 up to the start of `ip_local_port_range` (Linux).
+fn unreserved_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 21_000 {
+        (20_000, ephemeral_low)
+    } else {
+        // An unusual ephemeral range: use the space above it instead.
+        (61_000, 65_000)
     }
 }
 

@@ -28,6 +28,9 @@ pub struct AppState {
     pub metrics: Metrics,
 }
 
+/// How close to A's deadline a CANCELLED from B counts as the deadline.
+const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Whether a call may safely be sent twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
@@ -204,11 +207,25 @@ where
             }
             Ok(Err(status)) => {
                 let served_by = metadata_served_by(status.metadata());
-                (
-                    served_by.clone(),
-                    status.code(),
-                    Err(ApiError::from_status(&status, served_by)),
-                )
+                // tonic's server answers CANCELLED when the grpc-timeout A
+                // sent runs out: at A's deadline that is a deadline, not an
+                // outage.
+                let code = match status.code() {
+                    tonic::Code::Cancelled if started.elapsed() + DEADLINE_SLACK >= deadline => {
+                        tonic::Code::DeadlineExceeded
+                    }
+                    code => code,
+                };
+                let error = if code == tonic::Code::DeadlineExceeded {
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "deadline_exceeded",
+                        format!("B did not answer within {deadline:?}: {}", status.message()),
+                    )
+                } else {
+                    ApiError::from_status(&status, served_by.clone())
+                };
+                (served_by, code, Err(error))
             }
         };
         state

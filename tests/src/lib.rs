@@ -85,6 +85,31 @@ where
 }
 
 impl TestLab {
+    /// A connection pool to the lab's database (to check job rows).
+    pub async fn db(&self) -> anyhow::Result<sqlx::MySqlPool> {
+        Ok(sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.stack.config.mysql.url)
+            .await?)
+    }
+
+    /// Inserts `count` jobs at once (`poison` of them undecodable).
+    pub async fn insert_jobs(
+        &self,
+        count: u64,
+        poison: f64,
+    ) -> anyhow::Result<labctl::jobs::JobReport> {
+        let spec = labctl::jobs::JobSpec {
+            mysql_url: self.stack.config.mysql.url.clone(),
+            rate: count as f64 * 10.0,
+            duration: Duration::from_millis(100),
+            poison_ratio: poison,
+            payload_bytes: 1024,
+            seed: 7,
+        };
+        labctl::jobs::produce(&spec).await
+    }
+
     /// One metric of a named service, summed over matching samples.
     pub async fn metric(&self, name: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let text = self.metrics(name).await.ok()?;
