@@ -1,0 +1,94 @@
+//! The incident's cascade, end to end: under the same steady job inflow,
+//! the unbounded worker with ignored deadlines drives A's p99 for
+//! `GET /api/items/{rand}` past A's deadline; the bounded worker with
+//! propagated deadlines keeps it within 3× the unloaded p99.
+//!
+//! One test, two stacks one after the other, alone in its test binary so no
+//! other test competes for the two cores while it measures.
+
+use std::time::Duration;
+
+use lab_tests::TestLab;
+use labctl::{
+    jobs::{JobSpec, produce},
+    load::{LoadReport, LoadSpec, run},
+};
+
+const DEADLINE_MS: f64 = 1000.0;
+
+fn requests(url: String, duration: Duration) -> LoadSpec {
+    let mut spec = LoadSpec::new(url, "/api/items/{rand}");
+    spec.rps = Some(100.0);
+    spec.duration = Some(duration);
+    spec.concurrency = 16;
+    spec
+}
+
+/// (unloaded p99, p99 under job inflow) for one pair of switches.
+async fn scenario(
+    worker: &'static str,
+    deadline: &'static str,
+) -> anyhow::Result<(LoadReport, LoadReport)> {
+    let lab = TestLab::start(
+        1,
+        &[
+            worker,
+            deadline,
+            "service_a.backend_timeout=1s",
+            "worker.tick=500ms",
+            "worker.io_latency=1s",
+            "worker.cpu_per_kib=20ms",
+        ],
+    )
+    .await?;
+    let unloaded = run(&requests(lab.a_url(), Duration::from_secs(5)), None).await?;
+    let inflow = JobSpec {
+        mysql_url: lab.stack.config.mysql.url.clone(),
+        rate: 100.0,
+        duration: Duration::from_secs(16),
+        poison_ratio: 0.0,
+        payload_bytes: 1024,
+        seed: 3,
+    };
+    let producer = tokio::spawn(async move { produce(&inflow).await });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let loaded = run(&requests(lab.a_url(), Duration::from_secs(8)), None).await?;
+    producer.await??;
+    Ok((unloaded, loaded))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_workers_push_requests_past_the_deadline_and_the_fix_holds() -> anyhow::Result<()>
+{
+    let (base, buggy) = scenario("faults.worker=unbounded", "faults.deadline=ignore").await?;
+    println!(
+        "buggy: unloaded p99 {:.2} ms → under inflow p99 {:.2} ms, {} of {} failed",
+        base.latency_ms.p99,
+        buggy.latency_ms.p99,
+        buggy.errors.values().sum::<u64>(),
+        buggy.requests
+    );
+    assert!(
+        buggy.latency_ms.p99 > DEADLINE_MS,
+        "p99 {} ms should pass A's deadline of {DEADLINE_MS} ms",
+        buggy.latency_ms.p99
+    );
+
+    let (base, fixed) = scenario("faults.worker=bounded", "faults.deadline=propagate").await?;
+    println!(
+        "fixed: unloaded p99 {:.2} ms → under inflow p99 {:.2} ms ({:.1}×), {} of {} failed",
+        base.latency_ms.p99,
+        fixed.latency_ms.p99,
+        fixed.latency_ms.p99 / base.latency_ms.p99,
+        fixed.errors.values().sum::<u64>(),
+        fixed.requests
+    );
+    assert!(
+        fixed.latency_ms.p99 <= 3.0 * base.latency_ms.p99,
+        "p99 {} ms should stay within 3× the unloaded {} ms",
+        fixed.latency_ms.p99,
+        base.latency_ms.p99
+    );
+    assert_eq!(fixed.ok, fixed.requests, "no request failed: {fixed:?}");
+    Ok(())
+}
