@@ -241,3 +241,39 @@ async fn a_crashed_backends_claims_are_finished_by_the_other() -> anyhow::Result
     println!("crash: {reclaimed} jobs reclaimed by b-1 after the visibility timeout");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_pool_retries_a_timing_out_job_then_marks_it_failed() -> anyhow::Result<()> {
+    let lab = TestLab::start(
+        1,
+        &[
+            "faults.worker=bounded",
+            "worker.tick=100ms",
+            "worker.io_latency=1s",
+            "worker.job_timeout=200ms",
+            "worker.max_attempts=2",
+            "worker.cpu_per_kib=0s",
+        ],
+    )
+    .await?;
+    lab.insert_jobs(3, 0.0).await?;
+    let db = lab.db().await?;
+    drained(&db, Duration::from_secs(20)).await?;
+    let failed: Vec<(u32, Option<String>)> =
+        sqlx::query_as("SELECT attempts, last_error FROM jobs WHERE status = 'failed'")
+            .fetch_all(&db)
+            .await?;
+    assert_eq!(failed.len(), 3, "every job gave up: {failed:?}");
+    for (attempts, error) in &failed {
+        assert_eq!(*attempts, 2, "retried up to worker.max_attempts");
+        assert!(
+            error.as_deref().unwrap_or_default().contains("job_timeout"),
+            "{error:?}"
+        );
+    }
+    let retries = lab
+        .metric("service-b-1", "lab_jobs_total", &[("outcome", "retry")])
+        .await;
+    assert_eq!(retries, Some(3.0));
+    Ok(())
+}
