@@ -240,9 +240,9 @@ async fn main() -> ExitCode {
         } => match config::check_file(&file) {
             Ok(c) => {
                 println!(
-                    "{}: ok (mode {:?}, faults {})",
+                    "{}: ok (mode {}, faults {})",
                     file.display(),
-                    c.mode,
+                    json_str(&c.mode),
                     serde_json::to_string(&c.faults).unwrap_or_default()
                 );
                 Ok(())
@@ -323,9 +323,9 @@ async fn wait_for_stop(stack: &mut Stack) -> anyhow::Result<()> {
 fn print_table(stack: &Stack) {
     let f = &stack.state.faults;
     println!(
-        "lab is up in {:.1} s — mode {:?}; lb={} worker={} deadline={} http_client={} rows={}",
+        "lab is up in {:.1} s — mode {}; lb={} worker={} deadline={} http_client={} rows={}",
         stack.startup.as_secs_f64(),
-        stack.state.mode,
+        json_str(&stack.state.mode),
         json_str(&f.lb),
         json_str(&f.worker),
         json_str(&f.deadline),
@@ -348,7 +348,7 @@ fn print_table(stack: &Stack) {
             _ => address,
         };
         println!(
-            "{:<14} {:>7}  {:<34} {:<24} {}",
+            "{:<14} {:>7}  {:<38} {:<24} {}",
             s.name,
             s.pid,
             address,
@@ -384,8 +384,8 @@ fn status(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "mode {:?}; faults {}",
-        state.mode,
+        "mode {}; faults {}",
+        json_str(&state.mode),
         serde_json::to_string(&state.faults)?
     );
     println!("{:<14} {:>7}  {:<8} ADDRESS", "NAME", "PID", "STATE");
