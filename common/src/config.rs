@@ -900,6 +900,23 @@ fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), Con
             return Err(err(key, "\"0s\"".into(), "must be greater than zero"));
         }
     }
+    if c.worker.visibility_timeout <= c.worker.job_timeout {
+        return Err(err(
+            "worker.visibility_timeout",
+            format!(
+                "{:?}",
+                humantime::format_duration(c.worker.visibility_timeout).to_string()
+            ),
+            "must be longer than worker.job_timeout, or running jobs get reclaimed and run twice",
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.telemetry.log_filter) {
+        return Err(err(
+            "telemetry.log_filter",
+            format!("{:?}", c.telemetry.log_filter),
+            &format!("not a tracing filter: {e}"),
+        ));
+    }
     if c.mysql.pool_max == 0 {
         return Err(err("mysql.pool_max", "0".into(), "must be at least 1"));
     }

@@ -11,6 +11,9 @@ use serde::Serialize;
 use sqlx::{MySql, QueryBuilder, mysql::MySqlPoolOptions};
 use tokio::time::Instant;
 
+/// Rows per INSERT statement.
+const MAX_ROWS: u64 = 1000;
+
 /// What to insert.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -75,28 +78,41 @@ pub async fn produce(spec: &JobSpec) -> anyhow::Result<JobReport> {
         tick.tick().await;
         let elapsed = start.elapsed().min(spec.duration);
         let due = (elapsed.as_secs_f64() * spec.rate).floor() as u64;
-        let batch = due.saturating_sub(report.inserted);
+        // At most MAX_ROWS per INSERT: a backlog after a stall must not
+        // exceed MySQL's placeholder or packet limits.
+        let batch = due.saturating_sub(report.inserted).min(MAX_ROWS);
         if batch > 0 {
-            let mut insert: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO jobs (payload) ");
             let mut poisoned = 0;
-            insert.push_values(0..batch, |mut row, _| {
-                let bytes = if rng.random::<f64>() < spec.poison_ratio {
-                    poisoned += 1;
-                    poison(&mut rng)
-                } else {
-                    payload(&mut rng, spec.payload_bytes)
-                };
-                row.push_bind(bytes);
-            });
-            insert
-                .build()
-                .execute(&pool)
-                .await
-                .context("inserting jobs")?;
+            let rows: Vec<Vec<u8>> = (0..batch)
+                .map(|_| {
+                    if rng.random::<f64>() < spec.poison_ratio {
+                        poisoned += 1;
+                        poison(&mut rng)
+                    } else {
+                        payload(&mut rng, spec.payload_bytes)
+                    }
+                })
+                .collect();
+            // A deadlock with a worker's claim is InnoDB's "try again".
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let mut insert: QueryBuilder<MySql> =
+                    QueryBuilder::new("INSERT INTO jobs (payload) ");
+                insert.push_values(&rows, |mut row, bytes| {
+                    row.push_bind(bytes.as_slice());
+                });
+                match insert.build().execute(&pool).await {
+                    Ok(_) => break,
+                    Err(sqlx::Error::Database(e))
+                        if e.code().as_deref() == Some("40001") && tries < 5 => {}
+                    Err(e) => return Err(e).context("inserting jobs"),
+                }
+            }
             report.inserted += batch;
             report.poison += poisoned;
         }
-        if elapsed >= spec.duration {
+        if elapsed >= spec.duration && report.inserted >= due {
             break;
         }
     }

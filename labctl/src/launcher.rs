@@ -441,9 +441,14 @@ impl Stack {
             })
             .collect();
         // Forget Bs that died on their own.
+        let before = self.state.services.len();
         self.state
             .services
             .retain(|s| !s.name.starts_with("service-b-") || s.is_alive());
+        let pruned = self.state.services.len() != before;
+        if n == alive.len() && !pruned {
+            return Ok(changed);
+        }
         if n > alive.len() {
             let bins = Binaries::find(None)?;
             let client = probe::http_client();
@@ -572,7 +577,12 @@ impl Stack {
     }
 
     /// Stops every process (reverse start order) and removes `state.json`.
+    /// What another labctl added meanwhile (`scale`, an HAProxy restart) is
+    /// in the file, not in memory: both are stopped.
     pub async fn down(&mut self) -> anyhow::Result<()> {
+        if let Ok(Some(on_disk)) = LabState::load(&self.state.state_dir) {
+            stop_all(&on_disk).await;
+        }
         stop_all(&self.state).await;
         self.reap();
         self.stopped = true;
@@ -598,6 +608,18 @@ impl Drop for Stack {
             return;
         }
         // Best effort without an async runtime: TERM all, wait, KILL the rest.
+        let on_disk = LabState::load(&self.state.state_dir)
+            .ok()
+            .flatten()
+            .map(|s| s.services)
+            .unwrap_or_default();
+        for record in on_disk.iter().rev() {
+            let _ = procs::signal(
+                record.pid,
+                record.start_time,
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         for record in self.state.services.iter().rev() {
             let _ = procs::signal(
                 record.pid,

@@ -78,7 +78,7 @@ impl Ports {
                 let b = (0..backends)
                     .map(|i| Ok((offset(b_grpc, i)?, offset(b_admin, i)?)))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok(Ports {
+                let ports = Ports {
                     a_http: port_of("service_a.listen", &config.service_a.listen)?,
                     a_admin: port_of("service_a.admin_listen", &config.service_a.admin_listen)?,
                     b,
@@ -88,9 +88,25 @@ impl Ports {
                     etcd_client,
                     etcd_peer: offset(etcd_client, 1)?,
                     mysql: port_of("mysql.url", &config.mysql.url)?,
-                })
+                };
+                ports.ensure_distinct()?;
+                Ok(ports)
             }
         }
+    }
+
+    /// Two services on one port would fail at start: say which, up front.
+    fn ensure_distinct(&self) -> anyhow::Result<()> {
+        let mut seen: std::collections::BTreeMap<u16, String> = std::collections::BTreeMap::new();
+        for (port, owner) in self.all() {
+            if let Some(first) = seen.insert(port, owner.clone()) {
+                bail!(
+                    "port {port} would be used by both {first} and {owner}; \
+                     change the config or use `--ports auto`"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn auto(backends: usize) -> anyhow::Result<Ports> {
@@ -209,6 +225,14 @@ mod tests {
             (ports.slb_l4, ports.slb_l7, ports.slb_stats),
             (50050, 50060, 8404)
         );
+    }
+
+    #[test]
+    fn clashing_configured_ports_are_refused() {
+        // B number 10 would get 50051 + 9 = 50060, HAProxy's l7 port.
+        let err =
+            Ports::plan(&LabConfig::default(), 10, PortPolicy::Configured).expect_err("clash");
+        assert!(err.to_string().contains("50060"), "{err}");
     }
 
     #[test]

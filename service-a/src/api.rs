@@ -217,11 +217,14 @@ where
                     code => code,
                 };
                 let error = if code == tonic::Code::DeadlineExceeded {
-                    ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "deadline_exceeded",
-                        format!("B did not answer within {deadline:?}: {}", status.message()),
-                    )
+                    ApiError {
+                        served_by: served_by.clone(),
+                        ..ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "deadline_exceeded",
+                            format!("B did not answer within {deadline:?}: {}", status.message()),
+                        )
+                    }
                 } else {
                     ApiError::from_status(&status, served_by.clone())
                 };

@@ -220,6 +220,19 @@ async fn watch_once(
                 format!("watch canceled: {}", response.cancel_reason()),
             ));
         }
+        // An etcd behind our revision is a different store (restored or
+        // wiped): what we know may be gone, so read everything again.
+        if let (Some(header), Some(seen)) = (response.header(), *revision)
+            && header.revision() < seen
+        {
+            tracing::warn!(
+                etcd = header.revision(),
+                seen,
+                "etcd is behind the revision we saw; resyncing"
+            );
+            *revision = None;
+            return Ok(());
+        }
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             let Some(id) = view.id_of(kv.key()) else {
@@ -235,10 +248,10 @@ async fn watch_once(
                 },
                 EventType::Delete => view.remove(&id),
             }
+            // Resume point = the last event applied. (Not the header's
+            // revision: etcd may split a catch-up over several responses,
+            // each headed with the newest revision.)
             *revision = Some(kv.mod_revision().max(revision.unwrap_or(0)));
-        }
-        if let Some(header) = response.header() {
-            *revision = Some(header.revision().max(revision.unwrap_or(0)));
         }
     }
 }

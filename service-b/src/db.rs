@@ -99,7 +99,17 @@ impl Db {
         let deadline = tokio::time::Instant::now() + config.startup_timeout;
         let mut backoff = Duration::from_millis(100);
         loop {
-            match Db::connect(config).await {
+            // Each attempt is bounded too: a server that accepts connections
+            // but stalls must not hang start-up past the budget.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = match tokio::time::timeout(left, Db::connect(config)).await {
+                Ok(result) => result,
+                Err(_) => Err(DbError::Unavailable(format!(
+                    "connecting did not finish within {:?}",
+                    config.startup_timeout
+                ))),
+            };
+            match attempt {
                 Ok(db) => return Ok(db),
                 Err(e) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "MySQL not reachable yet");
@@ -288,16 +298,37 @@ impl Db {
         limit: u32,
         instance: &str,
         visibility: Duration,
+        max_attempts: u32,
     ) -> Result<Vec<JobTask>, DbError> {
+        let visibility_us = i64::try_from(visibility.as_micros()).unwrap_or(i64::MAX);
         let claim = async {
-            let mut tx = self.pool.begin().await?;
+            // READ COMMITTED: the claim locks only the rows it takes, no gap
+            // locks, so it neither blocks nor deadlocks with new inserts.
+            let mut conn = self.pool.acquire().await?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .execute(&mut *conn)
+                .await?;
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            // A stale claim that already used every attempt (its job keeps
+            // killing or stalling its B) is failed, not retried forever.
+            sqlx::query(
+                "UPDATE jobs SET status = 'failed', \
+                 last_error = CONCAT('abandoned by ', COALESCE(claimed_by, '?'), \
+                 ' after ', attempts, ' attempts (worker.max_attempts)') \
+                 WHERE status = 'running' AND attempts >= ? \
+                   AND claimed_at < NOW(3) - INTERVAL ? MICROSECOND",
+            )
+            .bind(max_attempts)
+            .bind(visibility_us)
+            .execute(&mut *tx)
+            .await?;
             let ids: Vec<i64> = sqlx::query_scalar(
                 "SELECT id FROM jobs \
                  WHERE status = 'pending' \
                     OR (status = 'running' AND claimed_at < NOW(3) - INTERVAL ? MICROSECOND) \
                  ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
             )
-            .bind(i64::try_from(visibility.as_micros()).unwrap_or(i64::MAX))
+            .bind(visibility_us)
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;

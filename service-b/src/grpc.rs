@@ -88,6 +88,14 @@ impl BackendService {
         Fut: Future<Output = Result<T, Status>> + Send + 'static,
         T: Send + 'static,
     {
+        // Counted by a guard: when the caller's deadline passes, tonic drops
+        // this future mid-way, and that request must be counted too.
+        let mut record = Record {
+            metrics: &self.metrics,
+            method,
+            arrived,
+            code: None,
+        };
         let inner = self.inner.clone();
         let result = self
             .policy
@@ -98,18 +106,11 @@ impl BackendService {
                 work(inner, deadline).await
             })
             .await;
-        let code = match &result {
+        record.code = Some(match &result {
             Ok(_) => tonic::Code::Ok,
             Err(status) => status.code(),
-        };
-        self.metrics
-            .grpc_requests
-            .with_label_values(&[method, lab_proto::code_name(code)])
-            .inc();
-        self.metrics
-            .grpc_duration
-            .with_label_values(&[method])
-            .observe(arrived.elapsed().as_secs_f64());
+        });
+        drop(record);
         let served_by = MetadataValue::try_from(&*self.inner.instance_id).ok();
         match result {
             Ok(reply) => {
@@ -130,6 +131,30 @@ impl BackendService {
                 Err(status)
             }
         }
+    }
+}
+
+/// Counts and times one request when dropped: with the outcome's code, or
+/// `Canceled` if the handler was dropped before finishing (tonic does that
+/// at the caller's deadline).
+struct Record<'a> {
+    metrics: &'a Metrics,
+    method: &'static str,
+    arrived: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        self.metrics
+            .grpc_requests
+            .with_label_values(&[self.method, lab_proto::code_name(code)])
+            .inc();
+        self.metrics
+            .grpc_duration
+            .with_label_values(&[self.method])
+            .observe(self.arrived.elapsed().as_secs_f64());
     }
 }
 

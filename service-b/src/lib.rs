@@ -106,28 +106,17 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
 
     let db_slot: Arc<OnceLock<Db>> = Arc::new(OnceLock::new());
     let serving = Arc::new(AtomicBool::new(false));
+    metrics::PoolCollector::register(&registry, db_slot.clone())?;
     let readiness: admin::ReadinessProbe = {
         let db_slot = db_slot.clone();
         let serving = serving.clone();
-        let metrics = metrics.clone();
         Arc::new(move || {
             let db = db_slot.get().cloned();
             let serving = serving.load(Ordering::Acquire);
-            let metrics = metrics.clone();
             Box::pin(async move {
                 let Some(db) = db else {
                     return Err("waiting for MySQL".to_string());
                 };
-                let (open, idle) = db.pool_stats();
-                let idle = i64::try_from(idle).unwrap_or(i64::MAX);
-                metrics
-                    .db_pool_connections
-                    .with_label_values(&["idle"])
-                    .set(idle);
-                metrics
-                    .db_pool_connections
-                    .with_label_values(&["in_use"])
-                    .set(i64::from(open) - idle);
                 if !serving {
                     return Err("gRPC listener not serving".to_string());
                 }
@@ -149,7 +138,17 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));
 
     let db = Db::connect_with_retry(&config.mysql, &shutdown).await?;
-    db.migrate_and_seed(config.mysql.seed_items).await?;
+    tokio::time::timeout(
+        config.mysql.startup_timeout,
+        db.migrate_and_seed(config.mysql.seed_items),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "migrations and seeding did not finish within {:?} (mysql.startup_timeout)",
+            config.mysql.startup_timeout
+        )
+    })??;
     let _ = db_slot.set(db.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -189,11 +188,20 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         config.service_b.max_connection_age_jitter,
     );
     let hard_limit = (!age.is_zero()).then(|| age + config.service_b.max_connection_age_grace);
-    let incoming = TcpListenerStream::new(listener).map(move |accepted| {
-        accepted.map(|stream| {
-            let _ = stream.set_nodelay(true);
-            recycle::AgedStream::new(stream, hard_limit)
-        })
+    // An accept error (say, out of file descriptors) pauses accepting for a
+    // moment: tonic retries at once, which would spin a core.
+    let incoming = TcpListenerStream::new(listener).then(move |accepted| async move {
+        match accepted {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Ok(recycle::AgedStream::new(stream, hard_limit))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; pausing 100 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Err(e)
+            }
+        }
     });
     let mut server = Server::builder();
     if !age.is_zero() {

@@ -1,14 +1,21 @@
 //! Service B's own metrics (DESIGN.md §5), registered next to the process
 //! and tokio metrics of `lab_common::metrics`.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::sync::{Arc, OnceLock};
 
-/// gRPC traffic and pool state.
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+
+use crate::db::Db;
+
+/// gRPC traffic.
 #[derive(Clone)]
 pub struct Metrics {
     pub grpc_requests: IntCounterVec,
     pub grpc_duration: HistogramVec,
-    pub db_pool_connections: IntGaugeVec,
 }
 
 impl Metrics {
@@ -28,20 +35,49 @@ impl Metrics {
             .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
             &["method"],
         )?;
-        let db_pool_connections = IntGaugeVec::new(
+        registry.register(Box::new(grpc_requests.clone()))?;
+        registry.register(Box::new(grpc_duration.clone()))?;
+        Ok(Self {
+            grpc_requests,
+            grpc_duration,
+        })
+    }
+}
+
+/// `lab_db_pool_connections{state}`, read from the pool at scrape time
+/// (empty until MySQL is connected).
+pub struct PoolCollector {
+    db: Arc<OnceLock<Db>>,
+    gauge: IntGaugeVec,
+}
+
+impl PoolCollector {
+    pub fn register(registry: &Registry, db: Arc<OnceLock<Db>>) -> prometheus::Result<()> {
+        let gauge = IntGaugeVec::new(
             Opts::new(
                 "lab_db_pool_connections",
                 "MySQL pool connections by state (idle or in_use).",
             ),
             &["state"],
         )?;
-        registry.register(Box::new(grpc_requests.clone()))?;
-        registry.register(Box::new(grpc_duration.clone()))?;
-        registry.register(Box::new(db_pool_connections.clone()))?;
-        Ok(Self {
-            grpc_requests,
-            grpc_duration,
-            db_pool_connections,
-        })
+        registry.register(Box::new(PoolCollector { db, gauge }))
+    }
+}
+
+impl Collector for PoolCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(db) = self.db.get() {
+            let (open, idle) = db.pool_stats();
+            let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+            self.gauge.with_label_values(&["idle"]).set(idle);
+            self.gauge
+                .with_label_values(&["in_use"])
+                .set(i64::from(open) - idle);
+        }
+        self.gauge.collect()
     }
 }

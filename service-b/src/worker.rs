@@ -25,7 +25,7 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -189,8 +189,13 @@ async fn unbounded(shared: Arc<Shared>, shutdown: CancellationToken) {
         match shared.db.fetch_pending(shared.config.batch).await {
             Ok(rows) => {
                 for row in rows {
+                    // Counted at spawn, not when first polled: on a starved
+                    // runtime, spawned-but-waiting tasks are the pile-up.
+                    let guard = TaskGuard::start(&shared, row.id);
                     let shared = shared.clone();
-                    tokio::spawn(async move { attempt_unclaimed(shared, row, "unbounded").await });
+                    tokio::spawn(async move {
+                        attempt_unclaimed(shared, row, guard, "unbounded").await
+                    });
                 }
             }
             Err(e) => tracing::warn!(error = %e, "fetching pending jobs failed"),
@@ -216,8 +221,11 @@ async fn capped(shared: Arc<Shared>, shutdown: CancellationToken) {
         match shared.db.fetch_pending(shared.config.batch).await {
             Ok(rows) => {
                 for row in rows {
+                    let guard = TaskGuard::start(&shared, row.id);
                     let shared = shared.clone();
-                    tokio::spawn(async move { attempt_unclaimed(shared, row, "capped").await });
+                    tokio::spawn(
+                        async move { attempt_unclaimed(shared, row, guard, "capped").await },
+                    );
                 }
             }
             Err(e) => tracing::warn!(error = %e, "fetching pending jobs failed"),
@@ -230,8 +238,12 @@ async fn capped(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// One attempt of an unclaimed row (`unbounded` / `capped`): CPU inline on
 /// the runtime, no timeout, the row written at the end.
-async fn attempt_unclaimed(shared: Arc<Shared>, row: JobTask, mode: &'static str) {
-    let _guard = TaskGuard::start(&shared, row.id);
+async fn attempt_unclaimed(
+    shared: Arc<Shared>,
+    row: JobTask,
+    _guard: TaskGuard,
+    mode: &'static str,
+) {
     shared
         .metrics
         .job_lag
@@ -259,7 +271,12 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
         let free = 1 + slots.available_permits() as u32;
         let jobs = match shared
             .db
-            .claim(free, &shared.instance, shared.config.visibility_timeout)
+            .claim(
+                free,
+                &shared.instance,
+                shared.config.visibility_timeout,
+                shared.config.max_attempts,
+            )
             .await
         {
             Ok(jobs) => jobs,
@@ -285,10 +302,11 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
                     Err(_) => break,
                 },
             };
+            let guard = TaskGuard::start(&shared, job.id);
             let shared = shared.clone();
             tokio::spawn(async move {
                 let _slot = permit;
-                attempt_claimed(shared, job).await;
+                attempt_claimed(shared, job, guard).await;
             });
         }
     }
@@ -296,8 +314,7 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// One attempt of a claimed job (`bounded`): time-limited, fenced by the
 /// attempt number, retried or failed on error.
-async fn attempt_claimed(shared: Arc<Shared>, job: JobTask) {
-    let _guard = TaskGuard::start(&shared, job.id);
+async fn attempt_claimed(shared: Arc<Shared>, job: JobTask, _guard: TaskGuard) {
     shared
         .metrics
         .job_lag
@@ -375,29 +392,45 @@ async fn handle(shared: &Shared, payload: &[u8], cpu: Cpu) -> Outcome {
         .mul_f64(text.len() as f64 / 1024.0);
     let digest = match (cpu, &shared.cpu_pool) {
         (Cpu::Pool, Some(pool)) => {
+            // If this attempt is abandoned (job timeout), the flag stops the
+            // CPU work too, so the pool never does work nobody waits for.
+            let abandon = AbandonOnDrop(Arc::new(AtomicBool::new(false)));
+            let stop = abandon.0.clone();
             let (tx, rx) = tokio::sync::oneshot::channel();
             pool.spawn(move || {
-                let _ = tx.send(burn_cpu(text.as_bytes(), budget));
+                let _ = tx.send(burn_cpu(text.as_bytes(), budget, &stop));
             });
-            match rx.await {
+            let digest = match rx.await {
                 Ok(d) => d,
                 Err(_) => return Outcome::Failed("CPU pool dropped the job".into()),
-            }
+            };
+            drop(abandon);
+            digest
         }
-        _ => burn_cpu(text.as_bytes(), budget),
+        _ => burn_cpu(text.as_bytes(), budget, &AtomicBool::new(false)),
     };
     tokio::time::sleep(shared.config.io_latency).await;
     Outcome::Done(format!("digest {digest:016x}"))
 }
 
-/// Real CPU work — repeated hashing of the payload — for `budget` of time.
-pub fn burn_cpu(data: &[u8], budget: Duration) -> u64 {
+/// Sets its flag when dropped.
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Real CPU work — repeated hashing of the payload — for `budget` of time,
+/// or until `stop` is set.
+pub fn burn_cpu(data: &[u8], budget: Duration, stop: &AtomicBool) -> u64 {
     let started = Instant::now();
     let mut hasher = DefaultHasher::new();
     loop {
         data.hash(&mut hasher);
         let digest = hasher.finish();
-        if started.elapsed() >= budget {
+        if started.elapsed() >= budget || stop.load(Ordering::Relaxed) {
             return digest;
         }
         digest.hash(&mut hasher);
@@ -436,11 +469,18 @@ mod tests {
     #[test]
     fn burn_cpu_takes_its_budget_and_depends_on_the_data() {
         let started = Instant::now();
-        let a = burn_cpu(b"abc", Duration::from_millis(20));
+        let go = AtomicBool::new(false);
+        let a = burn_cpu(b"abc", Duration::from_millis(20), &go);
         assert!(started.elapsed() >= Duration::from_millis(20));
-        let b = burn_cpu(b"abd", Duration::ZERO);
-        let c = burn_cpu(b"abd", Duration::ZERO);
+        let b = burn_cpu(b"abd", Duration::ZERO, &go);
+        let c = burn_cpu(b"abd", Duration::ZERO, &go);
         assert_eq!(b, c);
         assert_ne!(a, 0);
+        let started = Instant::now();
+        burn_cpu(b"abc", Duration::from_secs(60), &AtomicBool::new(true));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a stop flag ends it"
+        );
     }
 }

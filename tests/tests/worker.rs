@@ -210,6 +210,7 @@ async fn a_crashed_backends_claims_are_finished_by_the_other() -> anyhow::Result
             "worker.io_latency=400ms",
             "worker.cpu_per_kib=0s",
             "worker.visibility_timeout=2s",
+            "worker.job_timeout=1s",
         ],
     )
     .await?;
