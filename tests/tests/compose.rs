@@ -325,3 +325,46 @@ fn lab_environment_is_valid_config_and_ports_agree_with_defaults() {
         .collect();
     assert_eq!(etcd_ports, vec!["2379:2379"]);
 }
+
+#[test]
+fn every_metric_on_the_dashboard_is_exported_by_the_code() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/dashboards/lab.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let mut sources = String::new();
+    for dir in ["common/src", "service-a/src", "service-b/src"] {
+        for entry in std::fs::read_dir(repo().join(dir)).expect("source dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(path).expect("source"));
+            }
+        }
+    }
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| {
+                    w.starts_with("lab_") || w.starts_with("tokio_") || w.starts_with("process_")
+                })
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for name in names {
+                let base = name.strip_suffix("_bucket").unwrap_or(name);
+                // process_* come from the prometheus crate's process collector.
+                if base.starts_with("process_") {
+                    continue;
+                }
+                assert!(
+                    sources.contains(&format!("\"{base}\"")),
+                    "dashboard uses {name}, which no service exports"
+                );
+            }
+        }
+    }
+}
