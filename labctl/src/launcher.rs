@@ -77,6 +77,7 @@ pub struct Stack {
 }
 
 /// A readiness check for one process.
+#[derive(Clone)]
 enum Ready {
     Http(String),
     MysqlGreeting(String),
@@ -216,10 +217,7 @@ impl Stack {
             let name = stack.spawn_backend(&bins.service_b, i + 1, *grpc, *admin)?;
             waits.push((name, Ready::Http(format!("{}/readyz", url(*admin)))));
         }
-        let waits = waits
-            .iter()
-            .map(|(n, r)| (n.as_str(), clone_ready(r)))
-            .collect();
+        let waits = waits.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
         stack.wait_ready(&client, timeout, waits).await?;
 
         // 3. HAProxy over them.
@@ -460,10 +458,7 @@ impl Stack {
                 let name = self.spawn_backend(&bins.service_b, next, grpc, admin)?;
                 names.push((name, Ready::Http(format!("{}/readyz", url(admin)))));
             }
-            let waits = names
-                .iter()
-                .map(|(n, r)| (n.as_str(), clone_ready(r)))
-                .collect();
+            let waits = names.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
             self.wait_ready(&client, Duration::from_secs(30), waits)
                 .await?;
             changed.extend(names.into_iter().map(|(n, _)| n));
@@ -670,13 +665,6 @@ pub async fn down(state_dir: &Path) -> anyhow::Result<Vec<String>> {
     stop_all(&state).await;
     LabState::remove(state_dir)?;
     Ok(running)
-}
-
-fn clone_ready(ready: &Ready) -> Ready {
-    match ready {
-        Ready::Http(u) => Ready::Http(u.clone()),
-        Ready::MysqlGreeting(a) => Ready::MysqlGreeting(a.clone()),
-    }
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {

@@ -301,13 +301,17 @@ async fn worker(
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        let path = if needs_id {
-            target.path_prefix.replace(
-                "{rand}",
-                &rng.random_range(1..=spec.id_max.max(1)).to_string(),
-            )
+        // No allocation per request unless the path has `{rand}`.
+        let path: std::borrow::Cow<'_, str> = if needs_id {
+            target
+                .path_prefix
+                .replace(
+                    "{rand}",
+                    &rng.random_range(1..=spec.id_max.max(1)).to_string(),
+                )
+                .into()
         } else {
-            target.path_prefix.clone()
+            target.path_prefix.as_str().into()
         };
         // Open loop: measured from when the request was due, not when it went out.
         let measured_from = if plan.interval.is_some() {

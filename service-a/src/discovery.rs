@@ -131,7 +131,7 @@ pub async fn run(
         tx,
         metrics,
     };
-    metrics_reset(&view);
+    view.metrics.endpoints.set(0);
     // The revision the view reflects; None = must (re)read everything.
     let mut revision: Option<i64> = None;
     let mut backoff = Duration::from_millis(100);
@@ -152,10 +152,6 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
-}
-
-fn metrics_reset(view: &View) {
-    view.metrics.endpoints.set(0);
 }
 
 /// One connection's worth of discovery: (re)sync if needed, then watch until

@@ -25,7 +25,7 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -101,8 +101,6 @@ struct Shared {
     metrics: WorkerMetrics,
     /// Job ids with an attempt running in this process (duplicate detection).
     running: Mutex<HashSet<i64>>,
-    /// Tasks alive, as the `capped` patch counts them.
-    alive: AtomicU64,
     /// Low-priority threads for `bounded`'s CPU work.
     cpu_pool: Option<rayon::ThreadPool>,
 }
@@ -116,7 +114,6 @@ struct TaskGuard {
 
 impl TaskGuard {
     fn start(shared: &Arc<Shared>, job: i64) -> Self {
-        shared.alive.fetch_add(1, Ordering::Relaxed);
         shared.metrics.tasks_alive.inc();
         shared.metrics.tasks_spawned.inc();
         let duplicate = match shared.running.lock() {
@@ -136,7 +133,6 @@ impl TaskGuard {
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        self.shared.alive.fetch_sub(1, Ordering::Relaxed);
         self.shared.metrics.tasks_alive.dec();
         if !self.duplicate
             && let Ok(mut running) = self.shared.running.lock()
@@ -164,7 +160,6 @@ pub async fn run(
         config,
         metrics,
         running: Mutex::new(HashSet::new()),
-        alive: AtomicU64::new(0),
         cpu_pool,
     });
     tracing::info!(?mode, "job worker started");
@@ -209,8 +204,9 @@ async fn unbounded(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// The team's patch: the same loop, skipped while more than `cap` run.
 async fn capped(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
-        let running = shared.alive.load(Ordering::Relaxed);
-        if running > u64::from(shared.config.cap) {
+        // The patch's counter is the alive-tasks gauge itself.
+        let running = shared.metrics.tasks_alive.get();
+        if running > i64::from(shared.config.cap) {
             // "if more than 200 running, sleep 3 s" — and then fetch a whole
             // batch again, whatever the count is by then.
             if !pause(shared.config.cap_sleep, &shutdown).await {
