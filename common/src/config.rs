@@ -267,9 +267,10 @@ pub struct WorkerConfig {
     /// CPU time the handler burns per KiB of payload.
     #[serde(with = "humantime_serde")]
     pub cpu_per_kib: Duration,
-    /// The handler's awaited I/O step (the partner API call of a later issue).
+    /// `bounded`: wait before a failed attempt is retried, doubled per
+    /// attempt, with ±50 % jitter.
     #[serde(with = "humantime_serde")]
-    pub io_latency: Duration,
+    pub retry_backoff: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -285,7 +286,64 @@ impl Default for WorkerConfig {
             job_timeout: Duration::from_secs(10),
             max_attempts: 3,
             cpu_per_kib: Duration::from_millis(2),
-            io_latency: Duration::from_millis(50),
+            retry_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The HTTPS partner API (cause 4): the server's settings, and how B's
+/// client reaches and trusts it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerConfig {
+    /// partner-api: HTTPS listener.
+    pub listen: String,
+    /// partner-api: admin listener.
+    pub admin_listen: String,
+    /// partner-api: time before each answer.
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+    /// partner-api: size of each JSON answer. Large on purpose: an answer
+    /// that fits in one read would free its connection even if never read.
+    pub body_bytes: usize,
+    /// partner-api: how long an idle keep-alive connection stays open.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// partner-api: certificate chain (PEM) and private key (PEM).
+    pub cert: String,
+    pub key: String,
+    /// B: the partner's base URL.
+    pub url: String,
+    /// B: the CA certificate (PEM) B trusts for the partner, and nothing else.
+    pub ca_cert: String,
+    /// B, `http_client = "shared"`: limit on one call, connect to last byte.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
+    /// B, `http_client = "shared"`: TCP and TLS connect limit.
+    #[serde(with = "humantime_serde")]
+    pub client_connect_timeout: Duration,
+    /// B, `http_client = "shared"`: calls in flight, and so connections, at most.
+    pub client_max_connections: u32,
+    /// B, `http_client = "shared"`: larger answers are refused.
+    pub client_max_body_bytes: usize,
+}
+
+impl Default for PartnerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8443".into(),
+            admin_listen: "127.0.0.1:9089".into(),
+            latency: Duration::from_millis(200),
+            body_bytes: 256 * 1024,
+            idle_timeout: Duration::from_secs(90),
+            cert: String::new(),
+            key: String::new(),
+            url: "https://127.0.0.1:8443".into(),
+            ca_cert: String::new(),
+            client_timeout: Duration::from_secs(2),
+            client_connect_timeout: Duration::from_secs(1),
+            client_max_connections: 8,
+            client_max_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -412,6 +470,7 @@ pub struct LabConfig {
     pub service_a: ServiceAConfig,
     pub service_b: ServiceBConfig,
     pub worker: WorkerConfig,
+    pub partner: PartnerConfig,
     pub mysql: MysqlConfig,
     pub etcd: EtcdConfig,
     pub slb: SlbConfig,
@@ -441,6 +500,7 @@ struct RawConfig {
     service_a: ServiceAConfig,
     service_b: ServiceBConfig,
     worker: WorkerConfig,
+    partner: PartnerConfig,
     mysql: MysqlConfig,
     etcd: EtcdConfig,
     slb: SlbConfig,
@@ -463,6 +523,7 @@ impl RawConfig {
             service_a: self.service_a,
             service_b: self.service_b,
             worker: self.worker,
+            partner: self.partner,
             mysql: self.mysql,
             etcd: self.etcd,
             slb: self.slb,
@@ -825,6 +886,8 @@ fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), Con
         ("service_a.admin_listen", &c.service_a.admin_listen),
         ("service_b.listen", &c.service_b.listen),
         ("service_b.admin_listen", &c.service_b.admin_listen),
+        ("partner.listen", &c.partner.listen),
+        ("partner.admin_listen", &c.partner.admin_listen),
     ];
     for (key, value) in addrs {
         if value.parse::<SocketAddr>().is_err() {
@@ -861,6 +924,12 @@ fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), Con
         ("mysql.acquire_timeout", c.mysql.acquire_timeout),
         ("mysql.query_timeout", c.mysql.query_timeout),
         ("etcd.lease_ttl", c.etcd.lease_ttl),
+        ("partner.idle_timeout", c.partner.idle_timeout),
+        ("partner.client_timeout", c.partner.client_timeout),
+        (
+            "partner.client_connect_timeout",
+            c.partner.client_connect_timeout,
+        ),
     ];
     for (key, value) in positive {
         if value.is_zero() {
@@ -883,6 +952,10 @@ fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), Con
         (
             "service_b.max_concurrent_requests",
             c.service_b.max_concurrent_requests,
+        ),
+        (
+            "partner.client_max_connections",
+            c.partner.client_max_connections,
         ),
     ];
     for (key, value) in at_least_one {
@@ -923,6 +996,20 @@ fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), Con
     if c.service_b.max_payload_bytes == 0 {
         return Err(err(
             "service_b.max_payload_bytes",
+            "0".into(),
+            "must be at least 1",
+        ));
+    }
+    if !c.partner.url.starts_with("https://") {
+        return Err(err(
+            "partner.url",
+            format!("{:?}", c.partner.url),
+            "expected an https:// URL (the partner speaks TLS only)",
+        ));
+    }
+    if c.partner.client_max_body_bytes == 0 {
+        return Err(err(
+            "partner.client_max_body_bytes",
             "0".into(),
             "must be at least 1",
         ));

@@ -2,7 +2,8 @@
 //! `labctl up` and every end-to-end test.
 //!
 //! Start order, each step waiting until its processes are ready:
-//! MySQL/MariaDB and etcd → every B (ready = gRPC serving and MySQL
+//! MySQL/MariaDB, etcd and partner-api (B's HTTPS dependency, with a private
+//! CA made in `<state-dir>/tls/`) → every B (ready = gRPC serving and MySQL
 //! answering) → HAProxy → A (ready = a B answers a gRPC health check through
 //! A's own channel). Stop order is the reverse, SIGTERM first.
 
@@ -15,6 +16,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use lab_common::config::LabConfig;
+use partner_api::certs::{self, TlsFiles};
 
 use crate::{
     ports::{PortPolicy, Ports},
@@ -90,6 +92,7 @@ struct Binaries {
     haproxy: PathBuf,
     service_a: PathBuf,
     service_b: PathBuf,
+    partner_api: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +123,7 @@ impl Binaries {
                 .ok_or_else(|| procs::missing("HAProxy", &["haproxy"]))?,
             service_a: procs::find_lab_binary("service-a", bin_dir)?,
             service_b: procs::find_lab_binary("service-b", bin_dir)?,
+            partner_api: procs::find_lab_binary("partner-api", bin_dir)?,
         })
     }
 }
@@ -135,6 +139,13 @@ fn addr(port: u16) -> String {
 fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
+
+fn https_url(port: u16) -> String {
+    format!("https://127.0.0.1:{port}")
+}
+
+/// The names partner-api's certificate is valid for: what B dials natively.
+const PARTNER_HOSTS: [&str; 2] = ["127.0.0.1", "localhost"];
 
 impl Stack {
     /// Starts everything and waits until it is ready.
@@ -161,7 +172,12 @@ impl Stack {
             ports.ensure_free()?;
         }
 
-        let config = with_ports(&options.config, &ports);
+        // Kept across runs (see `certs::ensure`): a restarted lab trusts
+        // the same CA.
+        let tls_dir = state_dir.join("tls");
+        let tls = certs::ensure(&tls_dir, &PARTNER_HOSTS)
+            .with_context(|| format!("making TLS certificates in {}", tls_dir.display()))?;
+        let config = with_ports(&options.config, &ports, &tls);
         let config_file = state_dir.join("lab.toml");
         std::fs::write(&config_file, config.to_toml()?)
             .with_context(|| format!("writing {}", config_file.display()))?;
@@ -185,7 +201,7 @@ impl Stack {
         let client = probe::http_client();
         let timeout = options.ready_timeout;
 
-        // 1. MySQL and etcd, side by side.
+        // 1. MySQL, etcd and the partner API, side by side.
         let mysql_cmd = mysql_command(&bins, &state_dir, ports.mysql).await?;
         stack.start("mysql", mysql_cmd, |r| {
             r.url = Some(format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql));
@@ -197,6 +213,12 @@ impl Stack {
                 r.url = Some(url(ports.etcd_client));
             },
         )?;
+        let mut cmd = Command::new(&bins.partner_api);
+        cmd.arg("--config").arg(&config_file);
+        stack.start("partner-api", cmd, |r| {
+            r.url = Some(https_url(ports.partner_https));
+            r.admin_url = Some(url(ports.partner_admin));
+        })?;
         stack
             .wait_ready(
                 &client,
@@ -206,6 +228,10 @@ impl Stack {
                     (
                         "etcd",
                         Ready::Http(format!("{}/health", url(ports.etcd_client))),
+                    ),
+                    (
+                        "partner-api",
+                        Ready::Http(format!("{}/readyz", url(ports.partner_admin))),
                     ),
                 ],
             )
@@ -676,8 +702,8 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// The config the services get: the user's, with every address replaced by
-/// the planned loopback ports.
-fn with_ports(config: &LabConfig, ports: &Ports) -> LabConfig {
+/// the planned loopback ports, and the partner's certificate files.
+fn with_ports(config: &LabConfig, ports: &Ports, tls: &TlsFiles) -> LabConfig {
     let mut c = config.clone();
     c.service_a.listen = addr(ports.a_http);
     c.service_a.admin_listen = addr(ports.a_admin);
@@ -692,6 +718,12 @@ fn with_ports(config: &LabConfig, ports: &Ports) -> LabConfig {
     c.slb.l4_listen = addr(ports.slb_l4);
     c.slb.l7_listen = addr(ports.slb_l7);
     c.slb.stats_listen = addr(ports.slb_stats);
+    c.partner.listen = addr(ports.partner_https);
+    c.partner.admin_listen = addr(ports.partner_admin);
+    c.partner.url = https_url(ports.partner_https);
+    c.partner.cert = tls.cert.display().to_string();
+    c.partner.key = tls.key.display().to_string();
+    c.partner.ca_cert = tls.ca_cert.display().to_string();
     c
 }
 
@@ -855,4 +887,34 @@ pub fn backends_cfg(backends: &[u16]) -> String {
         ));
     }
     l4 + &l7
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_get_the_planned_partner_addresses_and_certificate_files() {
+        let ports = Ports::plan(&LabConfig::default(), 2, PortPolicy::Auto).expect("ports");
+        let tls = TlsFiles::in_dir(Path::new("/state/tls"));
+        let c = with_ports(&LabConfig::default(), &ports, &tls);
+        assert_eq!(c.partner.listen, addr(ports.partner_https));
+        assert_eq!(c.partner.admin_listen, addr(ports.partner_admin));
+        assert_eq!(
+            c.partner.url,
+            format!("https://127.0.0.1:{}", ports.partner_https)
+        );
+        assert_eq!(c.partner.cert, "/state/tls/partner.pem");
+        assert_eq!(c.partner.key, "/state/tls/partner.key");
+        assert_eq!(c.partner.ca_cert, "/state/tls/ca.pem");
+        // The services read it back from the file labctl writes.
+        let dir = std::env::temp_dir().join(format!("labctl-with-ports-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("lab.toml");
+        std::fs::write(&file, c.to_toml().expect("toml")).expect("write");
+        let back = lab_common::config::check_file(&file).expect("valid config");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(back.partner.url, c.partner.url);
+        assert_eq!(back.partner.ca_cert, c.partner.ca_cert);
+    }
 }

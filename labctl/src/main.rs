@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start MySQL/MariaDB, etcd, HAProxy, N× service-b and service-a on loopback.
+    /// Start MySQL/MariaDB, etcd, partner-api, HAProxy, N× service-b and service-a on loopback.
     Up(UpArgs),
     /// Show what is running (`--json` for scripts).
     Status {

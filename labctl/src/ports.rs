@@ -19,6 +19,9 @@ pub struct Ports {
     pub etcd_client: u16,
     pub etcd_peer: u16,
     pub mysql: u16,
+    /// partner-api's HTTPS and admin listeners.
+    pub partner_https: u16,
+    pub partner_admin: u16,
 }
 
 /// How ports are chosen.
@@ -88,6 +91,8 @@ impl Ports {
                     etcd_client,
                     etcd_peer: offset(etcd_client, 1)?,
                     mysql: port_of("mysql.url", &config.mysql.url)?,
+                    partner_https: port_of("partner.listen", &config.partner.listen)?,
+                    partner_admin: port_of("partner.admin_listen", &config.partner.admin_listen)?,
                 };
                 ports.ensure_distinct()?;
                 Ok(ports)
@@ -114,7 +119,7 @@ impl Ports {
         // twice. Ports come from below the kernel's ephemeral range: a port
         // the kernel handed out (bind to :0) can be taken as the source port
         // of some outgoing connection before the service binds it.
-        let count = 8 + 2 * backends;
+        let count = 10 + 2 * backends;
         let (low, high) = unreserved_range();
         let mut rng = rand::rng();
         let mut listeners = Vec::with_capacity(count);
@@ -144,6 +149,8 @@ impl Ports {
             etcd_client: next()?,
             etcd_peer: next()?,
             mysql: next()?,
+            partner_https: next()?,
+            partner_admin: next()?,
             b: (0..backends)
                 .map(|_| Ok((next()?, next()?)))
                 .collect::<anyhow::Result<Vec<_>>>()?,
@@ -172,6 +179,8 @@ impl Ports {
             all.push((*grpc, format!("service-b-{}", i + 1)));
             all.push((*admin, format!("service-b-{} admin", i + 1)));
         }
+        all.push((self.partner_https, "partner-api".to_string()));
+        all.push((self.partner_admin, "partner-api admin".to_string()));
         all
     }
 
@@ -225,6 +234,23 @@ mod tests {
             (ports.slb_l4, ports.slb_l7, ports.slb_stats),
             (50050, 50060, 8404)
         );
+        assert_eq!((ports.partner_https, ports.partner_admin), (8443, 9089));
+    }
+
+    #[test]
+    fn the_partner_ports_are_in_the_clash_check() {
+        let mut config = LabConfig::default();
+        config.partner.admin_listen = config.service_a.admin_listen.clone();
+        let err = Ports::plan(&config, 2, PortPolicy::Configured).expect_err("clash");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("9080") && msg.contains("partner-api admin"),
+            "{msg}"
+        );
+        // With the defaults, B number 9 would get admin port 9081 + 8 = 9089.
+        let err = Ports::plan(&LabConfig::default(), 9, PortPolicy::Configured).expect_err("clash");
+        assert!(err.to_string().contains("9089"), "{err}");
+        Ports::plan(&LabConfig::default(), 8, PortPolicy::Configured).expect("8 Bs fit");
     }
 
     #[test]

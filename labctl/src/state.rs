@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// One started process.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServiceRecord {
-    /// `mysql`, `etcd`, `service-b-1`, …, `slb`, `service-a`.
+    /// `mysql`, `etcd`, `partner-api`, `service-b-1`, …, `slb`, `service-a`.
     pub name: String,
     pub pid: u32,
     /// Kernel start time of `pid`, so a reused pid is never signalled.

@@ -1,20 +1,92 @@
 //! MySQL access: pool, embedded migrations, seeding and the queries behind
-//! the gRPC methods.
+//! the gRPC methods and the job worker.
 //!
-//! Every query is bounded twice: waiting for a pooled connection by
-//! `mysql.acquire_timeout`, and the query itself by `mysql.query_timeout`.
-//! A database that is down or hung therefore turns into a fast UNAVAILABLE,
-//! never into a request that hangs until the caller's deadline.
+//! Every query first takes a pooled connection ([`Db::acquire`]), then runs
+//! within `mysql.query_timeout` (and the caller's remaining budget). How long
+//! a query may wait for a *free* connection follows the deadline switch,
+//! because that is where the incident's Go service and a careful one differ:
+//!
+//! * [`PoolWait::Bounded`] (`deadline = "propagate"`): at most
+//!   `mysql.acquire_timeout` or the caller's remaining budget, whichever is
+//!   shorter; an exhausted pool is a fast UNAVAILABLE that names the pool.
+//! * [`PoolWait::UntilFree`] (`deadline = "ignore"`): like Go's
+//!   `database/sql` with a background context, which has no acquire timeout —
+//!   a query waits for a free connection for as long as it takes, so an
+//!   exhausted pool shows up as hung requests, not errors. A database that
+//!   cannot be reached still fails at once (Go returns the dial error too).
 
 use std::{future::Future, time::Duration};
 
-use lab_common::config::MysqlConfig;
+use lab_common::config::{DeadlineMode, MysqlConfig};
+use prometheus::{IntGauge, Opts, Registry};
 use sqlx::{
     AssertSqlSafe, MySql, QueryBuilder,
     mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions},
+    pool::PoolConnection,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// How long a query waits for a free pooled connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolWait {
+    /// `mysql.acquire_timeout`, or less if the caller's deadline is nearer.
+    Bounded,
+    /// For as long as the pool stays exhausted (Go's `database/sql`).
+    UntilFree,
+}
+
+impl PoolWait {
+    /// The wait that goes with the `deadline` switch.
+    pub fn for_deadline(mode: DeadlineMode) -> Self {
+        match mode {
+            DeadlineMode::Ignore => PoolWait::UntilFree,
+            DeadlineMode::Propagate => PoolWait::Bounded,
+        }
+    }
+}
+
+/// `lab_db_acquire_waiting`: queries waiting for a free pooled connection
+/// right now — the hung requests of an exhausted pool under `UntilFree`.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    waiting: IntGauge,
+}
+
+impl PoolMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let waiting = IntGauge::with_opts(Opts::new(
+            "lab_db_acquire_waiting",
+            "Queries waiting for a free MySQL pool connection right now.",
+        ))?;
+        registry.register(Box::new(waiting.clone()))?;
+        Ok(Self { waiting })
+    }
+
+    /// Metrics that go nowhere (unit tests, tools).
+    pub fn unregistered() -> Self {
+        Self {
+            waiting: IntGauge::new("lab_db_acquire_waiting", "unregistered")
+                .expect("static metric options are valid"),
+        }
+    }
+}
+
+/// Decrements the waiting gauge however the wait ends.
+struct Waiting<'a>(&'a IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn start(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// Schema migrations compiled into the binary (service-b/migrations).
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -71,22 +143,24 @@ pub struct JobRow {
     pub updated_at_ms: i64,
 }
 
-/// A job as the worker sees it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct JobTask {
-    pub id: i64,
-    pub payload: Vec<u8>,
-    /// Attempts so far (after a claim: including this one).
-    pub attempts: u32,
-    /// Microseconds since the job was created (for the job-lag histogram).
-    pub age_us: i64,
-}
-
-/// The pool plus the per-query time bound.
-#[derive(Debug, Clone)]
+/// The pool plus the time bounds of every query.
+#[derive(Clone)]
 pub struct Db {
     pool: MySqlPool,
     query_timeout: Duration,
+    acquire_timeout: Duration,
+    pool_max: u32,
+    wait: PoolWait,
+    metrics: PoolMetrics,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("pool_max", &self.pool_max)
+            .field("wait", &self.wait)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Db {
@@ -94,6 +168,8 @@ impl Db {
     /// `mysql.startup_timeout` (or until `shutdown`).
     pub async fn connect_with_retry(
         config: &MysqlConfig,
+        wait: PoolWait,
+        metrics: PoolMetrics,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Db> {
         let deadline = tokio::time::Instant::now() + config.startup_timeout;
@@ -102,7 +178,12 @@ impl Db {
             // Each attempt is bounded too: a server that accepts connections
             // but stalls must not hang start-up past the budget.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let attempt = match tokio::time::timeout(left, Db::connect(config)).await {
+            let attempt = match tokio::time::timeout(
+                left,
+                Db::connect(config, wait, metrics.clone()),
+            )
+            .await
+            {
                 Ok(result) => result,
                 Err(_) => Err(DbError::Unavailable(format!(
                     "connecting did not finish within {:?}",
@@ -130,7 +211,11 @@ impl Db {
     }
 
     /// One connection attempt (creating the database first if configured).
-    pub async fn connect(config: &MysqlConfig) -> Result<Db, DbError> {
+    pub async fn connect(
+        config: &MysqlConfig,
+        wait: PoolWait,
+        metrics: PoolMetrics,
+    ) -> Result<Db, DbError> {
         let (server_url, database) = split_database(&config.url)?;
         if config.create_database {
             let options: MySqlConnectOptions = server_url
@@ -157,7 +242,66 @@ impl Db {
         Ok(Db {
             pool,
             query_timeout: config.query_timeout,
+            acquire_timeout: config.acquire_timeout,
+            pool_max: config.pool_max,
+            wait,
+            metrics,
         })
+    }
+
+    /// Takes a connection from the pool, waiting for a free one as
+    /// [`PoolWait`] says (see the module comment).
+    pub async fn acquire(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<PoolConnection<MySql>, DbError> {
+        let _waiting = Waiting::start(&self.metrics.waiting);
+        match self.wait {
+            PoolWait::Bounded => {
+                let budget = crate::deadline::remaining(deadline, self.acquire_timeout);
+                if budget.is_zero() {
+                    return Err(DbError::Deadline(
+                        "no time left before the caller's deadline; query skipped".into(),
+                    ));
+                }
+                match tokio::time::timeout(budget, self.pool.acquire()).await {
+                    Ok(Ok(conn)) => Ok(conn),
+                    Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.exhausted() => {
+                        Err(DbError::Unavailable(format!(
+                            "MySQL pool exhausted: all {} connections in use, none free within {budget:?} \
+                             (mysql.pool_max, mysql.acquire_timeout)",
+                            self.pool_max
+                        )))
+                    }
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) if budget < self.acquire_timeout => Err(DbError::Deadline(format!(
+                        "no MySQL connection before the caller's deadline ({budget:?} left)"
+                    ))),
+                    Err(_) => Err(DbError::Unavailable(format!(
+                        "no MySQL connection within {budget:?} (mysql.acquire_timeout)"
+                    ))),
+                }
+            }
+            PoolWait::UntilFree => loop {
+                match self.pool.acquire().await {
+                    Ok(conn) => return Ok(conn),
+                    // Every connection is checked out: wait on, as Go does.
+                    Err(sqlx::Error::PoolTimedOut) if self.exhausted() => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            },
+        }
+    }
+
+    /// Every connection the pool may open is open and checked out.
+    fn exhausted(&self) -> bool {
+        let (open, idle) = self.pool_stats();
+        open >= self.pool_max && idle == 0
+    }
+
+    /// The pool's size limit (`mysql.pool_max`).
+    pub fn pool_max(&self) -> u32 {
+        self.pool_max
     }
 
     /// Applies pending migrations and seeds `items` 1..=seed_items.
@@ -190,9 +334,24 @@ impl Db {
         result
     }
 
-    /// `SELECT 1` within the query timeout: the `/readyz` probe.
+    /// `SELECT 1` within the query timeout: the `/readyz` probe. It never
+    /// waits on an exhausted pool, whatever [`PoolWait`] says: it reports it.
     pub async fn ping(&self) -> Result<(), DbError> {
-        self.bounded(sqlx::query("SELECT 1").execute(&self.pool))
+        if self.exhausted() {
+            return Err(DbError::Unavailable(format!(
+                "MySQL pool exhausted: all {} connections in use (mysql.pool_max)",
+                self.pool_max
+            )));
+        }
+        let mut conn = tokio::time::timeout(self.acquire_timeout, self.pool.acquire())
+            .await
+            .map_err(|_| {
+                DbError::Unavailable(format!(
+                    "no MySQL connection within {:?} (mysql.acquire_timeout)",
+                    self.acquire_timeout
+                ))
+            })??;
+        self.bounded(sqlx::query("SELECT 1").execute(&mut *conn))
             .await
             .map(|_| ())
     }
@@ -202,13 +361,14 @@ impl Db {
         id: i64,
         deadline: Option<Instant>,
     ) -> Result<Option<ItemRow>, DbError> {
+        let mut conn = self.acquire(deadline).await?;
         self.within(
             deadline,
             sqlx::query_as::<_, ItemRow>(
                 "SELECT id, name, price_cents, description FROM items WHERE id = ?",
             )
             .bind(id)
-            .fetch_optional(&self.pool),
+            .fetch_optional(&mut *conn),
         )
         .await
     }
@@ -218,12 +378,13 @@ impl Db {
         payload: &[u8],
         deadline: Option<Instant>,
     ) -> Result<i64, DbError> {
+        let mut conn = self.acquire(deadline).await?;
         let done = self
             .within(
                 deadline,
                 sqlx::query("INSERT INTO jobs (payload) VALUES (?)")
                     .bind(payload)
-                    .execute(&self.pool),
+                    .execute(&mut *conn),
             )
             .await?;
         i64::try_from(done.last_insert_id())
@@ -235,6 +396,7 @@ impl Db {
         id: i64,
         deadline: Option<Instant>,
     ) -> Result<Option<JobRow>, DbError> {
+        let mut conn = self.acquire(deadline).await?;
         self.within(
             deadline,
             sqlx::query_as::<_, JobRow>(
@@ -244,31 +406,17 @@ impl Db {
                  FROM jobs WHERE id = ?",
             )
             .bind(id)
-            .fetch_optional(&self.pool),
+            .fetch_optional(&mut *conn),
         )
         .await
     }
 
-    // ----- the job worker's queries (see `worker`) -----
-
-    /// `unbounded` / `capped`: pending rows, *not* claimed — exactly what
-    /// the incident's loop read, so a row stays pending while it is handled.
-    pub async fn fetch_pending(&self, limit: u32) -> Result<Vec<JobTask>, DbError> {
-        self.bounded(
-            sqlx::query_as::<_, JobTask>(
-                "SELECT id, payload, attempts, \
-                 CAST(TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) AS SIGNED) AS age_us \
-                 FROM jobs WHERE status = 'pending' ORDER BY id LIMIT ?",
-            )
-            .bind(limit)
-            .fetch_all(&self.pool),
-        )
-        .await
-    }
+    // ----- the job worker's queries (see `worker` and `rows`) -----
 
     /// Records that an attempt started (attempts + 1), without claiming.
     /// Returns the attempt number.
     pub async fn start_attempt(&self, id: i64, instance: &str) -> Result<u32, DbError> {
+        let mut conn = self.acquire(None).await?;
         self.bounded(
             sqlx::query(
                 "UPDATE jobs SET attempts = attempts + 1, claimed_by = ?, claimed_at = NOW(3) \
@@ -276,35 +424,36 @@ impl Db {
             )
             .bind(instance)
             .bind(id)
-            .execute(&self.pool),
+            .execute(&mut *conn),
         )
         .await?;
         let attempts: u32 = self
             .bounded(
                 sqlx::query_scalar("SELECT attempts FROM jobs WHERE id = ?")
                     .bind(id)
-                    .fetch_one(&self.pool),
+                    .fetch_one(&mut *conn),
             )
             .await?;
         Ok(attempts)
     }
 
-    /// `bounded`: atomically claims up to `limit` jobs — pending ones, and
-    /// running ones whose claim is older than `visibility` (their B died).
-    /// `FOR UPDATE SKIP LOCKED` lets several Bs claim side by side without
-    /// ever taking the same row.
+    /// `bounded`: atomically claims up to `limit` jobs — pending ones whose
+    /// retry time has come, and running ones whose claim is older than
+    /// `visibility` (their B died) — and returns their ids. `FOR UPDATE SKIP
+    /// LOCKED` lets several Bs claim side by side without ever taking the
+    /// same row. The rows themselves are read afterwards, through [`crate::rows`].
     pub async fn claim(
         &self,
         limit: u32,
         instance: &str,
         visibility: Duration,
         max_attempts: u32,
-    ) -> Result<Vec<JobTask>, DbError> {
+    ) -> Result<Vec<i64>, DbError> {
         let visibility_us = i64::try_from(visibility.as_micros()).unwrap_or(i64::MAX);
+        let mut conn = self.acquire(None).await?;
         let claim = async {
             // READ COMMITTED: the claim locks only the rows it takes, no gap
             // locks, so it neither blocks nor deadlocks with new inserts.
-            let mut conn = self.pool.acquire().await?;
             sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 .execute(&mut *conn)
                 .await?;
@@ -324,7 +473,7 @@ impl Db {
             .await?;
             let ids: Vec<i64> = sqlx::query_scalar(
                 "SELECT id FROM jobs \
-                 WHERE status = 'pending' \
+                 WHERE (status = 'pending' AND (not_before IS NULL OR not_before <= NOW(3))) \
                     OR (status = 'running' AND claimed_at < NOW(3) - INTERVAL ? MICROSECOND) \
                  ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
             )
@@ -332,44 +481,30 @@ impl Db {
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
-            if ids.is_empty() {
-                tx.commit().await?;
-                return Ok(Vec::new());
+            if !ids.is_empty() {
+                let mut update: QueryBuilder<MySql> = QueryBuilder::new(
+                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
+                     not_before = NULL, claimed_by = ",
+                );
+                update.push_bind(instance);
+                update.push(", claimed_at = NOW(3) WHERE id IN (");
+                let mut list = update.separated(", ");
+                for id in &ids {
+                    list.push_bind(*id);
+                }
+                list.push_unseparated(")");
+                update.build().execute(&mut *tx).await?;
             }
-            let mut update: QueryBuilder<MySql> = QueryBuilder::new(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_by = ",
-            );
-            update.push_bind(instance);
-            update.push(", claimed_at = NOW(3) WHERE id IN (");
-            let mut list = update.separated(", ");
-            for id in &ids {
-                list.push_bind(*id);
-            }
-            list.push_unseparated(")");
-            update.build().execute(&mut *tx).await?;
-            let mut select: QueryBuilder<MySql> = QueryBuilder::new(
-                "SELECT id, payload, attempts, \
-                 CAST(TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) AS SIGNED) AS age_us \
-                 FROM jobs WHERE id IN (",
-            );
-            let mut list = select.separated(", ");
-            for id in &ids {
-                list.push_bind(*id);
-            }
-            list.push_unseparated(") ORDER BY id");
-            let jobs = select
-                .build_query_as::<JobTask>()
-                .fetch_all(&mut *tx)
-                .await?;
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(jobs)
+            Ok::<_, sqlx::Error>(ids)
         };
         self.bounded(claim).await
     }
 
     /// Writes a job's outcome. With `fence = Some(attempt)` only the holder
     /// of that attempt may write (a reclaimed job's old owner cannot
-    /// overwrite the new one); returns whether the row was written.
+    /// overwrite the new one); returns whether the row was written. A job
+    /// set back to `pending` with `retry_after` is not claimed before then.
     pub async fn finish_job(
         &self,
         id: i64,
@@ -377,17 +512,22 @@ impl Db {
         status: &str,
         result: Option<&str>,
         error: Option<&str>,
+        retry_after: Option<Duration>,
     ) -> Result<bool, DbError> {
+        let retry_us = retry_after.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
         let query = match fence {
             Some(attempt) => sqlx::query(
                 "UPDATE jobs SET status = ?, result = ?, last_error = ?, \
-                 claimed_by = IF(? = 'pending', NULL, claimed_by) \
+                 claimed_by = IF(? = 'pending', NULL, claimed_by), \
+                 not_before = IF(? IS NULL, NULL, NOW(3) + INTERVAL ? MICROSECOND) \
                  WHERE id = ? AND attempts = ? AND status = 'running'",
             )
             .bind(status)
             .bind(result)
             .bind(error)
             .bind(status)
+            .bind(retry_us)
+            .bind(retry_us)
             .bind(id)
             .bind(attempt),
             None => {
@@ -398,7 +538,8 @@ impl Db {
                     .bind(id)
             }
         };
-        let done = self.bounded(query.execute(&self.pool)).await?;
+        let mut conn = self.acquire(None).await?;
+        let done = self.bounded(query.execute(&mut *conn)).await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -407,7 +548,7 @@ impl Db {
         (self.pool.size(), self.pool.num_idle())
     }
 
-    async fn bounded<T>(
+    pub(crate) async fn bounded<T>(
         &self,
         query: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, DbError> {
@@ -416,7 +557,7 @@ impl Db {
 
     /// Runs `query` within `mysql.query_timeout` and, when the caller has a
     /// deadline, within what is left of it (the budget forwarded downstream).
-    async fn within<T>(
+    pub(crate) async fn within<T>(
         &self,
         deadline: Option<Instant>,
         query: impl Future<Output = Result<T, sqlx::Error>>,

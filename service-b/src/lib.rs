@@ -12,9 +12,11 @@
 pub mod db;
 pub mod deadline;
 pub mod grpc;
+pub mod http_client;
 pub mod metrics;
 pub mod recycle;
 pub mod registry;
+pub mod rows;
 pub mod worker;
 
 use std::{
@@ -85,24 +87,21 @@ pub fn advertise_addr(config: &LabConfig) -> String {
 pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let instance_id: Arc<str> = instance_id(&config).into();
-    // Switches whose B-side code has not landed yet: say so rather than
-    // pretend they took effect.
-    let f = &config.faults;
-    for (switch, value) in [
-        ("http_client", format!("{:?}", f.http_client)),
-        ("rows", format!("{:?}", f.rows)),
-    ] {
-        tracing::warn!(
-            switch,
-            value,
-            "fault switch accepted but not implemented in service-b yet; it has no effect"
-        );
-    }
     let registry = lab_common::metrics::registry()?;
     let metrics = Metrics::register(&registry)?;
     let registry_metrics = RegistryMetrics::register(&registry)?;
     let worker_metrics = worker::WorkerMetrics::register(&registry)?;
     let deadline_metrics = deadline::DeadlineMetrics::register(&registry)?;
+    let pool_metrics = db::PoolMetrics::register(&registry)?;
+    let job_rows = Arc::new(rows::JobRows::new(config.faults.rows, &registry)?);
+    let partner = Arc::new(
+        http_client::PartnerClient::new(
+            config.faults.http_client,
+            &config.partner,
+            http_client::HttpClientMetrics::register(&registry)?,
+        )
+        .context("building the partner-api client")?,
+    );
 
     let db_slot: Arc<OnceLock<Db>> = Arc::new(OnceLock::new());
     let serving = Arc::new(AtomicBool::new(false));
@@ -137,7 +136,13 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));
 
-    let db = Db::connect_with_retry(&config.mysql, &shutdown).await?;
+    let db = Db::connect_with_retry(
+        &config.mysql,
+        db::PoolWait::for_deadline(config.faults.deadline),
+        pool_metrics,
+        &shutdown,
+    )
+    .await?;
     tokio::time::timeout(
         config.mysql.startup_timeout,
         db.migrate_and_seed(config.mysql.seed_items),
@@ -248,9 +253,13 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         tokio::spawn(worker::run(
             config.faults.worker,
             config.worker.clone(),
-            db_slot.get().cloned().context("database connected above")?,
-            instance_id.clone(),
-            worker_metrics,
+            worker::Deps {
+                db: db_slot.get().cloned().context("database connected above")?,
+                rows: job_rows,
+                partner,
+                instance: instance_id.clone(),
+                metrics: worker_metrics,
+            },
             stop_worker.clone(),
         ));
     }

@@ -16,9 +16,14 @@
 //!   as there are free slots, atomically (`FOR UPDATE SKIP LOCKED`, then
 //!   marked running), so no two Bs ever hold the same job; a claim older
 //!   than the visibility timeout is taken back (a crashed B loses nothing);
-//!   per-job timeout; bounded retries; an undecodable payload is
-//!   dead-lettered at once. Its CPU work runs on a small pool of
-//!   low-priority threads, so request serving keeps the CPU it needs.
+//!   per-job timeout; bounded retries with exponential backoff and jitter; an
+//!   undecodable row is dead-lettered at once (with `rows = "close"`). Its
+//!   CPU work runs on a small pool of low-priority threads, so request
+//!   serving keeps the CPU it needs.
+//!
+//! Every form reads its rows through [`crate::rows`] (cause 4b) and ends
+//! each job with a call to partner-api through [`crate::http_client`]
+//! (cause 4a).
 
 use std::{
     collections::HashSet,
@@ -37,7 +42,11 @@ use prometheus::{
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{Db, JobTask};
+use crate::{
+    db::Db,
+    http_client::PartnerClient,
+    rows::{BadRow, Batch, JobRows, JobTask},
+};
 
 /// Worker metrics (DESIGN.md §5).
 #[derive(Clone)]
@@ -96,6 +105,8 @@ impl WorkerMetrics {
 /// What every job task shares.
 struct Shared {
     db: Db,
+    rows: Arc<JobRows>,
+    partner: Arc<PartnerClient>,
     instance: Arc<str>,
     config: WorkerConfig,
     metrics: WorkerMetrics,
@@ -142,20 +153,31 @@ impl Drop for TaskGuard {
     }
 }
 
+/// What the worker works with.
+pub struct Deps {
+    pub db: Db,
+    pub rows: Arc<JobRows>,
+    pub partner: Arc<PartnerClient>,
+    pub instance: Arc<str>,
+    pub metrics: WorkerMetrics,
+}
+
 /// Runs the configured worker until `shutdown`.
-pub async fn run(
-    mode: WorkerMode,
-    config: WorkerConfig,
-    db: Db,
-    instance: Arc<str>,
-    metrics: WorkerMetrics,
-    shutdown: CancellationToken,
-) {
+pub async fn run(mode: WorkerMode, config: WorkerConfig, deps: Deps, shutdown: CancellationToken) {
     let cpu_pool = (mode == WorkerMode::Bounded)
         .then(|| low_priority_pool(&config))
         .flatten();
+    let Deps {
+        db,
+        rows,
+        partner,
+        instance,
+        metrics,
+    } = deps;
     let shared = Arc::new(Shared {
         db,
+        rows,
+        partner,
         instance,
         config,
         metrics,
@@ -181,23 +203,39 @@ async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
 /// The incident: fetch a batch every tick, one task per row, no limit.
 async fn unbounded(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
-        match shared.db.fetch_pending(shared.config.batch).await {
-            Ok(rows) => {
-                for row in rows {
-                    // Counted at spawn, not when first polled: on a starved
-                    // runtime, spawned-but-waiting tasks are the pile-up.
-                    let guard = TaskGuard::start(&shared, row.id);
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        attempt_unclaimed(shared, row, guard, "unbounded").await
-                    });
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "fetching pending jobs failed"),
-        }
+        spawn_pending_batch(&shared, "unbounded").await;
         if !pause(shared.config.tick, &shutdown).await {
             return;
         }
+    }
+}
+
+/// One tick of `unbounded` / `capped`: read pending rows (unclaimed) and
+/// start a task for each as it is decoded.
+async fn spawn_pending_batch(shared: &Arc<Shared>, mode: &'static str) {
+    let batch = Batch::Pending(shared.config.batch);
+    let streamed = shared
+        .rows
+        .stream(&shared.db, &batch, |job| {
+            // Counted at spawn, not when first polled: on a starved runtime,
+            // spawned-but-waiting tasks are the pile-up.
+            let guard = TaskGuard::start(shared, job.id);
+            let shared = shared.clone();
+            tokio::spawn(async move { attempt_unclaimed(shared, job, guard, mode).await });
+        })
+        .await;
+    match streamed {
+        Ok(bad) => dead_letter(shared, bad, false).await,
+        Err(e) => tracing::warn!(error = %e, "fetching pending jobs failed"),
+    }
+}
+
+/// Writes rows that did not decode as `dead`, with the reason (`rows =
+/// "close"`). `fenced`: only while this claim still holds the row.
+async fn dead_letter(shared: &Shared, bad: Vec<BadRow>, fenced: bool) {
+    for row in bad {
+        let fence = fenced.then_some(row.attempts);
+        record(shared, row.id, fence, Outcome::Dead(row.reason)).await;
     }
 }
 
@@ -214,18 +252,7 @@ async fn capped(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             continue;
         }
-        match shared.db.fetch_pending(shared.config.batch).await {
-            Ok(rows) => {
-                for row in rows {
-                    let guard = TaskGuard::start(&shared, row.id);
-                    let shared = shared.clone();
-                    tokio::spawn(
-                        async move { attempt_unclaimed(shared, row, guard, "capped").await },
-                    );
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "fetching pending jobs failed"),
-        }
+        spawn_pending_batch(&shared, "capped").await;
         if !pause(shared.config.tick, &shutdown).await {
             return;
         }
@@ -265,7 +292,7 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         };
         let free = 1 + slots.available_permits() as u32;
-        let jobs = match shared
+        let ids = match shared
             .db
             .claim(
                 free,
@@ -275,13 +302,13 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
             )
             .await
         {
-            Ok(jobs) => jobs,
+            Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming jobs failed");
                 Vec::new()
             }
         };
-        if jobs.is_empty() {
+        if ids.is_empty() {
             drop(first);
             if !pause(shared.config.tick, &shutdown).await {
                 return;
@@ -289,21 +316,30 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
             continue;
         }
         let mut first = Some(first);
-        for job in jobs {
-            let permit = match first.take() {
-                Some(p) => p,
-                None => match slots.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    // Cannot happen: we claimed no more than were free.
-                    Err(_) => break,
-                },
-            };
-            let guard = TaskGuard::start(&shared, job.id);
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _slot = permit;
-                attempt_claimed(shared, job, guard).await;
-            });
+        let streamed = shared
+            .rows
+            .stream(&shared.db, &Batch::Claimed(ids), |job| {
+                let permit = match first.take() {
+                    Some(p) => p,
+                    None => match slots.clone().try_acquire_owned() {
+                        Ok(p) => p,
+                        // Cannot happen: we claimed no more than were free.
+                        Err(_) => return,
+                    },
+                };
+                let guard = TaskGuard::start(&shared, job.id);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _slot = permit;
+                    attempt_claimed(shared, job, guard).await;
+                });
+            })
+            .await;
+        match streamed {
+            Ok(bad) => dead_letter(&shared, bad, true).await,
+            // Claimed rows not started are taken back after the visibility
+            // timeout.
+            Err(e) => tracing::warn!(error = %e, "reading claimed jobs failed"),
         }
     }
 }
@@ -330,11 +366,20 @@ async fn attempt_claimed(shared: Arc<Shared>, job: JobTask, _guard: TaskGuard) {
     };
     let outcome = match outcome {
         Outcome::Failed(reason) if job.attempts < shared.config.max_attempts => {
-            Outcome::Retry(reason)
+            Outcome::Retry(reason, backoff(shared.config.retry_backoff, job.attempts))
         }
         other => other,
     };
     record(&shared, job.id, Some(job.attempts), outcome).await;
+}
+
+/// Exponential backoff with ±50 % jitter: `base × 2^(attempt−1)`, at most a
+/// minute, so failing jobs do not retry in lockstep against a partner that
+/// is down.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exponential = base.saturating_mul(1 << attempt.saturating_sub(1).min(16));
+    let capped = exponential.min(Duration::from_secs(60));
+    capped.mul_f64(rand::random_range(0.5..1.5))
 }
 
 /// What one attempt came to.
@@ -343,20 +388,24 @@ enum Outcome {
     Done(String),
     /// Failed; may be retried.
     Failed(String),
-    /// Failed, to be retried (bounded only).
-    Retry(String),
-    /// The payload cannot be decoded: never retried.
+    /// Failed, to be retried after the backoff (bounded only).
+    Retry(String, Duration),
+    /// The row cannot be decoded: never retried.
     Dead(String),
 }
 
 async fn record(shared: &Shared, id: i64, fence: Option<u32>, outcome: Outcome) {
-    let (status, label, result, error) = match &outcome {
-        Outcome::Done(r) => ("done", "done", Some(r.as_str()), None),
-        Outcome::Retry(e) => ("pending", "retry", None, Some(e.as_str())),
-        Outcome::Failed(e) => ("failed", "failed", None, Some(e.as_str())),
-        Outcome::Dead(e) => ("dead", "dead", None, Some(e.as_str())),
+    let (status, label, result, error, retry_after) = match &outcome {
+        Outcome::Done(r) => ("done", "done", Some(r.as_str()), None, None),
+        Outcome::Retry(e, after) => ("pending", "retry", None, Some(e.as_str()), Some(*after)),
+        Outcome::Failed(e) => ("failed", "failed", None, Some(e.as_str()), None),
+        Outcome::Dead(e) => ("dead", "dead", None, Some(e.as_str()), None),
     };
-    match shared.db.finish_job(id, fence, status, result, error).await {
+    match shared
+        .db
+        .finish_job(id, fence, status, result, error, retry_after)
+        .await
+    {
         Ok(true) => shared.metrics.jobs.with_label_values(&[label]).inc(),
         Ok(false) => {
             // Our claim was taken back (we were too slow); the new owner decides.
@@ -375,23 +424,20 @@ enum Cpu {
     Pool,
 }
 
-/// The job handler: decode, CPU work proportional to the payload, an
-/// awaited I/O step, then the outcome (the caller writes the row).
-async fn handle(shared: &Shared, payload: &[u8], cpu: Cpu) -> Outcome {
-    let text = match std::str::from_utf8(payload) {
-        Ok(text) => text.to_owned(),
-        Err(e) => return Outcome::Dead(format!("payload is not valid UTF-8: {e}")),
-    };
+/// The job handler: CPU work proportional to the payload, then the call to
+/// partner-api (the caller writes the row).
+async fn handle(shared: &Shared, payload: &str, cpu: Cpu) -> Outcome {
     let budget = shared
         .config
         .cpu_per_kib
-        .mul_f64(text.len() as f64 / 1024.0);
+        .mul_f64(payload.len() as f64 / 1024.0);
     let digest = match (cpu, &shared.cpu_pool) {
         (Cpu::Pool, Some(pool)) => {
             // If this attempt is abandoned (job timeout), the flag stops the
             // CPU work too, so the pool never does work nobody waits for.
             let abandon = AbandonOnDrop(Arc::new(AtomicBool::new(false)));
             let stop = abandon.0.clone();
+            let text = payload.to_owned();
             let (tx, rx) = tokio::sync::oneshot::channel();
             pool.spawn(move || {
                 let _ = tx.send(burn_cpu(text.as_bytes(), budget, &stop));
@@ -403,10 +449,12 @@ async fn handle(shared: &Shared, payload: &[u8], cpu: Cpu) -> Outcome {
             drop(abandon);
             digest
         }
-        _ => burn_cpu(text.as_bytes(), budget, &AtomicBool::new(false)),
+        _ => burn_cpu(payload.as_bytes(), budget, &AtomicBool::new(false)),
     };
-    tokio::time::sleep(shared.config.io_latency).await;
-    Outcome::Done(format!("digest {digest:016x}"))
+    match shared.partner.enrich(payload).await {
+        Ok(enrichment) => Outcome::Done(format!("digest {digest:016x}, {enrichment}")),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
 }
 
 /// Sets its flag when dropped.
@@ -461,6 +509,18 @@ fn lower_thread_priority(nice: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let base = Duration::from_millis(100);
+        for _ in 0..50 {
+            let first = backoff(base, 1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(150));
+            let third = backoff(base, 3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(600));
+            assert!(backoff(base, 40) <= Duration::from_secs(90));
+        }
+    }
 
     #[test]
     fn burn_cpu_takes_its_budget_and_depends_on_the_data() {

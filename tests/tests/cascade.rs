@@ -36,7 +36,7 @@ async fn scenario(
             deadline,
             "service_a.backend_timeout=1s",
             "worker.tick=500ms",
-            "worker.io_latency=1s",
+            "partner.latency=1s",
             "worker.cpu_per_kib=20ms",
         ],
     )

@@ -1,10 +1,14 @@
 //! There is no Docker engine on the build machines, so docker-compose.yml is
 //! checked statically: what it references exists, images are pinned, every
-//! service has a healthcheck and waits for healthy dependencies, the lab's
-//! environment variables are valid config, and published ports agree with
-//! the config defaults.
+//! long-running service has a healthcheck and waits for healthy dependencies
+//! (or for one-shot ones to complete), the lab's environment variables are
+//! valid config, published ports agree with the config defaults, and the
+//! partner API's certificates reach partner-api and the Bs.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
 
 use lab_common::config::{LabConfig, Sources};
 use serde_yaml::Value;
@@ -82,6 +86,38 @@ fn interpolate(text: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// Services others wait on to complete rather than to be healthy.
+fn one_shots(svcs: &serde_yaml::Mapping) -> BTreeSet<String> {
+    svcs.values()
+        .filter_map(|svc| svc.get("depends_on")?.as_mapping())
+        .flatten()
+        .filter(|(_, how)| str_of(&how["condition"]) == "service_completed_successfully")
+        .map(|(dep, _)| str_of(dep))
+        .collect()
+}
+
+/// A service's `environment` with .env substituted.
+fn environment(svc: &Value, env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    svc["environment"]
+        .as_mapping()
+        .expect("environment")
+        .iter()
+        .map(|(k, v)| (str_of(k), interpolate(&str_of(v), env)))
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| s.iter().map(str_of).collect())
+        .unwrap_or_default()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr}"))
+}
+
 #[test]
 fn every_variable_is_defined_and_every_image_pinned() {
     let text = std::fs::read_to_string(repo().join("docker-compose.yml")).expect("compose file");
@@ -149,15 +185,26 @@ fn the_topology_matches_labctl_up() {
         "service-a",
         "prometheus",
         "grafana",
+        "partner-certs",
+        "partner-api",
     ] {
         assert!(svcs.contains_key(required), "service {required} missing");
     }
+    let one_shots = one_shots(svcs);
     for (name, svc) in svcs {
         let name = str_of(name);
-        assert!(
-            svc.get("healthcheck").is_some(),
-            "{name} has no healthcheck"
-        );
+        if one_shots.contains(&name) {
+            // A one-shot exits when done: no healthcheck, no restart loop.
+            assert!(
+                svc.get("healthcheck").is_none() && str_of(&svc["restart"]) == "no",
+                "{name} is a one-shot: restart \"no\" and no healthcheck"
+            );
+        } else {
+            assert!(
+                svc.get("healthcheck").is_some(),
+                "{name} has no healthcheck"
+            );
+        }
         if let Some(deps) = svc.get("depends_on").and_then(Value::as_mapping) {
             for (dep, how) in deps {
                 let dep = str_of(dep);
@@ -165,11 +212,12 @@ fn the_topology_matches_labctl_up() {
                     svcs.contains_key(dep.as_str()),
                     "{name} depends on unknown service {dep}"
                 );
-                assert_eq!(
-                    str_of(&how["condition"]),
-                    "service_healthy",
-                    "{name} → {dep}"
-                );
+                let expected = if one_shots.contains(&dep) {
+                    "service_completed_successfully"
+                } else {
+                    "service_healthy"
+                };
+                assert_eq!(str_of(&how["condition"]), expected, "{name} → {dep}");
             }
         }
         // Every host file mounted into a container exists in the repo.
@@ -334,7 +382,12 @@ fn every_metric_on_the_dashboard_is_exported_by_the_code() {
     )
     .expect("dashboard is JSON");
     let mut sources = String::new();
-    for dir in ["common/src", "service-a/src", "service-b/src"] {
+    for dir in [
+        "common/src",
+        "service-a/src",
+        "service-b/src",
+        "partner-api/src",
+    ] {
         for entry in std::fs::read_dir(repo().join(dir)).expect("source dir") {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "rs") {
@@ -350,7 +403,9 @@ fn every_metric_on_the_dashboard_is_exported_by_the_code() {
             let names: Vec<&str> = expr
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| {
-                    w.starts_with("lab_") || w.starts_with("tokio_") || w.starts_with("process_")
+                    ["lab_", "tokio_", "process_", "partner_"]
+                        .iter()
+                        .any(|prefix| w.starts_with(prefix))
                 })
                 .collect();
             assert!(!names.is_empty(), "{expr}");
@@ -367,4 +422,150 @@ fn every_metric_on_the_dashboard_is_exported_by_the_code() {
             }
         }
     }
+}
+
+#[test]
+fn the_partner_api_gets_its_certificates_and_the_bs_trust_its_ca() {
+    let c = compose();
+    let env = dotenv();
+    let svcs = services(&c);
+    let defaults = LabConfig::default();
+    assert!(
+        c["volumes"]
+            .as_mapping()
+            .is_some_and(|v| v.contains_key("tls")),
+        "named volume tls declared"
+    );
+
+    // The one-shot writes the certificates into the volume, for the name
+    // the Bs dial.
+    let init = &svcs["partner-certs"];
+    let command = strings(&init["command"]);
+    assert_eq!(command[..2], ["partner-api", "certs"], "{command:?}");
+    let arg = |flag: &str| -> Vec<String> {
+        command
+            .windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    };
+    let dirs = arg("--dir");
+    let [dir] = dirs.as_slice() else {
+        panic!("one --dir: {command:?}")
+    };
+    let hosts = arg("--host");
+    assert!(
+        strings(&init["volumes"]).contains(&format!("tls:{dir}")),
+        "partner-certs mounts tls writable at {dir}"
+    );
+    // The file names `partner_api::certs` writes.
+    let ca = format!("{dir}/ca.pem");
+    let cert = format!("{dir}/partner.pem");
+    let key = format!("{dir}/partner.key");
+
+    // partner-api: valid config, its files from the read-only volume, and
+    // the native default ports.
+    let partner = &svcs["partner-api"];
+    assert_eq!(strings(&partner["command"]), ["partner-api"]);
+    assert!(
+        strings(&partner["volumes"]).contains(&format!("tls:{dir}:ro")),
+        "partner-api mounts tls read-only"
+    );
+    let config = lab_common::config::load(&Sources {
+        env: environment(partner, &env),
+        ..Sources::default()
+    })
+    .unwrap_or_else(|e| panic!("partner-api: its environment is not valid lab config: {e}"));
+    assert_eq!(
+        (config.partner.cert.as_str(), config.partner.key.as_str()),
+        (cert.as_str(), key.as_str())
+    );
+    let listen = port_of(&config.partner.listen);
+    let admin = port_of(&config.partner.admin_listen);
+    let expected_ports = vec![
+        format!("{}:{listen}", port_of(&defaults.partner.listen)),
+        format!("{}:{admin}", port_of(&defaults.partner.admin_listen)),
+    ];
+    assert_eq!(
+        strings(&partner["ports"]),
+        expected_ports,
+        "partner-api ports"
+    );
+    let healthcheck = strings(&partner["healthcheck"]["test"]).join(" ");
+    assert!(
+        healthcheck.contains(&format!(":{admin}/readyz")),
+        "{healthcheck}"
+    );
+
+    // Every B dials partner-api by its service name, on its port, and
+    // trusts only the CA from the read-only volume.
+    for name in ["service-b-1", "service-b-2"] {
+        let b = &svcs[name];
+        let config = lab_common::config::load(&Sources {
+            env: environment(b, &env),
+            ..Sources::default()
+        })
+        .unwrap_or_else(|e| panic!("{name}: its environment is not valid lab config: {e}"));
+        let url = &config.partner.url;
+        let host_port = url
+            .strip_prefix("https://")
+            .unwrap_or_else(|| panic!("{name}: partner.url {url} is not https"));
+        let host = host_port.split(':').next().unwrap_or_default();
+        assert_eq!(host, "partner-api", "{name} dials the compose service");
+        assert!(hosts.iter().any(|h| h == host), "certificate names {host}");
+        assert_eq!(port_of(host_port), listen, "{name}: partner port");
+        assert_eq!(config.partner.ca_cert, ca, "{name}: CA file");
+        assert!(
+            strings(&b["volumes"]).contains(&format!("tls:{dir}:ro")),
+            "{name} mounts tls read-only"
+        );
+        assert_eq!(
+            str_of(&b["depends_on"]["partner-api"]["condition"]),
+            "service_healthy",
+            "{name} waits for partner-api"
+        );
+    }
+
+    // Prometheus scrapes the partner's admin port.
+    let prometheus: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml"))
+            .expect("prometheus.yml"),
+    )
+    .expect("prometheus.yml is YAML");
+    let targets: Vec<String> = prometheus["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs")
+        .iter()
+        .flat_map(|job| {
+            job["static_configs"]
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|sc| strings(&sc["targets"]))
+        .collect();
+    assert!(
+        targets.contains(&format!("partner-api:{admin}")),
+        "{targets:?}"
+    );
+
+    // The image has the binary, and a /tls owned by the non-root user: a
+    // new named volume copies that owner, so the init container can write
+    // and partner-api can read its 0600 key.
+    let dockerfile =
+        std::fs::read_to_string(repo().join("deploy/docker/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains("target/release/partner-api"),
+        "the image ships partner-api"
+    );
+    let user = dockerfile
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("USER")
+        .trim();
+    assert!(
+        dockerfile.contains(&format!("chown {user} {dir}")),
+        "{dir} is prepared for user {user} in the image"
+    );
 }

@@ -46,7 +46,7 @@ async fn unbounded_worker_piles_up_tasks_and_runs_jobs_twice() -> anyhow::Result
             "faults.worker=unbounded",
             "worker.tick=200ms",
             "worker.batch=50",
-            "worker.io_latency=2s",
+            "partner.latency=2s",
             "worker.cpu_per_kib=0s",
         ],
     )
@@ -93,7 +93,7 @@ async fn capped_worker_overshoots_its_cap_and_still_duplicates() -> anyhow::Resu
             "worker.batch=50",
             "worker.tick=200ms",
             "worker.cap_sleep=500ms",
-            "worker.io_latency=2s",
+            "partner.latency=2s",
             "worker.cpu_per_kib=0s",
         ],
     )
@@ -127,9 +127,11 @@ async fn bounded_pool_on_two_backends_runs_every_job_exactly_once() -> anyhow::R
         2,
         &[
             "faults.worker=bounded",
+            "faults.rows=close",
+            "faults.http_client=shared",
             "worker.pool_size=8",
             "worker.tick=100ms",
-            "worker.io_latency=10ms",
+            "partner.latency=10ms",
             "worker.cpu_per_kib=1ms",
         ],
     )
@@ -205,9 +207,11 @@ async fn a_crashed_backends_claims_are_finished_by_the_other() -> anyhow::Result
         2,
         &[
             "faults.worker=bounded",
+            "faults.rows=close",
+            "faults.http_client=shared",
             "worker.pool_size=8",
             "worker.tick=100ms",
-            "worker.io_latency=400ms",
+            "partner.latency=400ms",
             "worker.cpu_per_kib=0s",
             "worker.visibility_timeout=2s",
             "worker.job_timeout=1s",
@@ -249,8 +253,10 @@ async fn bounded_pool_retries_a_timing_out_job_then_marks_it_failed() -> anyhow:
         1,
         &[
             "faults.worker=bounded",
+            "faults.http_client=shared",
             "worker.tick=100ms",
-            "worker.io_latency=1s",
+            "worker.retry_backoff=100ms",
+            "partner.latency=1s",
             "worker.job_timeout=200ms",
             "worker.max_attempts=2",
             "worker.cpu_per_kib=0s",

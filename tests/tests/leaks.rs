@@ -1,0 +1,309 @@
+//! Cause 4, the resource leaks, end to end on real TLS and MariaDB:
+//! B's outbound HTTPS client (`http_client`) and its SQL result sets
+//! (`rows`), each buggy form showing its leak in numbers and each fixed form
+//! staying flat; and the fixed client against a partner that stops answering.
+
+use std::time::Duration;
+
+use lab_tests::{TestLab, eventually, get_json};
+use nix::sys::signal::Signal;
+
+const B: &str = "service-b-1";
+const PARTNER: &str = "partner-api";
+
+async fn count(db: &sqlx::MySqlPool, sql: &'static str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
+}
+
+/// Waits until every job is `done`.
+async fn all_done(db: &sqlx::MySqlPool, jobs: i64, timeout: Duration) -> anyhow::Result<()> {
+    eventually(timeout, "every job to be done", || async {
+        let done = count(db, "SELECT COUNT(*) FROM jobs WHERE status = 'done'")
+            .await
+            .ok()?;
+        (done == jobs).then_some(())
+    })
+    .await
+}
+
+async fn metric(lab: &TestLab, service: &str, name: &str) -> anyhow::Result<f64> {
+    lab.metric(service, name, &[])
+        .await
+        .ok_or_else(|| anyhow::anyhow!("{service} does not export {name}"))
+}
+
+/// What 1 000 partner calls left behind in one `http_client` form.
+#[derive(Debug)]
+struct ClientFootprint {
+    connections_opened: f64,
+    clients_built: f64,
+    handshakes: f64,
+    unclosed: f64,
+    fds_before: f64,
+    fds_after: f64,
+    /// MySQL connections the pool opened meanwhile (each an fd too).
+    mysql_growth: f64,
+    rss_growth_mib: f64,
+}
+
+/// 1 000 jobs, each one partner call, through the bounded worker (so every
+/// job is exactly one call) with the given client form.
+async fn thousand_calls(form: &str) -> anyhow::Result<ClientFootprint> {
+    let http_client = format!("faults.http_client={form}");
+    let lab = TestLab::start(
+        1,
+        &[
+            "mode=fixed",
+            &http_client,
+            "worker.pool_size=8",
+            "worker.tick=50ms",
+            "worker.cpu_per_kib=0s",
+            "partner.latency=5ms",
+            "partner.client_max_connections=8",
+        ],
+    )
+    .await?;
+    let fds_before = metric(&lab, B, "process_open_fds").await?;
+    let mysql_before = metric(&lab, B, "lab_db_pool_connections").await?;
+    let rss_before = metric(&lab, B, "process_resident_memory_bytes").await?;
+    lab.insert_jobs(1000, 0.0).await?;
+    let db = lab.db().await?;
+    all_done(&db, 1000, Duration::from_secs(120)).await?;
+    let footprint = ClientFootprint {
+        connections_opened: metric(&lab, B, "lab_http_connections_opened_total").await?,
+        clients_built: metric(&lab, B, "lab_http_clients_built_total").await?,
+        handshakes: metric(&lab, PARTNER, "partner_tls_handshakes_total").await?,
+        unclosed: metric(&lab, B, "lab_http_responses_unclosed").await?,
+        fds_before,
+        fds_after: metric(&lab, B, "process_open_fds").await?,
+        mysql_growth: metric(&lab, B, "lab_db_pool_connections").await? - mysql_before,
+        rss_growth_mib: (metric(&lab, B, "process_resident_memory_bytes").await? - rss_before)
+            / (1024.0 * 1024.0),
+    };
+    println!("{form}: {footprint:?}");
+    Ok(footprint)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_clients_leak_a_connection_per_call_and_the_shared_client_reuses_its_pool()
+-> anyhow::Result<()> {
+    let leaky = thousand_calls("per-request").await?;
+    assert!(
+        leaky.clients_built >= 1000.0,
+        "a client per call: {leaky:?}"
+    );
+    assert!(
+        leaky.connections_opened >= 1000.0,
+        "a connection per call: {leaky:?}"
+    );
+    assert!(
+        leaky.handshakes >= 1000.0,
+        "partner-api saw a full TLS handshake per call: {leaky:?}"
+    );
+    assert_eq!(leaky.unclosed, 1000.0, "every body left open: {leaky:?}");
+    assert!(
+        leaky.fds_after - leaky.fds_before >= 500.0,
+        "open fds grew by hundreds: {leaky:?}"
+    );
+
+    let pooled = thousand_calls("shared").await?;
+    assert_eq!(pooled.clients_built, 1.0, "one client: {pooled:?}");
+    assert!(
+        pooled.connections_opened <= 8.0,
+        "at most the pool's 8 connections: {pooled:?}"
+    );
+    assert!(
+        pooled.handshakes <= 8.0,
+        "one handshake per pooled connection: {pooled:?}"
+    );
+    assert_eq!(pooled.unclosed, 0.0);
+    // The partner pool may keep its (at most 8) connections open while
+    // idle, and the MySQL pool grows with the worker's concurrency.
+    assert!(
+        pooled.fds_after <= pooled.fds_before + 8.0 + pooled.mysql_growth,
+        "open fds back to the baseline plus the pools: {pooled:?}"
+    );
+    println!(
+        "1000 calls: per-request opened {} connections (+{} fds, +{:.1} MiB RSS); shared opened {} (+{} fds of which {} MySQL, +{:.1} MiB RSS)",
+        leaky.connections_opened,
+        leaky.fds_after - leaky.fds_before,
+        leaky.rss_growth_mib,
+        pooled.connections_opened,
+        pooled.fds_after - pooled.fds_before,
+        pooled.mysql_growth,
+        pooled.rss_growth_mib
+    );
+    Ok(())
+}
+
+/// One B whose unbounded worker meets poison rows every 100 ms tick, with a
+/// pool of 4 connections; `rows` as given.
+async fn poisoned(rows: &str) -> anyhow::Result<TestLab> {
+    let rows = format!("faults.rows={rows}");
+    let lab = TestLab::start(
+        1,
+        &[
+            "mode=fixed",
+            "faults.worker=unbounded",
+            &rows,
+            "mysql.pool_max=4",
+            "worker.tick=100ms",
+            "worker.batch=20",
+            "worker.cpu_per_kib=0s",
+            "partner.latency=5ms",
+        ],
+    )
+    .await?;
+    let inserted = lab.insert_jobs(20, 0.3).await?;
+    anyhow::ensure!(inserted.poison > 0, "the seed gave no poison row");
+    Ok(lab)
+}
+
+async fn in_use(lab: &TestLab) -> Option<f64> {
+    lab.metric(B, "lab_db_pool_connections", &[("state", "in_use")])
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leak_on_error_pins_the_pool_and_items_fail_fast_naming_it() -> anyhow::Result<()> {
+    let lab = poisoned("leak-on-error").await?;
+    eventually(
+        Duration::from_secs(20),
+        "every pooled connection to be leaked",
+        || async {
+            let leaked = lab.metric(B, "lab_db_connections_leaked", &[]).await?;
+            (leaked >= 4.0).then_some(())
+        },
+    )
+    .await?;
+    // Pinned: in use stays at the maximum, nothing comes back.
+    for _ in 0..10 {
+        assert_eq!(in_use(&lab).await, Some(4.0), "pool pinned at its maximum");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, body, elapsed) = get_json(&format!("{}/api/items/1", lab.a_url())).await?;
+    println!("leak-on-error: GET /api/items/1 → {status} in {elapsed:?}: {body}");
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("pool exhausted"), "names the cause: {body}");
+    // mysql.acquire_timeout is 500 ms; A's deadline is 5 s.
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "fails fast, not at A's deadline: {elapsed:?}"
+    );
+    let (ready, _, why, _) = get_json(&format!("{}/readyz", lab.admin_url(B)?)).await?;
+    assert_eq!(ready, 503, "{why}");
+    assert!(
+        why["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pool exhausted"),
+        "{why}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_releases_the_connection_and_dead_letters_the_bad_row() -> anyhow::Result<()> {
+    let lab = poisoned("close").await?;
+    let db = lab.db().await?;
+    let poison = count(
+        &db,
+        "SELECT COUNT(*) FROM jobs WHERE HEX(payload) LIKE 'FFFEFD%'",
+    )
+    .await?;
+    let mut peak: f64 = 0.0;
+    eventually(
+        Duration::from_secs(20),
+        "every poison row dead-lettered",
+        || async {
+            let dead = count(
+                &db,
+                "SELECT COUNT(*) FROM jobs WHERE status = 'dead' \
+                 AND last_error LIKE '%failed to decode%'",
+            )
+            .await
+            .ok()?;
+            (dead == poison).then_some(())
+        },
+    )
+    .await?;
+    for _ in 0..10 {
+        peak = peak.max(in_use(&lab).await.unwrap_or(f64::MAX));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        peak < 4.0,
+        "the pool is not pinned: in use peaked at {peak}"
+    );
+    assert_eq!(
+        lab.metric(B, "lab_db_connections_leaked", &[]).await,
+        Some(0.0)
+    );
+    let (status, _, body, _) = get_json(&format!("{}/api/items/1", lab.a_url())).await?;
+    assert_eq!(status, 200, "items keep being served: {body}");
+    println!("close: {poison} poison rows dead-lettered, pool in use peaked at {peak} of 4");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_partner_fails_shared_calls_in_time_and_jobs_retry_with_backoff()
+-> anyhow::Result<()> {
+    let lab = TestLab::start(
+        1,
+        &[
+            "mode=fixed",
+            "worker.pool_size=4",
+            "worker.tick=50ms",
+            "worker.cpu_per_kib=0s",
+            "worker.retry_backoff=200ms",
+            "worker.max_attempts=20",
+            "partner.latency=10ms",
+            "partner.client_timeout=300ms",
+        ],
+    )
+    .await?;
+    // SIGSTOP: the kernel still accepts connections, nothing answers — a
+    // partner that is slow without end.
+    lab.stack.signal(PARTNER, Signal::SIGSTOP)?;
+    lab.insert_jobs(4, 0.0).await?;
+    let frozen = Duration::from_secs(3);
+    let until = tokio::time::Instant::now() + frozen;
+    let mut alive_peak: f64 = 0.0;
+    while tokio::time::Instant::now() < until {
+        if let Some(alive) = lab.metric(B, "lab_worker_tasks_alive", &[]).await {
+            alive_peak = alive_peak.max(alive);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let timeouts = lab
+        .metric(B, "lab_partner_calls_total", &[("outcome", "timeout")])
+        .await
+        .unwrap_or(0.0);
+    let db = lab.db().await?;
+    let max_attempts: i64 = count(&db, "SELECT CAST(MAX(attempts) AS SIGNED) FROM jobs").await?;
+    lab.stack.signal(PARTNER, Signal::SIGCONT)?;
+    all_done(&db, 4, Duration::from_secs(30)).await?;
+    let retries = lab
+        .metric(B, "lab_jobs_total", &[("outcome", "retry")])
+        .await
+        .unwrap_or(0.0);
+    println!(
+        "partner frozen {frozen:?}: {timeouts} calls timed out, {retries} retries, at most {max_attempts} attempts per job, worker tasks peaked at {alive_peak}"
+    );
+    assert!(timeouts >= 4.0, "calls ended at the client timeout");
+    assert!(alive_peak <= 4.0, "no slot pinned beyond the pool");
+    assert!(retries >= 4.0, "failed attempts were retried");
+    // Without backoff a 300 ms timeout retries ~8 times in 3 s; with a
+    // 200 ms base doubling per attempt, at most 5 attempts fit.
+    assert!(
+        (2..=6).contains(&max_attempts),
+        "retries backed off: {max_attempts} attempts in {frozen:?}"
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM jobs WHERE status <> 'done'").await?,
+        0,
+        "no job lost or failed"
+    );
+    Ok(())
+}
