@@ -285,7 +285,7 @@ impl Default for WorkerConfig {
             visibility_timeout: Duration::from_secs(30),
             job_timeout: Duration::from_secs(10),
             max_attempts: 3,
-            cpu_per_kib: Duration::from_millis(2),
+            cpu_per_kib: Duration::from_millis(5),
             retry_backoff: Duration::from_secs(1),
         }
     }
@@ -333,7 +333,7 @@ impl Default for PartnerConfig {
         Self {
             listen: "127.0.0.1:8443".into(),
             admin_listen: "127.0.0.1:9089".into(),
-            latency: Duration::from_millis(200),
+            latency: Duration::from_millis(800),
             body_bytes: 256 * 1024,
             idle_timeout: Duration::from_secs(90),
             cert: String::new(),

@@ -2,6 +2,9 @@
 //! `jobs` table — the inflow the worker of cause 2 consumes. With
 //! `--poison-ratio` some rows carry a payload that is not valid UTF-8: the
 //! worker cannot decode it and must dead-letter it, not retry it forever.
+//! Poison rows are spread evenly, not drawn at random: with a ratio of
+//! 0.001 the 1 000th, 2 000th, … rows are poison, so when the first one
+//! arrives depends only on the rate, never on luck.
 
 use std::time::Duration;
 
@@ -52,6 +55,13 @@ fn poison(rng: &mut SmallRng) -> Vec<u8> {
     vec![0xff, 0xfe, 0xfd, rng.random::<u8>() | 0x80, 0x00]
 }
 
+/// Whether row number `n` (from 0) is poison: exactly ⌊(n+1)·ratio⌋ of the
+/// first n+1 rows are.
+fn is_poison(n: u64, ratio: f64) -> bool {
+    let poison_upto = |rows: u64| (rows as f64 * ratio).floor() as u64;
+    poison_upto(n + 1) > poison_upto(n)
+}
+
 /// Inserts jobs at `rate` for `duration` (open loop, in small batches).
 pub async fn produce(spec: &JobSpec) -> anyhow::Result<JobReport> {
     if !(spec.rate > 0.0 && spec.rate.is_finite()) {
@@ -83,9 +93,10 @@ pub async fn produce(spec: &JobSpec) -> anyhow::Result<JobReport> {
         let batch = due.saturating_sub(report.inserted).min(MAX_ROWS);
         if batch > 0 {
             let mut poisoned = 0;
-            let rows: Vec<Vec<u8>> = (0..batch)
-                .map(|_| {
-                    if rng.random::<f64>() < spec.poison_ratio {
+            let first = report.inserted;
+            let rows: Vec<Vec<u8>> = (first..first + batch)
+                .map(|n| {
+                    if is_poison(n, spec.poison_ratio) {
                         poisoned += 1;
                         poison(&mut rng)
                     } else {
@@ -123,6 +134,15 @@ pub async fn produce(spec: &JobSpec) -> anyhow::Result<JobReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poison_rows_are_spread_evenly() {
+        let poison: Vec<u64> = (0..3000).filter(|&n| is_poison(n, 0.001)).collect();
+        assert_eq!(poison, vec![999, 1999, 2999]);
+        assert_eq!((0..100).filter(|&n| is_poison(n, 0.3)).count(), 30);
+        assert_eq!((0..100).filter(|&n| is_poison(n, 0.0)).count(), 0);
+        assert_eq!((0..100).filter(|&n| is_poison(n, 1.0)).count(), 100);
+    }
 
     #[test]
     fn good_payloads_are_utf8_of_the_asked_size_and_poison_is_not() {

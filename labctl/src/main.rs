@@ -72,17 +72,20 @@ enum Cmd {
 struct JobsArgs {
     #[command(flatten)]
     dir: StateDir,
-    /// Jobs per second.
-    #[arg(long)]
+    /// Jobs per second. The defaults are the incident's inflow: the buggy
+    /// preset falls over under it, the fixed one keeps up.
+    #[arg(long, default_value_t = 12.0)]
     rate: f64,
     /// How long to produce.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Fraction of rows whose payload cannot be decoded (0–1).
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of rows whose payload cannot be decoded (0–1), spread
+    /// evenly: 0.001 makes every 1 000th row poison.
+    #[arg(long, default_value_t = 0.001)]
     poison_ratio: f64,
-    /// Size of each good payload (the handler's CPU work scales with it).
-    #[arg(long, default_value_t = 1024)]
+    /// Size of each good payload (the handler's CPU work scales with it:
+    /// `worker.cpu_per_kib` per KiB).
+    #[arg(long, default_value_t = 16384)]
     payload_bytes: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,

@@ -266,7 +266,7 @@ impl Db {
                 }
                 match tokio::time::timeout(budget, self.pool.acquire()).await {
                     Ok(Ok(conn)) => Ok(conn),
-                    Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.exhausted() => {
+                    Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.at_max() => {
                         Err(DbError::Unavailable(format!(
                             "MySQL pool exhausted: all {} connections in use, none free within {budget:?} \
                              (mysql.pool_max, mysql.acquire_timeout)",
@@ -285,12 +285,19 @@ impl Db {
             PoolWait::UntilFree => loop {
                 match self.pool.acquire().await {
                     Ok(conn) => return Ok(conn),
-                    // Every connection is checked out: wait on, as Go does.
-                    Err(sqlx::Error::PoolTimedOut) if self.exhausted() => continue,
+                    // No connection free in time: wait on, as Go does —
+                    // unless the pool has none at all, which means new
+                    // connections fail (MySQL is down): that error returns.
+                    Err(sqlx::Error::PoolTimedOut) if self.pool.size() > 0 => continue,
                     Err(e) => return Err(e.into()),
                 }
             },
         }
+    }
+
+    /// The pool has opened every connection it may (idle or not).
+    fn at_max(&self) -> bool {
+        self.pool.size() >= self.pool_max
     }
 
     /// Every connection the pool may open is open and checked out.
