@@ -285,10 +285,11 @@ impl Db {
             PoolWait::UntilFree => loop {
                 match self.pool.acquire().await {
                     Ok(conn) => return Ok(conn),
-                    // No connection free in time: wait on, as Go does —
-                    // unless the pool has none at all, which means new
-                    // connections fail (MySQL is down): that error returns.
-                    Err(sqlx::Error::PoolTimedOut) if self.pool.size() > 0 => continue,
+                    // Every connection the pool may open is open and checked
+                    // out: wait on, as Go does. (Below the maximum, a timeout
+                    // means new connections fail — MySQL is down — and that
+                    // error returns, as Go's dial error does.)
+                    Err(sqlx::Error::PoolTimedOut) if self.exhausted() => continue,
                     Err(e) => return Err(e.into()),
                 }
             },

@@ -118,9 +118,10 @@ async fn per_request_clients_leak_a_connection_per_call_and_the_shared_client_re
     );
     assert_eq!(pooled.unclosed, 0.0);
     // The partner pool may keep its (at most 8) connections open while
-    // idle, and the MySQL pool grows with the worker's concurrency.
+    // idle, the MySQL pool grows with the worker's concurrency, and the
+    // runtime may open a few of its own (slack 4).
     assert!(
-        pooled.fds_after <= pooled.fds_before + 8.0 + pooled.mysql_growth,
+        pooled.fds_after <= pooled.fds_before + 8.0 + pooled.mysql_growth + 4.0,
         "open fds back to the baseline plus the pools: {pooled:?}"
     );
     println!(
