@@ -33,6 +33,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init(service, &config.telemetry);
+    raise_open_file_limit();
     let shutdown = match on_signal() {
         Ok(token) => token,
         Err(e) => {
@@ -46,5 +47,20 @@ where
             tracing::error!(error = format!("{e:#}"), "{service} failed");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go's runtime
+/// does at start (since Go 1.19): a leak of sockets then meets the same
+/// ceiling the incident's Go service had, not a distro's 1 024 default.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, soft, "could not raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
     }
 }

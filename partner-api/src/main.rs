@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use lab_common::config::{ConfigArgs, load_or_exit};
 
-/// partner-api: the HTTPS partner service B calls (see DESIGN.md §2).
+/// partner-api: the HTTPS partner service B calls once per job (README, "Cause 4").
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {

@@ -256,7 +256,7 @@ async fn idle_connections_close_but_unread_answers_pin_theirs() {
     // Far larger than loopback socket buffers can hold, so the server is
     // still writing while the client does not read.
     const BODY: usize = 32 * 1024 * 1024;
-    let partner = Partner::start(BODY, Duration::from_millis(300)).await;
+    let partner = Partner::start(BODY, Duration::from_millis(1500)).await;
     let pinning = client(&partner.files.ca_cert);
     let idle = client(&partner.files.ca_cert);
 
@@ -282,7 +282,7 @@ async fn idle_connections_close_but_unread_answers_pin_theirs() {
         .metric_reaches("partner_connections_open", 2.0)
         .await;
 
-    // The read connection goes idle and is closed after 300 ms although
+    // The read connection goes idle and is closed after 1.5 s although
     // its client keeps it pooled; the pinned one, older, stays open.
     partner
         .metric_reaches("partner_connections_open", 1.0)

@@ -131,6 +131,11 @@ where
                 }
                 Err(e) => {
                     let e: BoxError = e.into();
+                    // A's own deadline ran out: this B is slow, not gone.
+                    // Ejecting it would also turn the 504 into a 503.
+                    if is_caller_deadline(&*e) {
+                        return Err(e);
+                    }
                     let backoff = if let Ok(mut h) = health.lock() {
                         h.consecutive_failures = h.consecutive_failures.saturating_add(1);
                         let backoff = EJECT_MIN
@@ -152,11 +157,56 @@ where
     }
 }
 
+/// Whether `error` is tonic's client-side `grpc-timeout` running out
+/// (`TimeoutExpired`, anywhere in the source chain).
+fn is_caller_deadline(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::convert::Infallible;
     use tower::ServiceExt;
+
+    /// A service whose every call runs out of the caller's time.
+    #[derive(Clone)]
+    struct Slow;
+
+    impl Service<()> for Slow {
+        type Response = ();
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: ()) -> Self::Future {
+            Box::pin(async { Err(Box::new(tonic::TimeoutExpired(())) as BoxError) })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_callers_deadline_running_out_does_not_eject() {
+        let ejections =
+            IntCounterVec::new(prometheus::Opts::new("e", "e"), &["backend"]).expect("metric");
+        let mut svc = Ejecting::new("b-1", Slow, ejections.clone());
+        let err = svc
+            .ready()
+            .await
+            .expect("ready")
+            .call(())
+            .await
+            .expect_err("times out");
+        assert!(err.is::<tonic::TimeoutExpired>(), "passed through: {err}");
+        assert_eq!(ejections.with_label_values(&["b-1"]).get(), 0);
+    }
 
     /// A service that fails its first `failures` calls.
     #[derive(Clone)]

@@ -13,7 +13,9 @@
 //!   `database/sql` with a background context, which has no acquire timeout —
 //!   a query waits for a free connection for as long as it takes, so an
 //!   exhausted pool shows up as hung requests, not errors. A database that
-//!   cannot be reached still fails at once (Go returns the dial error too).
+//!   cannot be reached still fails, after `mysql.acquire_timeout` (sqlx
+//!   retries a refused connection until then; Go returns the dial error),
+//!   unless the pool was exhausted when it went away.
 
 use std::{future::Future, time::Duration};
 
@@ -61,14 +63,6 @@ impl PoolMetrics {
         ))?;
         registry.register(Box::new(waiting.clone()))?;
         Ok(Self { waiting })
-    }
-
-    /// Metrics that go nowhere (unit tests, tools).
-    pub fn unregistered() -> Self {
-        Self {
-            waiting: IntGauge::new("lab_db_acquire_waiting", "unregistered")
-                .expect("static metric options are valid"),
-        }
     }
 }
 
@@ -266,17 +260,18 @@ impl Db {
                 }
                 match tokio::time::timeout(budget, self.pool.acquire()).await {
                     Ok(Ok(conn)) => Ok(conn),
-                    Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.at_max() => {
-                        Err(DbError::Unavailable(format!(
-                            "MySQL pool exhausted: all {} connections in use, none free within {budget:?} \
-                             (mysql.pool_max, mysql.acquire_timeout)",
-                            self.pool_max
+                    // The caller's deadline, not the pool's limit, cut the wait.
+                    Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_)
+                        if budget < self.acquire_timeout =>
+                    {
+                        Err(DbError::Deadline(format!(
+                            "no MySQL connection before the caller's deadline ({budget:?} left)"
                         )))
                     }
+                    Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.at_max() => {
+                        Err(self.exhausted_error())
+                    }
                     Ok(Err(e)) => Err(e.into()),
-                    Err(_) if budget < self.acquire_timeout => Err(DbError::Deadline(format!(
-                        "no MySQL connection before the caller's deadline ({budget:?} left)"
-                    ))),
                     Err(_) => Err(DbError::Unavailable(format!(
                         "no MySQL connection within {budget:?} (mysql.acquire_timeout)"
                     ))),
@@ -285,11 +280,14 @@ impl Db {
             PoolWait::UntilFree => loop {
                 match self.pool.acquire().await {
                     Ok(conn) => return Ok(conn),
-                    // Every connection the pool may open is open and checked
-                    // out: wait on, as Go does. (Below the maximum, a timeout
-                    // means new connections fail — MySQL is down — and that
-                    // error returns, as Go's dial error does.)
-                    Err(sqlx::Error::PoolTimedOut) if self.exhausted() => continue,
+                    // The pool has opened every connection it may and none
+                    // came free in time: wait on, as Go does (each retry
+                    // joins the back of sqlx's queue again). Below the
+                    // maximum, a timeout means new connections fail — MySQL
+                    // is down — and that error returns, as Go's dial error
+                    // does. (With MySQL down, idle connections fail sqlx's
+                    // test before acquire and are closed, so the size drops.)
+                    Err(sqlx::Error::PoolTimedOut) if self.at_max() => continue,
                     Err(e) => return Err(e.into()),
                 }
             },
@@ -301,15 +299,13 @@ impl Db {
         self.pool.size() >= self.pool_max
     }
 
-    /// Every connection the pool may open is open and checked out.
-    fn exhausted(&self) -> bool {
-        let (open, idle) = self.pool_stats();
-        open >= self.pool_max && idle == 0
-    }
-
-    /// The pool's size limit (`mysql.pool_max`).
-    pub fn pool_max(&self) -> u32 {
-        self.pool_max
+    /// What an exhausted pool answers.
+    fn exhausted_error(&self) -> DbError {
+        DbError::Unavailable(format!(
+            "MySQL pool exhausted: all {} connections in use, none free within {:?} \
+             (mysql.pool_max, mysql.acquire_timeout)",
+            self.pool_max, self.acquire_timeout
+        ))
     }
 
     /// Applies pending migrations and seeds `items` 1..=seed_items.
@@ -343,22 +339,22 @@ impl Db {
     }
 
     /// `SELECT 1` within the query timeout: the `/readyz` probe. It never
-    /// waits on an exhausted pool, whatever [`PoolWait`] says: it reports it.
+    /// waits longer than `mysql.acquire_timeout` for a connection, whatever
+    /// [`PoolWait`] says, and names an exhausted pool.
     pub async fn ping(&self) -> Result<(), DbError> {
-        if self.exhausted() {
-            return Err(DbError::Unavailable(format!(
-                "MySQL pool exhausted: all {} connections in use (mysql.pool_max)",
-                self.pool_max
-            )));
-        }
-        let mut conn = tokio::time::timeout(self.acquire_timeout, self.pool.acquire())
-            .await
-            .map_err(|_| {
-                DbError::Unavailable(format!(
+        let mut conn = match tokio::time::timeout(self.acquire_timeout, self.pool.acquire()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.at_max() => {
+                return Err(self.exhausted_error());
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(DbError::Unavailable(format!(
                     "no MySQL connection within {:?} (mysql.acquire_timeout)",
                     self.acquire_timeout
-                ))
-            })??;
+                )));
+            }
+        };
         self.bounded(sqlx::query("SELECT 1").execute(&mut *conn))
             .await
             .map(|_| ())

@@ -172,10 +172,9 @@ struct PerRequest {
 
 /// A response whose body was never read, kept with the client that made it
 /// — the Go leak made explicit. Never dropped.
-pub struct UnclosedResponse {
+struct UnclosedResponse {
     _client: reqwest::Client,
     _response: reqwest::Response,
-    pub since: Instant,
 }
 
 /// `shared`: one client, a bound on calls in flight, a body size limit.
@@ -244,14 +243,6 @@ impl PartnerClient {
         result
     }
 
-    /// Responses held open so far (`per-request`).
-    pub fn unclosed(&self) -> usize {
-        match &self.form {
-            Form::PerRequest(form) => form.unclosed.lock().map_or(0, |u| u.len()),
-            Form::Shared(_) => 0,
-        }
-    }
-
     /// The incident's call: new TLS config, new client, no timeout, status
     /// checked, body never read, everything kept.
     async fn enrich_per_request(
@@ -288,7 +279,6 @@ impl PartnerClient {
             unclosed.push(UnclosedResponse {
                 _client: client,
                 _response: response,
-                since: Instant::now(),
             });
             self.metrics.responses_unclosed.set(unclosed.len() as i64);
         }

@@ -94,14 +94,21 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let deadline_metrics = deadline::DeadlineMetrics::register(&registry)?;
     let pool_metrics = db::PoolMetrics::register(&registry)?;
     let job_rows = Arc::new(rows::JobRows::new(config.faults.rows, &registry)?);
-    let partner = Arc::new(
-        http_client::PartnerClient::new(
-            config.faults.http_client,
-            &config.partner,
-            http_client::HttpClientMetrics::register(&registry)?,
-        )
-        .context("building the partner-api client")?,
-    );
+    let http_metrics = http_client::HttpClientMetrics::register(&registry)?;
+    // Only the job worker calls partner-api: without it, no client (and no
+    // CA needed).
+    let partner = if config.worker.enabled {
+        Some(Arc::new(
+            http_client::PartnerClient::new(
+                config.faults.http_client,
+                &config.partner,
+                http_metrics,
+            )
+            .context("building the partner-api client")?,
+        ))
+    } else {
+        None
+    };
 
     let db_slot: Arc<OnceLock<Db>> = Arc::new(OnceLock::new());
     let serving = Arc::new(AtomicBool::new(false));
@@ -249,7 +256,7 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         stop_registration.clone(),
     ));
     let stop_worker = CancellationToken::new();
-    if config.worker.enabled {
+    if let Some(partner) = partner {
         tokio::spawn(worker::run(
             config.faults.worker,
             config.worker.clone(),

@@ -15,8 +15,12 @@
 //!   this form keeps the `PoolConnection`, its unread result set still on
 //!   the socket, in a list that is never drained: [`LeakedResultSet`]. A
 //!   poison row stays pending and is met again every tick, so the pool
-//!   drains one connection per tick; `lab_db_connections_leaked` counts them
-//!   and `lab_db_pool_connections{state="in_use"}` climbs to `mysql.pool_max`.
+//!   drains one connection per tick under `unbounded` and `capped`;
+//!   `lab_db_connections_leaked` counts them and
+//!   `lab_db_pool_connections{state="in_use"}` climbs to `mysql.pool_max`.
+//!   (Under `bounded` a poison row is claimed, so it is met again only after
+//!   `worker.visibility_timeout`, at most `worker.max_attempts` times, and
+//!   the rows claimed after it wait in `running` that long too.)
 //! * `close` (the fix): the connection is released on every path (the
 //!   stream and the connection are dropped at the end of the call, whatever
 //!   happened); a row that fails to decode is skipped and returned as a
@@ -34,7 +38,6 @@ use sqlx::{
     pool::PoolConnection,
     query::Query,
 };
-use tokio::time::Instant;
 
 use crate::db::{Db, DbError};
 
@@ -73,12 +76,11 @@ pub enum Batch {
 const JOB_COLUMNS: &str = "SELECT id, payload, attempts, \
     CAST(TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) AS SIGNED) AS age_us FROM jobs ";
 
-/// A result set abandoned on a decode error, with the pooled connection it
-/// holds (`leak-on-error`). Never dropped: that is the leak.
-pub struct LeakedResultSet {
+/// A result set abandoned on a decode error: the pooled connection, with
+/// the rest of the rows unread on its socket (`leak-on-error`). Never
+/// dropped: that is the leak.
+struct LeakedResultSet {
     _connection: PoolConnection<MySql>,
-    pub reason: String,
-    pub since: Instant,
 }
 
 /// The batch reader of the job worker, in the configured form.
@@ -100,11 +102,6 @@ impl JobRows {
             leaked: Mutex::new(Vec::new()),
             leaked_gauge,
         })
-    }
-
-    /// Connections held by abandoned result sets so far.
-    pub fn leaked(&self) -> usize {
-        self.leaked.lock().map_or(0, |l| l.len())
     }
 
     /// Streams `batch`, handing each decoded row to `each` as it arrives.
@@ -180,8 +177,6 @@ impl JobRows {
         if let Ok(mut leaked) = self.leaked.lock() {
             leaked.push(LeakedResultSet {
                 _connection: connection,
-                reason,
-                since: Instant::now(),
             });
             self.leaked_gauge.set(leaked.len() as i64);
         }

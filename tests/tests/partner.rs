@@ -40,18 +40,25 @@ async fn the_partner_api_starts_before_the_bs_with_the_lab_ca() -> anyhow::Resul
         );
     }
 
-    // It answers TLS on its port: a connection shows on its metrics.
-    let before = lab
-        .metric("partner-api", "partner_connections_accepted_total", &[])
-        .await
+    // It answers HTTPS, with a certificate the lab's CA vouches for: a
+    // client trusting only that CA gets a JSON answer, and the handshake is
+    // counted on partner-api's side.
+    let handshakes = |text: &str| metric_sum(text, "partner_tls_handshakes_total", &[]);
+    let before = handshakes(&lab.metrics("partner-api").await?)
         .ok_or_else(|| anyhow::anyhow!("no partner metrics"))?;
-    let _tcp = tokio::net::TcpStream::connect(&partner.listen).await?;
+    let answer = https_client(&partner.ca_cert)?
+        .post(format!("{}/v1/enrich", partner.url))
+        .body(r#"{"payload":"hello"}"#)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&answer.bytes().await?)?;
+    assert!(body["score"].is_u64(), "a JSON answer with a score");
     eventually(
         Duration::from_secs(10),
-        "the connection is counted",
+        "the handshake is counted",
         || async {
-            let text = lab.metrics("partner-api").await.ok()?;
-            let now = metric_sum(&text, "partner_connections_accepted_total", &[])?;
+            let now = handshakes(&lab.metrics("partner-api").await.ok()?)?;
             (now > before).then_some(())
         },
     )
@@ -60,4 +67,23 @@ async fn the_partner_api_starts_before_the_bs_with_the_lab_ca() -> anyhow::Resul
     lab.stack.down().await?;
     assert!(!record.is_alive(), "partner-api stopped by down");
     Ok(())
+}
+
+/// A client that trusts only the CA in `ca_pem` (ring provider).
+fn https_client(ca_pem: &str) -> anyhow::Result<reqwest::Client> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem)? {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .build()?)
 }
