@@ -361,3 +361,59 @@ async fn a_frozen_partner_fails_shared_calls_in_time_and_jobs_retry_with_backoff
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_is_down_fails_calls_at_once_and_jobs_wait_out_their_backoff()
+-> anyhow::Result<()> {
+    let lab = TestLab::start(
+        1,
+        &[
+            "mode=fixed",
+            "worker.tick=50ms",
+            "worker.cpu_per_kib=0s",
+            "worker.retry_backoff=2s",
+            "worker.max_attempts=20",
+        ],
+    )
+    .await?;
+    lab.stack.signal(PARTNER, Signal::SIGKILL)?;
+    lab.insert_jobs(4, 0.0).await?;
+    // Connection refused: each call fails at once, well inside the 2 s
+    // client timeout, and every job goes back to pending with a backoff.
+    let db = lab.db().await?;
+    eventually(
+        Duration::from_secs(10),
+        "every job waiting to retry",
+        || async {
+            let waiting = count(
+                &db,
+                "SELECT COUNT(*) FROM jobs WHERE status = 'pending' AND not_before > NOW(3)",
+            )
+            .await
+            .ok()?;
+            (waiting == 4).then_some(())
+        },
+    )
+    .await?;
+    let errors = lab
+        .metric(B, "lab_partner_calls_total", &[("outcome", "error")])
+        .await
+        .unwrap_or(0.0);
+    let slow = lab
+        .metric(
+            B,
+            "lab_partner_call_duration_seconds_bucket",
+            &[("le", "0.5")],
+        )
+        .await
+        .unwrap_or(0.0);
+    let alive = metric(&lab, B, "lab_worker_tasks_alive").await?;
+    println!("partner down: {errors} calls failed, {slow} within 0.5 s, {alive} tasks alive");
+    assert!(errors >= 4.0, "the calls failed");
+    assert_eq!(slow, errors, "each within 0.5 s, not at a timeout");
+    assert_eq!(
+        alive, 0.0,
+        "no worker slot held while jobs wait out the backoff"
+    );
+    Ok(())
+}
