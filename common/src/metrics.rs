@@ -1,5 +1,5 @@
 //! Prometheus registry with the process and tokio runtime metrics every lab
-//! service exports (DESIGN.md §5), plus small helpers for the services' own.
+//! service exports (README, "Admin endpoints and metrics"), plus small helpers for the services' own.
 
 use prometheus::{
     Gauge, Opts, Registry,

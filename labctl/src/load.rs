@@ -79,7 +79,7 @@ pub struct Percentiles {
     pub max: f64,
 }
 
-/// The `--json` report (DESIGN.md §6).
+/// The `--json` report (README, "labctl").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoadReport {
     pub requests: u64,

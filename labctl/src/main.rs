@@ -1,5 +1,5 @@
 //! `labctl`: run the lab natively, drive load at it, check config files.
-//! The command line is the contract of DESIGN.md §6.
+//! The command line is listed in the README, "labctl".
 
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
 

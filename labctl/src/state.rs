@@ -1,5 +1,5 @@
 //! `state.json`: what `labctl up` started, read by `status`, `down`, `kill`
-//! and the tests. Its shape is the `status --json` contract of DESIGN.md §6.
+//! and the tests. Its shape is what `labctl status --json` prints.
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,4 @@
-//! Service A's metrics (DESIGN.md §5).
+//! Service A's metrics (listed in the README, "Admin endpoints and metrics").
 
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,

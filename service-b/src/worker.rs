@@ -48,7 +48,7 @@ use crate::{
     rows::{BadRow, Batch, JobRows, JobTask},
 };
 
-/// Worker metrics (DESIGN.md §5).
+/// Worker metrics (README, "Admin endpoints and metrics").
 #[derive(Clone)]
 pub struct WorkerMetrics {
     pub tasks_alive: IntGauge,
