@@ -204,16 +204,13 @@ impl PartnerClient {
                     anyhow::anyhow!("reading partner.ca_cert {:?}: {e}", config.ca_cert)
                 })?;
                 let max = config.client_max_connections as usize;
-                let client = reqwest::Client::builder()
-                    .tls_backend_preconfigured(tls_config(&pem)?)
-                    .connector_layer(CountConnectionsLayer(metrics.connections_opened.clone()))
+                let client = client_builder(tls_config(&pem)?, &metrics)
                     .connect_timeout(config.client_connect_timeout)
                     .timeout(config.client_timeout)
                     .pool_max_idle_per_host(max)
                     // Close idle connections before partner-api does (its
                     // idle timeout), so a reused one is never half-closed.
                     .pool_idle_timeout(config.idle_timeout.mul_f64(0.5))
-                    .no_proxy()
                     .build()?;
                 metrics.clients_built.inc();
                 Form::Shared(Shared {
@@ -243,6 +240,14 @@ impl PartnerClient {
         result
     }
 
+    /// `POST /v1/enrich` with `body`, on `client`.
+    fn request(&self, client: &reqwest::Client, body: String) -> reqwest::RequestBuilder {
+        client
+            .post(&self.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body)
+    }
+
     /// The incident's call: new TLS config, new client, no timeout, status
     /// checked, body never read, everything kept.
     async fn enrich_per_request(
@@ -257,21 +262,9 @@ impl PartnerClient {
             ))
         })?;
         let tls = tls_config(&pem).map_err(|e| CallError::Failed(e.to_string()))?;
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connector_layer(CountConnectionsLayer(
-                self.metrics.connections_opened.clone(),
-            ))
-            .http1_only()
-            .no_proxy()
-            .build()?;
+        let client = client_builder(tls, &self.metrics).http1_only().build()?;
         self.metrics.clients_built.inc();
-        let response = client
-            .post(&self.url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await?;
+        let response = self.request(&client, body).send().await?;
         let status = response.status().as_u16();
         // resp, err := client.Do(req); if resp.StatusCode != 200 { return … }
         // — and no `defer resp.Body.Close()` on any path.
@@ -297,13 +290,7 @@ impl PartnerClient {
                 .acquire()
                 .await
                 .map_err(|_| CallError::Failed("client closed".into()))?;
-            let mut response = form
-                .client
-                .post(&self.url)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .send()
-                .await?;
+            let mut response = self.request(&form.client, body).send().await?;
             let status = response.status().as_u16();
             let limit = form.max_body_bytes;
             if response.content_length().is_some_and(|n| n > limit as u64) {
@@ -337,6 +324,18 @@ impl PartnerClient {
                 )))
             })
     }
+}
+
+/// What both forms' clients share: the TLS config, connections counted,
+/// no proxy.
+fn client_builder(
+    tls: rustls::ClientConfig,
+    metrics: &HttpClientMetrics,
+) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connector_layer(CountConnectionsLayer(metrics.connections_opened.clone()))
+        .no_proxy()
 }
 
 /// The `score` of partner-api's JSON answer.

@@ -322,8 +322,7 @@ async fn a_frozen_partner_fails_shared_calls_in_time_and_jobs_retry_with_backoff
     lab.stack.signal(PARTNER, Signal::SIGSTOP)?;
     lab.insert_jobs(4, 0.0).await?;
     let frozen = Duration::from_secs(3);
-    let until = tokio::time::Instant::now() + frozen;
-    tokio::time::sleep_until(until).await;
+    tokio::time::sleep(frozen).await;
     let timeouts = lab
         .metric(B, "lab_partner_calls_total", &[("outcome", "timeout")])
         .await
