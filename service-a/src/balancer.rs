@@ -34,10 +34,13 @@ use crate::discovery::{self, DiscoveryMetrics};
 pub type BackendChannel =
     BoxCloneSyncService<http::Request<Body>, http::Response<Body>, tonic::Status>;
 
-/// How long an idle HTTP/2 connection to the proxy may go without a ping
-/// answer before it is considered dead.
-const PROXY_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const PROXY_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive on the connection to the proxy. The proxy's own kernel
+/// answers these probes, so a dead or unreachable proxy is noticed — but no
+/// HTTP/2 ping is sent: through an L4 proxy it would reach B, and a B too
+/// starved to answer within the timeout would have its connection cut and
+/// re-placed by the proxy, quietly rebalancing the incident away. grpc-go,
+/// the incident's client, sends no pings by default either.
+const PROXY_TCP_KEEPALIVE: Duration = Duration::from_secs(10);
 /// Requests waiting for the balancer.
 const BALANCER_QUEUE: usize = 1024;
 
@@ -84,9 +87,7 @@ fn proxy(
         })?
         .connect_timeout(config.service_a.connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(PROXY_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(PROXY_KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .tcp_keepalive(Some(PROXY_TCP_KEEPALIVE));
     // A balancer of one: the proxy.
     endpoints.set(1);
     let channel = endpoint
