@@ -15,8 +15,8 @@
 //! a bad value is a [`ConfigError`] that names the key, the value, where it came
 //! from and what is allowed; binaries print it and exit with status 2.
 //!
-//! The layering and the provenance of each value live in [`layers`] (on
-//! figment); the rules beyond types, one function each, in [`rules`].
+//! The layering and the provenance of each value live in `config::layers`
+//! (on figment); the rules beyond types, one function each, in `config::rules`.
 
 mod layers;
 mod rules;
@@ -33,8 +33,13 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_ERROR_EXIT_CODE: i32 = 2;
 
 /// The preset that sets every switch at once.
+///
+/// This and the switch enums below derive `clap::ValueEnum` with the same
+/// spellings as in the config, so a command line can take a switch value
+/// (e.g. `--lbs l4,etcd`) without loading a whole config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum Mode {
     /// Every cause in the form the incident had.
     #[default]
@@ -46,6 +51,7 @@ pub enum Mode {
 /// Cause 1: how service A reaches the B instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum LbMode {
     /// One HTTP/2 connection through HAProxy's `mode tcp` frontend: every
     /// request rides the connection's one backend (the incident).
@@ -59,6 +65,7 @@ pub enum LbMode {
 /// Cause 2: how service B's job worker turns MySQL rows into work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum WorkerMode {
     /// One task per fetched row per tick, no limit (the incident).
     Unbounded,
@@ -71,6 +78,7 @@ pub enum WorkerMode {
 /// Cause 3: whether B honours its caller's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum DeadlineMode {
     /// Work is detached from the caller; nothing is shed.
     Ignore,
@@ -81,6 +89,7 @@ pub enum DeadlineMode {
 /// Cause 4a: how B builds its outbound HTTPS client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
 pub enum HttpClientMode {
     /// A new client and TLS config per call, bodies left open (the incident).
     PerRequest,
@@ -91,6 +100,7 @@ pub enum HttpClientMode {
 /// Cause 4b: what happens to a SQL result set when a row fails to decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
 pub enum RowsMode {
     /// The result set and its pooled connection are never released.
     LeakOnError,
@@ -460,6 +470,7 @@ impl Default for TelemetryConfig {
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum LogFormat {
     Text,
     Json,
@@ -652,7 +663,7 @@ pub fn env_var_for(key: &str) -> String {
 }
 
 /// Layers defaults, file, environment and overrides (later wins), then
-/// checks the rules in [`rules`].
+/// checks the rules in `config::rules`.
 pub fn load(sources: &Sources) -> Result<LabConfig, ConfigError> {
     let keys = layers::Keys::known()?;
     let mut figment = layers::defaults();
@@ -860,6 +871,32 @@ mod tests {
         assert_eq!(
             back.to_toml().expect("serializes"),
             c.to_toml().expect("serializes")
+        );
+    }
+
+    #[test]
+    fn switches_parse_on_the_command_line_as_spelled_in_config() {
+        fn same_names<T: clap::ValueEnum + Serialize>() {
+            for variant in T::value_variants() {
+                let in_config = serde_json::to_value(variant).expect("serializes");
+                let on_command_line = variant.to_possible_value().expect("not hidden");
+                assert_eq!(in_config.as_str(), Some(on_command_line.get_name()));
+            }
+        }
+        same_names::<Mode>();
+        same_names::<LbMode>();
+        same_names::<WorkerMode>();
+        same_names::<DeadlineMode>();
+        same_names::<HttpClientMode>();
+        same_names::<RowsMode>();
+        same_names::<LogFormat>();
+        assert_eq!(
+            <LbMode as clap::ValueEnum>::from_str("per-request", false).ok(),
+            None
+        );
+        assert_eq!(
+            <HttpClientMode as clap::ValueEnum>::from_str("per-request", false).ok(),
+            Some(HttpClientMode::PerRequest)
         );
     }
 
