@@ -875,6 +875,37 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_names_the_layer_that_set_the_value() {
+        let f = file("[worker]\npool_size = 0\njob_timeout = \"1s\"\n");
+        let msg = load(&Sources {
+            file: Some(f.path().to_path_buf()),
+            env: env(&[("LAB_WORKER_POOL_SIZE", "0")]),
+            ..Sources::default()
+        })
+        .expect_err("rejected")
+        .to_string();
+        assert!(msg.contains("worker.pool_size"), "{msg}");
+        assert!(msg.contains("LAB_WORKER_POOL_SIZE"), "{msg}");
+
+        let fixed = load(&Sources {
+            file: Some(f.path().to_path_buf()),
+            overrides: vec!["worker.pool_size=2".into()],
+            ..Sources::default()
+        })
+        .expect("a later layer repairs an earlier one");
+        assert_eq!(fixed.worker.pool_size, 2);
+        assert_eq!(fixed.worker.job_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_number_is_not_a_switch_value() {
+        let f = file("[faults]\nlb = 1\n");
+        let msg = check_file(f.path()).expect_err("rejected").to_string();
+        assert!(msg.contains("faults.lb"), "{msg}");
+        assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
     fn switches_parse_on_the_command_line_as_spelled_in_config() {
         fn same_names<T: clap::ValueEnum + Serialize>() {
             for variant in T::value_variants() {

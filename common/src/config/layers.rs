@@ -159,9 +159,9 @@ pub(super) fn merge_override(
 }
 
 /// Reads the merged layers into a [`RawConfig`]. The values pass through a
-/// TOML document so they are read by TOML's rules whatever their source
-/// (figment's own extraction would take the number 1 as `faults.lb = "l7"`,
-/// an enum's variant index), and the error keeps the key's path.
+/// TOML document, so a value is read by TOML's rules whatever its source and
+/// a type error is worded as the TOML file's reader words it (figment's
+/// extraction words them its own way); the error keeps the key's path.
 pub(super) fn extract(figment: &Figment) -> Result<RawConfig, ConfigError> {
     let merged: toml::Table = figment
         .extract()

@@ -48,8 +48,9 @@ pub(super) fn validate(
     Ok(())
 }
 
-/// Listeners are bound as given: a host name would need a resolver and
-/// could bind somewhere unexpected.
+/// Listen addresses are read as IP:PORT elsewhere too (B's instance id and
+/// advertised address, labctl's port plan): a host name would fail there,
+/// later and far from the key.
 fn listeners_are_ip_port(c: &LabConfig) -> Result<(), Broken> {
     let listeners = [
         ("service_a.listen", &c.service_a.listen),
@@ -102,7 +103,8 @@ fn mysql_url_is_mysql(c: &LabConfig) -> Result<(), Broken> {
     ))
 }
 
-/// A zero timeout would fail every call, or mean "none" to some clients.
+/// A zero timeout or lease would expire before any call or registration
+/// could finish.
 fn timeouts_are_positive(c: &LabConfig) -> Result<(), Broken> {
     all_positive(&[
         ("service_a.backend_timeout", c.service_a.backend_timeout),
@@ -119,7 +121,8 @@ fn timeouts_are_positive(c: &LabConfig) -> Result<(), Broken> {
     ])
 }
 
-/// More than ±50 % would let two Bs recycle in step again, or at age zero.
+/// Each B scales its connection age once by a random factor in 1 ± jitter:
+/// past one half, a B could recycle connections almost as soon as they open.
 fn recycle_jitter_is_at_most_half(c: &LabConfig) -> Result<(), Broken> {
     let jitter = c.service_b.max_connection_age_jitter;
     if (0.0..=0.5).contains(&jitter) {
@@ -193,8 +196,7 @@ fn pool_and_payload_are_at_least_one(c: &LabConfig) -> Result<(), Broken> {
     all_at_least_one(&[("service_b.max_payload_bytes", c.service_b.max_payload_bytes)])
 }
 
-/// B trusts the partner through TLS only (its CA), so plain HTTP would
-/// bypass the very client the faults are about.
+/// The partner speaks TLS only; a plain http:// URL would fail every call.
 fn partner_url_is_https(c: &LabConfig) -> Result<(), Broken> {
     if c.partner.url.starts_with("https://") {
         return Ok(());
