@@ -5,7 +5,9 @@
 //! * `GET /readyz`  — dependencies reachable (200, or 503 with the reason);
 //! * `GET /faults`  — the effective mode and switches, as JSON.
 //!
-//! Services add their own routes (profiles, task dumps) with [`Router::merge`].
+//! Every service serves exactly these routes, each with its own
+//! [`AdminState`]: what differs between services is the readiness probe and
+//! the metrics in the registry, not the routes.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 

@@ -14,11 +14,15 @@
 //! Nothing is silently ignored: an unknown key, an unknown `LAB_*` variable or
 //! a bad value is a [`ConfigError`] that names the key, the value, where it came
 //! from and what is allowed; binaries print it and exit with status 2.
+//!
+//! The layering and the provenance of each value live in `config::layers`
+//! (on figment); the rules beyond types, one function each, in `config::rules`.
+
+mod layers;
+mod rules;
 
 use std::{
-    collections::BTreeMap,
     fmt,
-    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -29,8 +33,13 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_ERROR_EXIT_CODE: i32 = 2;
 
 /// The preset that sets every switch at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+///
+/// This and the switch enums below derive `clap::ValueEnum` with the same
+/// spellings as in the config, so a command line can take a switch value
+/// (e.g. `--lbs l4,etcd`) without loading a whole config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum Mode {
     /// Every cause in the form the incident had.
     #[default]
@@ -40,8 +49,9 @@ pub enum Mode {
 }
 
 /// Cause 1: how service A reaches the B instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum LbMode {
     /// One HTTP/2 connection through HAProxy's `mode tcp` frontend: every
     /// request rides the connection's one backend (the incident).
@@ -53,8 +63,9 @@ pub enum LbMode {
 }
 
 /// Cause 2: how service B's job worker turns MySQL rows into work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum WorkerMode {
     /// One task per fetched row per tick, no limit (the incident).
     Unbounded,
@@ -65,8 +76,9 @@ pub enum WorkerMode {
 }
 
 /// Cause 3: whether B honours its caller's deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum DeadlineMode {
     /// Work is detached from the caller; nothing is shed.
     Ignore,
@@ -75,8 +87,9 @@ pub enum DeadlineMode {
 }
 
 /// Cause 4a: how B builds its outbound HTTPS client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
 pub enum HttpClientMode {
     /// A new client and TLS config per call, bodies left open (the incident).
     PerRequest,
@@ -85,8 +98,9 @@ pub enum HttpClientMode {
 }
 
 /// Cause 4b: what happens to a SQL result set when a row fails to decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
 pub enum RowsMode {
     /// The result set and its pooled connection are never released.
     LeakOnError,
@@ -142,8 +156,6 @@ struct FaultOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     rows: Option<RowsMode>,
 }
-
-const FAULT_KEYS: [&str; 5] = ["lb", "worker", "deadline", "http_client", "rows"];
 
 /// Service A: the HTTP/JSON front and gRPC client of B.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,7 +221,9 @@ pub struct ServiceBConfig {
     /// How long shutdown waits for in-flight requests before giving up.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Server-side connection recycling (`0s` = off); see issue #3.
+    /// Server-side connection recycling (`0s` = off): B sends GOAWAY to a
+    /// connection older than this, so a client behind the L4 proxy reconnects
+    /// and may land on another B (service-b's `recycle` module).
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
     /// Grace period after `max_connection_age` before the connection is closed.
@@ -454,8 +468,9 @@ impl Default for TelemetryConfig {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum LogFormat {
     Text,
     Json,
@@ -560,8 +575,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid TOML: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("unknown config key `{key}` (from {origin}); allowed keys here: {allowed}")]
     UnknownKey {
         key: String,
@@ -577,6 +595,10 @@ pub enum ConfigError {
         origin: Origin,
         reason: String,
     },
+    /// The layers could not be read back as one document; a defect in the
+    /// loader, not in the user's input.
+    #[error("cannot combine the configuration layers: {0}")]
+    Layers(#[source] Box<figment::Error>),
 }
 
 impl ConfigError {
@@ -635,396 +657,26 @@ pub fn load_or_exit(args: &ConfigArgs) -> LabConfig {
     load(&Sources::from_args(args)).unwrap_or_else(|e| e.exit())
 }
 
-/// Environment variables that are not config keys but are still ours.
-const RESERVED_ENV: [&str; 1] = ["LAB_CONFIG"];
-
-/// The type of a leaf key, taken from its default value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Str,
-    Int,
-    Float,
-    Bool,
-    List,
-}
-
-/// Every settable key path with its kind.
-fn known_keys() -> BTreeMap<String, Kind> {
-    let defaults = toml::Table::try_from(RawConfig::default())
-        .expect("default config serializes to a TOML table");
-    let mut keys = BTreeMap::new();
-    collect_leaves(&defaults, "", &mut keys);
-    for k in FAULT_KEYS {
-        keys.insert(format!("faults.{k}"), Kind::Str);
-    }
-    keys
-}
-
-fn collect_leaves(table: &toml::Table, prefix: &str, out: &mut BTreeMap<String, Kind>) {
-    for (k, v) in table {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        let kind = match v {
-            toml::Value::Table(t) => {
-                collect_leaves(t, &path, out);
-                continue;
-            }
-            toml::Value::Integer(_) => Kind::Int,
-            toml::Value::Float(_) => Kind::Float,
-            toml::Value::Boolean(_) => Kind::Bool,
-            toml::Value::Array(_) => Kind::List,
-            _ => Kind::Str,
-        };
-        out.insert(path, kind);
-    }
-}
-
 /// `faults.http_client` → `LAB_FAULTS_HTTP_CLIENT`.
 pub fn env_var_for(key: &str) -> String {
     format!("LAB_{}", key.replace('.', "_").to_ascii_uppercase())
 }
 
-/// Layers defaults, file, environment and overrides, then validates.
+/// Layers defaults, file, environment and overrides (later wins), then
+/// checks the rules in `config::rules`.
 pub fn load(sources: &Sources) -> Result<LabConfig, ConfigError> {
-    let known = known_keys();
-    let mut merged = toml::Table::new();
-    let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
-
+    let keys = layers::Keys::known()?;
+    let mut figment = layers::defaults();
     if let Some(path) = &sources.file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-            path: path.clone(),
-            source,
-        })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let origin = Origin::File(path.clone());
-        let mut leaves = Vec::new();
-        flatten(&table, "", &mut leaves);
-        for (key, value) in leaves {
-            check_known(&known, &key, &origin)?;
-            set_path(&mut merged, &key, value);
-            origins.insert(key, origin.clone());
-        }
+        figment = layers::merge_file(figment, path, &keys)?;
     }
-
-    let by_env: BTreeMap<String, &String> = known.keys().map(|k| (env_var_for(k), k)).collect();
-    let mut env: Vec<&(String, String)> = sources
-        .env
-        .iter()
-        // An empty variable counts as unset: compose passes `${X:-}` through
-        // as "" when the user did not set X.
-        .filter(|(k, v)| {
-            k.starts_with("LAB_") && !RESERVED_ENV.contains(&k.as_str()) && !v.is_empty()
-        })
-        .collect();
-    env.sort();
-    for (var, raw) in env {
-        let origin = Origin::Env(var.clone());
-        let Some(key) = by_env.get(var) else {
-            return Err(ConfigError::UnknownKey {
-                key: var.clone(),
-                origin,
-                allowed: by_env.keys().cloned().collect::<Vec<_>>().join(", "),
-            });
-        };
-        let value = typed_value(key, known[*key], raw, &origin)?;
-        set_path(&mut merged, key, value);
-        origins.insert((*key).clone(), origin);
-    }
-
+    figment = layers::merge_env(figment, &sources.env, &keys)?;
     for arg in &sources.overrides {
-        let origin = Origin::Flag(format!("--set {arg}"));
-        let Some((key, raw)) = arg.split_once('=') else {
-            return Err(ConfigError::MalformedOverride {
-                arg: arg.clone(),
-                origin,
-            });
-        };
-        let key = key.trim();
-        check_known(&known, key, &origin)?;
-        let value = typed_value(key, known[key], raw.trim(), &origin)?;
-        set_path(&mut merged, key, value);
-        origins.insert(key.to_string(), origin);
+        figment = layers::merge_override(figment, arg, &keys)?;
     }
-
-    let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
-        .map_err(|e| {
-            let key = e.path().to_string();
-            let value = lookup(&merged, &key)
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| "?".into());
-            ConfigError::InvalidValue {
-                origin: origins.get(&key).cloned().unwrap_or(Origin::Default),
-                key,
-                value,
-                reason: first_line(&e.into_inner().to_string()),
-            }
-        })?;
-    let config = raw.resolve();
-    validate(&config, &origins)?;
+    let config = layers::extract(&figment)?.resolve();
+    rules::validate(&config, |key| layers::origin_of(&figment, key))?;
     Ok(config)
-}
-
-/// The deserializer's message without the `in `key`` context line it appends
-/// (the key is already in our message).
-fn first_line(message: &str) -> String {
-    message.lines().next().unwrap_or(message).trim().to_string()
-}
-
-fn check_known(
-    known: &BTreeMap<String, Kind>,
-    key: &str,
-    origin: &Origin,
-) -> Result<(), ConfigError> {
-    if known.contains_key(key) {
-        return Ok(());
-    }
-    // List the keys of the same section, which is what a typo is usually near.
-    let section = key.rsplit_once('.').map(|(s, _)| s).unwrap_or("");
-    let mut allowed: Vec<&str> = known
-        .keys()
-        .filter(|k| k.rsplit_once('.').map(|(s, _)| s).unwrap_or("") == section)
-        .map(String::as_str)
-        .collect();
-    if allowed.is_empty() {
-        allowed = known.keys().map(String::as_str).collect();
-    }
-    Err(ConfigError::UnknownKey {
-        key: key.to_string(),
-        origin: origin.clone(),
-        allowed: allowed.join(", "),
-    })
-}
-
-/// Converts an environment or flag string to the TOML type the key expects.
-fn typed_value(
-    key: &str,
-    kind: Kind,
-    raw: &str,
-    origin: &Origin,
-) -> Result<toml::Value, ConfigError> {
-    let invalid = |reason: &str| ConfigError::InvalidValue {
-        key: key.to_string(),
-        value: format!("{raw:?}"),
-        origin: origin.clone(),
-        reason: reason.to_string(),
-    };
-    Ok(match kind {
-        Kind::Str => toml::Value::String(raw.to_string()),
-        Kind::Int => toml::Value::Integer(raw.parse().map_err(|_| invalid("expected an integer"))?),
-        Kind::Float => toml::Value::Float(raw.parse().map_err(|_| invalid("expected a number"))?),
-        Kind::Bool => {
-            toml::Value::Boolean(raw.parse().map_err(|_| invalid("expected true or false"))?)
-        }
-        Kind::List => toml::Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.to_string()))
-                .collect(),
-        ),
-    })
-}
-
-fn flatten(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
-    for (k, v) in table {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        match v {
-            toml::Value::Table(t) => flatten(t, &path, out),
-            other => out.push((path, other.clone())),
-        }
-    }
-}
-
-fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) {
-    let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().unwrap_or(key);
-    let mut cur = table;
-    for part in parts {
-        let entry = cur
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if !entry.is_table() {
-            *entry = toml::Value::Table(toml::Table::new());
-        }
-        let toml::Value::Table(next) = entry else {
-            unreachable!("just made it a table")
-        };
-        cur = next;
-    }
-    cur.insert(last.to_string(), value);
-}
-
-fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
-    let mut parts = key.split('.');
-    let mut cur = table.get(parts.next()?)?;
-    for part in parts {
-        cur = cur.as_table()?.get(part)?;
-    }
-    Some(cur)
-}
-
-/// Checks that go beyond types: addresses parse, sizes and timeouts are sane.
-fn validate(c: &LabConfig, origins: &BTreeMap<String, Origin>) -> Result<(), ConfigError> {
-    let err = |key: &str, value: String, reason: &str| ConfigError::InvalidValue {
-        key: key.to_string(),
-        value,
-        origin: origins.get(key).cloned().unwrap_or(Origin::Default),
-        reason: reason.to_string(),
-    };
-    let addrs = [
-        ("service_a.listen", &c.service_a.listen),
-        ("service_a.admin_listen", &c.service_a.admin_listen),
-        ("service_b.listen", &c.service_b.listen),
-        ("service_b.admin_listen", &c.service_b.admin_listen),
-        ("partner.listen", &c.partner.listen),
-        ("partner.admin_listen", &c.partner.admin_listen),
-    ];
-    for (key, value) in addrs {
-        if value.parse::<SocketAddr>().is_err() {
-            return Err(err(
-                key,
-                format!("{value:?}"),
-                "expected IP:PORT, e.g. 127.0.0.1:8080",
-            ));
-        }
-    }
-    let urls = [
-        ("service_a.backend_l4_url", &c.service_a.backend_l4_url),
-        ("service_a.backend_l7_url", &c.service_a.backend_l7_url),
-    ];
-    for (key, value) in urls {
-        if !(value.starts_with("http://") || value.starts_with("https://")) {
-            return Err(err(
-                key,
-                format!("{value:?}"),
-                "expected an http:// or https:// URL",
-            ));
-        }
-    }
-    if !c.mysql.url.starts_with("mysql://") && !c.mysql.url.starts_with("mariadb://") {
-        return Err(err(
-            "mysql.url",
-            format!("{:?}", c.mysql.url),
-            "expected mysql://user:password@host:port/database",
-        ));
-    }
-    let positive = [
-        ("service_a.backend_timeout", c.service_a.backend_timeout),
-        ("service_a.connect_timeout", c.service_a.connect_timeout),
-        ("mysql.acquire_timeout", c.mysql.acquire_timeout),
-        ("mysql.query_timeout", c.mysql.query_timeout),
-        ("etcd.lease_ttl", c.etcd.lease_ttl),
-        ("partner.idle_timeout", c.partner.idle_timeout),
-        ("partner.client_timeout", c.partner.client_timeout),
-        (
-            "partner.client_connect_timeout",
-            c.partner.client_connect_timeout,
-        ),
-    ];
-    for (key, value) in positive {
-        if value.is_zero() {
-            return Err(err(key, "\"0s\"".into(), "must be greater than zero"));
-        }
-    }
-    let jitter = c.service_b.max_connection_age_jitter;
-    if !(0.0..=0.5).contains(&jitter) {
-        return Err(err(
-            "service_b.max_connection_age_jitter",
-            jitter.to_string(),
-            "expected a fraction between 0 and 0.5",
-        ));
-    }
-    let at_least_one = [
-        ("worker.batch", c.worker.batch),
-        ("worker.cap", c.worker.cap),
-        ("worker.pool_size", c.worker.pool_size),
-        ("worker.max_attempts", c.worker.max_attempts),
-        (
-            "service_b.max_concurrent_requests",
-            c.service_b.max_concurrent_requests,
-        ),
-        (
-            "partner.client_max_connections",
-            c.partner.client_max_connections,
-        ),
-    ];
-    for (key, value) in at_least_one {
-        if value == 0 {
-            return Err(err(key, "0".into(), "must be at least 1"));
-        }
-    }
-    let worker_positive = [
-        ("worker.tick", c.worker.tick),
-        ("worker.visibility_timeout", c.worker.visibility_timeout),
-        ("worker.job_timeout", c.worker.job_timeout),
-    ];
-    for (key, value) in worker_positive {
-        if value.is_zero() {
-            return Err(err(key, "\"0s\"".into(), "must be greater than zero"));
-        }
-    }
-    if c.worker.visibility_timeout <= c.worker.job_timeout {
-        return Err(err(
-            "worker.visibility_timeout",
-            format!(
-                "{:?}",
-                humantime::format_duration(c.worker.visibility_timeout).to_string()
-            ),
-            "must be longer than worker.job_timeout, or running jobs get reclaimed and run twice",
-        ));
-    }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.telemetry.log_filter) {
-        return Err(err(
-            "telemetry.log_filter",
-            format!("{:?}", c.telemetry.log_filter),
-            &format!("not a tracing filter: {e}"),
-        ));
-    }
-    if c.mysql.pool_max == 0 {
-        return Err(err("mysql.pool_max", "0".into(), "must be at least 1"));
-    }
-    if c.service_b.max_payload_bytes == 0 {
-        return Err(err(
-            "service_b.max_payload_bytes",
-            "0".into(),
-            "must be at least 1",
-        ));
-    }
-    if !c.partner.url.starts_with("https://") {
-        return Err(err(
-            "partner.url",
-            format!("{:?}", c.partner.url),
-            "expected an https:// URL (the partner speaks TLS only)",
-        ));
-    }
-    if c.partner.client_max_body_bytes == 0 {
-        return Err(err(
-            "partner.client_max_body_bytes",
-            "0".into(),
-            "must be at least 1",
-        ));
-    }
-    if c.etcd.lease_ttl < Duration::from_secs(1) {
-        return Err(err(
-            "etcd.lease_ttl",
-            format!(
-                "{:?}",
-                humantime::format_duration(c.etcd.lease_ttl).to_string()
-            ),
-            "etcd leases are granted in whole seconds: use at least 1s",
-        ));
-    }
-    Ok(())
 }
 
 /// Reads `path` and validates it as a full lab config (for `labctl config check`),
@@ -1219,6 +871,63 @@ mod tests {
         assert_eq!(
             back.to_toml().expect("serializes"),
             c.to_toml().expect("serializes")
+        );
+    }
+
+    #[test]
+    fn a_rule_names_the_layer_that_set_the_value() {
+        let f = file("[worker]\npool_size = 0\njob_timeout = \"1s\"\n");
+        let msg = load(&Sources {
+            file: Some(f.path().to_path_buf()),
+            env: env(&[("LAB_WORKER_POOL_SIZE", "0")]),
+            ..Sources::default()
+        })
+        .expect_err("rejected")
+        .to_string();
+        assert!(msg.contains("worker.pool_size"), "{msg}");
+        assert!(msg.contains("LAB_WORKER_POOL_SIZE"), "{msg}");
+
+        let fixed = load(&Sources {
+            file: Some(f.path().to_path_buf()),
+            overrides: vec!["worker.pool_size=2".into()],
+            ..Sources::default()
+        })
+        .expect("a later layer repairs an earlier one");
+        assert_eq!(fixed.worker.pool_size, 2);
+        assert_eq!(fixed.worker.job_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_number_is_not_a_switch_value() {
+        let f = file("[faults]\nlb = 1\n");
+        let msg = check_file(f.path()).expect_err("rejected").to_string();
+        assert!(msg.contains("faults.lb"), "{msg}");
+        assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn switches_parse_on_the_command_line_as_spelled_in_config() {
+        fn same_names<T: clap::ValueEnum + Serialize>() {
+            for variant in T::value_variants() {
+                let in_config = serde_json::to_value(variant).expect("serializes");
+                let on_command_line = variant.to_possible_value().expect("not hidden");
+                assert_eq!(in_config.as_str(), Some(on_command_line.get_name()));
+            }
+        }
+        same_names::<Mode>();
+        same_names::<LbMode>();
+        same_names::<WorkerMode>();
+        same_names::<DeadlineMode>();
+        same_names::<HttpClientMode>();
+        same_names::<RowsMode>();
+        same_names::<LogFormat>();
+        assert_eq!(
+            <LbMode as clap::ValueEnum>::from_str("per-request", false).ok(),
+            None
+        );
+        assert_eq!(
+            <HttpClientMode as clap::ValueEnum>::from_str("per-request", false).ok(),
+            Some(HttpClientMode::PerRequest)
         );
     }
 

@@ -2,7 +2,7 @@
 //! service exports (README, "Admin endpoints and metrics"), plus small helpers for the services' own.
 
 use prometheus::{
-    Gauge, Opts, Registry,
+    Gauge, Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -36,7 +36,8 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-/// Reads the tokio runtime's counters at scrape time.
+/// Reads the tokio runtime's counters at scrape time. The gauges are not
+/// registered one by one: the collector is, and sets them when scraped.
 struct TokioCollector {
     handle: tokio::runtime::Handle,
     alive_tasks: Gauge,
@@ -48,28 +49,26 @@ impl TokioCollector {
     fn new(handle: tokio::runtime::Handle) -> prometheus::Result<Self> {
         Ok(Self {
             handle,
-            alive_tasks: Gauge::with_opts(Opts::new(
+            alive_tasks: Gauge::new(
                 "tokio_alive_tasks",
                 "Tasks currently alive in the tokio runtime.",
-            ))?,
-            workers: Gauge::with_opts(Opts::new(
-                "tokio_workers",
-                "Worker threads of the tokio runtime.",
-            ))?,
-            global_queue_depth: Gauge::with_opts(Opts::new(
+            )?,
+            workers: Gauge::new("tokio_workers", "Worker threads of the tokio runtime.")?,
+            global_queue_depth: Gauge::new(
                 "tokio_global_queue_depth",
                 "Tasks waiting in the runtime's global queue (a starved runtime shows it here).",
-            ))?,
+            )?,
         })
+    }
+
+    fn gauges(&self) -> [&Gauge; 3] {
+        [&self.alive_tasks, &self.workers, &self.global_queue_depth]
     }
 }
 
 impl Collector for TokioCollector {
     fn desc(&self) -> Vec<&Desc> {
-        [&self.alive_tasks, &self.workers, &self.global_queue_depth]
-            .into_iter()
-            .flat_map(|g| g.desc())
-            .collect()
+        self.gauges().into_iter().flat_map(|g| g.desc()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -77,7 +76,7 @@ impl Collector for TokioCollector {
         self.alive_tasks.set(m.num_alive_tasks() as f64);
         self.workers.set(m.num_workers() as f64);
         self.global_queue_depth.set(m.global_queue_depth() as f64);
-        [&self.alive_tasks, &self.workers, &self.global_queue_depth]
+        self.gauges()
             .into_iter()
             .flat_map(|g| g.collect())
             .collect()
