@@ -58,9 +58,9 @@ impl BackendService {
 impl From<DbError> for Status {
     fn from(e: DbError) -> Self {
         match e {
-            DbError::Unavailable(reason) => Status::unavailable(reason),
-            DbError::Deadline(reason) => Status::deadline_exceeded(reason),
-            DbError::Other(reason) => Status::internal(reason),
+            DbError::Unavailable(reason) => Status::unavailable(reason.to_string()),
+            DbError::Deadline(reason) => Status::deadline_exceeded(reason.to_string()),
+            DbError::Failed(reason) => Status::internal(reason.to_string()),
         }
     }
 }
@@ -88,8 +88,9 @@ impl BackendService {
         Fut: Future<Output = Result<T, Status>> + Send + 'static,
         T: Send + 'static,
     {
-        // Counted by a guard: when the caller's deadline passes, tonic drops
+        // Counted by guards: when the caller's deadline passes, tonic drops
         // this future mid-way, and that request must be counted too.
+        let _in_flight = self.metrics.in_flight();
         let mut record = Record {
             metrics: &self.metrics,
             method,
