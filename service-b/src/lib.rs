@@ -9,7 +9,7 @@
 //! Shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING and the lease is
 //! revoked, B keeps serving for `service_b.drain_period`, then the listener
 //! stops accepting, HTTP/2 GOAWAY is sent and in-flight requests finish, for
-//! at most `service_b.shutdown_grace`. [`app`] holds each step.
+//! at most `service_b.shutdown_grace`. [`Application`] holds each step.
 
 mod app;
 pub mod db;
@@ -33,10 +33,7 @@ pub fn instance_id(config: &LabConfig) -> String {
     if !config.service_b.instance_id.is_empty() {
         return config.service_b.instance_id.clone();
     }
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into());
+    let host = host_name();
     let port = config
         .service_b
         .listen
@@ -55,14 +52,18 @@ pub fn advertise_addr(config: &LabConfig) -> String {
     }
     match b.listen.parse::<SocketAddr>() {
         Ok(addr) if addr.ip().is_unspecified() => {
-            let host = nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "localhost".into());
-            format!("{host}:{}", addr.port())
+            format!("{}:{}", host_name(), addr.port())
         }
         _ => b.listen.clone(),
     }
+}
+
+/// This machine's host name, or `localhost` if it has none that is UTF-8.
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Runs service B until `shutdown` is cancelled: see [`Application`] for
