@@ -345,7 +345,7 @@ impl Readiness {
         if !self.serving.load(Ordering::Acquire) {
             return Err("gRPC listener not serving".into());
         }
-        db.ping().await.map_err(|e| e.to_string())?;
+        db.ping().await.map_err(|e| format!("{}: {e}", e.kind()))?;
         if self.needs_registration && !self.registration.is_registered() {
             return Err("not registered in etcd (faults.lb = \"etcd\")".into());
         }

@@ -28,9 +28,9 @@ use sqlx::{
     pool::PoolConnection,
 };
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Registrar;
-use tokio_util::sync::CancellationToken;
 
 /// How long a query waits for a free pooled connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,18 +101,31 @@ pub enum StartupError {
 }
 
 /// Why a database call failed, as far as callers care: each kind maps to
-/// one gRPC code (see `grpc`), and the detail names the limit that was hit.
+/// one gRPC code (see `grpc`), and its message (the gRPC message too)
+/// names the limit that was hit.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The database cannot be reached or did not answer in time: retryable.
-    #[error("database unavailable: {0}")]
+    #[error(transparent)]
     Unavailable(#[from] Unavailable),
     /// Anything else (a bug, bad configuration or a schema mismatch).
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Failed(#[from] Failure),
     /// The caller's deadline left no time for the query.
     #[error(transparent)]
     Deadline(#[from] DeadlineCut),
+}
+
+impl DbError {
+    /// The kind in words, to put before the message where the gRPC code
+    /// is not there to tell it (`/readyz`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DbError::Unavailable(_) => "database unavailable",
+            DbError::Failed(_) => "database error",
+            DbError::Deadline(_) => "deadline",
+        }
+    }
 }
 
 /// MySQL could not serve the query in time; the caller may try again.
@@ -151,7 +164,7 @@ pub enum Failure {
     #[error(transparent)]
     Query(sqlx::Error),
     /// `mysql.url` does not parse as a MySQL URL.
-    #[error("mysql.url: {0}")]
+    #[error("mysql.url does not parse")]
     Url(#[source] sqlx::Error),
     /// `mysql.url` lacks a part the lab needs to create the database.
     #[error("mysql.url {url:?} {problem}")]
@@ -160,13 +173,13 @@ pub enum Failure {
     #[error("mysql.url database {0:?} must be letters, digits and _")]
     DatabaseName(String),
     /// An embedded migration failed.
-    #[error("migration failed: {0}")]
+    #[error("migration failed")]
     Migration(#[source] sqlx::migrate::MigrateError),
     /// MySQL returned an insert id that does not fit the API's i64.
     #[error("job id out of range")]
     JobIdOutOfRange(#[source] std::num::TryFromIntError),
     /// A job row did not decode; `rows = leak-on-error` gave up the batch.
-    #[error("a job row failed to decode: {0}")]
+    #[error("a job row failed to decode")]
     RowDecode(#[source] sqlx::Error),
 }
 
@@ -703,6 +716,29 @@ fn split_database(url: &str) -> Result<(String, String), DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_each_cause_once() {
+        let exhausted: DbError = Unavailable::PoolExhausted {
+            pool_max: 4,
+            acquire_timeout: Duration::from_millis(500),
+        }
+        .into();
+        assert_eq!(
+            exhausted.to_string(),
+            "MySQL pool exhausted: all 4 connections in use, none free within 500ms \
+             (mysql.pool_max, mysql.acquire_timeout)"
+        );
+        assert_eq!(exhausted.kind(), "database unavailable");
+        let startup = StartupError::Unreachable {
+            after: Duration::from_secs(30),
+            source: Unavailable::ConnectTimeout(Duration::from_secs(30)).into(),
+        };
+        assert_eq!(
+            format!("{:#}", anyhow::Error::new(startup)),
+            "MySQL not reachable after 30s: connecting did not finish within 30s"
+        );
+    }
 
     #[test]
     fn database_is_split_off_the_url() {

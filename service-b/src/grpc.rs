@@ -250,3 +250,33 @@ impl Backend for BackendService {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{DeadlineCut, Failure, Unavailable};
+
+    #[test]
+    fn db_errors_keep_their_grpc_codes_and_messages() {
+        let exhausted = Status::from(DbError::from(Unavailable::PoolExhausted {
+            pool_max: 2,
+            acquire_timeout: Duration::from_millis(500),
+        }));
+        assert_eq!(exhausted.code(), tonic::Code::Unavailable);
+        assert!(
+            exhausted
+                .message()
+                .starts_with("MySQL pool exhausted: all 2 connections in use"),
+            "{}",
+            exhausted.message()
+        );
+        let cut = Status::from(DbError::from(DeadlineCut::NoTimeLeft));
+        assert_eq!(cut.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            cut.message(),
+            "no time left before the caller's deadline; query skipped"
+        );
+        let bad = Status::from(DbError::from(Failure::DatabaseName("x;".into())));
+        assert_eq!(bad.code(), tonic::Code::Internal);
+    }
+}
