@@ -127,3 +127,56 @@ async fn mysql_outage_turns_into_fast_503() -> anyhow::Result<()> {
     assert_eq!(body["ready"], false);
     Ok(())
 }
+
+/// With `lb = "etcd"` A sends a B work only while its key is in etcd, so
+/// B's `/readyz` says ready only then: not while etcd is away (the lease
+/// is lost), and ready again once B has registered anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_etcd_registration() -> anyhow::Result<()> {
+    let mut lab = TestLab::start(1, &["faults.lb=etcd", "etcd.lease_ttl=3s"]).await?;
+    let readyz = format!("{}/readyz", lab.admin_url("service-b-1")?);
+    let (status, _, body, _) = get_json(&readyz).await?;
+    assert_eq!(status, 200, "ready once started: {body}");
+    assert_eq!(
+        lab.metric("service-b-1", "lab_registry_registered", &[])
+            .await,
+        Some(1.0)
+    );
+
+    lab.stack.stop_service("etcd").await?;
+    let why = eventually(
+        Duration::from_secs(5),
+        "B not ready while etcd is away",
+        || async {
+            let (status, _, body, _) = get_json(&readyz).await.ok()?;
+            (status == 503).then_some(body)
+        },
+    )
+    .await?;
+    assert_eq!(why["ready"], false);
+    assert!(
+        why["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not registered in etcd"),
+        "{why}"
+    );
+
+    lab.stack.restart_etcd().await?;
+    eventually(
+        Duration::from_secs(5),
+        "B ready again once registered",
+        || async {
+            let (status, _, _, _) = get_json(&readyz).await.ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        lab.metric("service-b-1", "lab_registry_registered", &[])
+            .await,
+        Some(1.0),
+        "ready means registered"
+    );
+    Ok(())
+}
