@@ -19,8 +19,9 @@
 
 use std::{future::Future, time::Duration};
 
+use backon::{ExponentialBuilder, Retryable};
 use lab_common::config::{DeadlineMode, MysqlConfig};
-use prometheus::{IntGauge, Opts, Registry};
+use prometheus::{IntGauge, Registry};
 use sqlx::{
     AssertSqlSafe, MySql, QueryBuilder,
     mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions},
@@ -28,6 +29,8 @@ use sqlx::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Registrar;
 
 /// How long a query waits for a free pooled connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +60,10 @@ pub struct PoolMetrics {
 
 impl PoolMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let waiting = IntGauge::with_opts(Opts::new(
+        let waiting = Registrar(registry).int_gauge(
             "lab_db_acquire_waiting",
             "Queries waiting for a free MySQL pool connection right now.",
-        ))?;
-        registry.register(Box::new(waiting.clone()))?;
+        )?;
         Ok(Self { waiting })
     }
 }
@@ -85,18 +87,111 @@ impl Drop for Waiting<'_> {
 /// Schema migrations compiled into the binary (service-b/migrations).
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Why a database call failed, as far as callers care.
+/// Why B could not get its database at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("MySQL not reachable after {after:?}")]
+    Unreachable {
+        after: Duration,
+        #[source]
+        source: DbError,
+    },
+    #[error("shutdown while waiting for MySQL")]
+    Shutdown,
+}
+
+/// Why a database call failed, as far as callers care: each kind maps to
+/// one gRPC code (see `grpc`), and its message (the gRPC message too)
+/// names the limit that was hit.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The database cannot be reached or did not answer in time: retryable.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// Anything else (a bug or a schema mismatch).
-    #[error("database error: {0}")]
-    Other(String),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    /// Anything else (a bug, bad configuration or a schema mismatch).
+    #[error(transparent)]
+    Failed(#[from] Failure),
     /// The caller's deadline left no time for the query.
-    #[error("{0}")]
-    Deadline(String),
+    #[error(transparent)]
+    Deadline(#[from] DeadlineCut),
+}
+
+impl DbError {
+    /// The kind in words, to put before the message where the gRPC code
+    /// is not there to tell it (`/readyz`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DbError::Unavailable(_) => "database unavailable",
+            DbError::Failed(_) => "database error",
+            DbError::Deadline(_) => "deadline",
+        }
+    }
+}
+
+/// MySQL could not serve the query in time; the caller may try again.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// The connection failed or was lost.
+    #[error(transparent)]
+    Connection(sqlx::Error),
+    /// Every pooled connection is busy (`leak-on-error` pins them for good).
+    #[error(
+        "MySQL pool exhausted: all {pool_max} connections in use, none free within \
+         {acquire_timeout:?} (mysql.pool_max, mysql.acquire_timeout)"
+    )]
+    PoolExhausted {
+        pool_max: u32,
+        acquire_timeout: Duration,
+    },
+    /// The pool could not open or hand out a connection within the limit.
+    #[error("no MySQL connection within {0:?} (mysql.acquire_timeout)")]
+    NoConnection(Duration),
+    /// The query ran past `mysql.query_timeout`.
+    #[error("query did not finish within {0:?}")]
+    QueryTimeout(Duration),
+    /// One start-up connection attempt ran out of `mysql.startup_timeout`.
+    #[error("connecting did not finish within {0:?}")]
+    ConnectTimeout(Duration),
+    /// Another B kept the migration lock (see [`Db::migrate_and_seed`]).
+    #[error("another instance held the schema lock for 60 s")]
+    SchemaLocked,
+}
+
+/// A failure that trying again will not fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// MySQL refused the query or its result did not fit the row types.
+    #[error(transparent)]
+    Query(sqlx::Error),
+    /// `mysql.url` does not parse as a MySQL URL.
+    #[error("mysql.url does not parse")]
+    Url(#[source] sqlx::Error),
+    /// `mysql.url` lacks a part the lab needs to create the database.
+    #[error("mysql.url {url:?} {problem}")]
+    UrlShape { url: String, problem: &'static str },
+    /// The database name is spliced into DDL, so it must be an identifier.
+    #[error("mysql.url database {0:?} must be letters, digits and _")]
+    DatabaseName(String),
+    /// An embedded migration failed.
+    #[error("migration failed")]
+    Migration(#[source] sqlx::migrate::MigrateError),
+    /// MySQL returned an insert id that does not fit the API's i64.
+    #[error("job id out of range")]
+    JobIdOutOfRange(#[source] std::num::TryFromIntError),
+    /// A job row did not decode; `rows = leak-on-error` gave up the batch.
+    #[error("a job row failed to decode")]
+    RowDecode(#[source] sqlx::Error),
+}
+
+/// The caller's deadline cut the query short (or left no time to start it).
+#[derive(Debug, thiserror::Error)]
+pub enum DeadlineCut {
+    #[error("no time left before the caller's deadline; query skipped")]
+    NoTimeLeft,
+    #[error("no MySQL connection before the caller's deadline ({0:?} left)")]
+    NoConnection(Duration),
+    #[error("query cut at the caller's deadline ({0:?} left)")]
+    Query(Duration),
 }
 
 impl From<sqlx::Error> for DbError {
@@ -110,8 +205,8 @@ impl From<sqlx::Error> for DbError {
             | E::ColumnDecode { .. }
             | E::Decode(_)
             | E::TypeNotFound { .. }
-            | E::Migrate(_) => DbError::Other(e.to_string()),
-            _ => DbError::Unavailable(e.to_string()),
+            | E::Migrate(_) => Failure::Query(e).into(),
+            _ => Unavailable::Connection(e).into(),
         }
     }
 }
@@ -159,48 +254,43 @@ impl std::fmt::Debug for Db {
 
 impl Db {
     /// Connects, retrying while the server is still starting, for at most
-    /// `mysql.startup_timeout` (or until `shutdown`).
+    /// `mysql.startup_timeout` (or until `shutdown`). Attempts are 100 ms
+    /// apart, doubling up to 1 s: MySQL usually comes up within seconds, and
+    /// a B waiting for it has nothing else to do.
     pub async fn connect_with_retry(
         config: &MysqlConfig,
         wait: PoolWait,
         metrics: PoolMetrics,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Db> {
-        let deadline = tokio::time::Instant::now() + config.startup_timeout;
-        let mut backoff = Duration::from_millis(100);
-        loop {
+    ) -> Result<Db, StartupError> {
+        let deadline = Instant::now() + config.startup_timeout;
+        let backoff = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(1))
+            .without_max_times();
+        let attempt = || async {
             // Each attempt is bounded too: a server that accepts connections
             // but stalls must not hang start-up past the budget.
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let attempt = match tokio::time::timeout(
-                left,
-                Db::connect(config, wait, metrics.clone()),
-            )
-            .await
-            {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, Db::connect(config, wait, metrics.clone())).await {
                 Ok(result) => result,
-                Err(_) => Err(DbError::Unavailable(format!(
-                    "connecting did not finish within {:?}",
-                    config.startup_timeout
-                ))),
-            };
-            match attempt {
-                Ok(db) => return Ok(db),
-                Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "MySQL not reachable yet");
-                }
-                Err(e) => {
-                    anyhow::bail!(
-                        "MySQL not reachable after {:?}: {e}",
-                        config.startup_timeout
-                    )
-                }
+                Err(_) => Err(Unavailable::ConnectTimeout(config.startup_timeout).into()),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.cancelled() => anyhow::bail!("shutdown while waiting for MySQL"),
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+        };
+        let connecting = attempt
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            // No attempt starts past the start-up budget.
+            .adjust(|_, delay| delay.filter(|d| Instant::now() + *d < deadline))
+            .notify(|e, delay| {
+                tracing::warn!(error = %e, retry_in = ?delay, "MySQL not reachable yet");
+            });
+        tokio::select! {
+            result = connecting => result.map_err(|source| StartupError::Unreachable {
+                after: config.startup_timeout,
+                source,
+            }),
+            () = shutdown.cancelled() => Err(StartupError::Shutdown),
         }
     }
 
@@ -212,9 +302,7 @@ impl Db {
     ) -> Result<Db, DbError> {
         let (server_url, database) = split_database(&config.url)?;
         if config.create_database {
-            let options: MySqlConnectOptions = server_url
-                .parse()
-                .map_err(|e: sqlx::Error| DbError::Other(format!("mysql.url: {e}")))?;
+            let options: MySqlConnectOptions = server_url.parse().map_err(Failure::Url)?;
             let admin = MySqlPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(config.acquire_timeout)
@@ -224,10 +312,7 @@ impl Db {
             sqlx::query(AssertSqlSafe(create)).execute(&admin).await?;
             admin.close().await;
         }
-        let options: MySqlConnectOptions = config
-            .url
-            .parse()
-            .map_err(|e: sqlx::Error| DbError::Other(format!("mysql.url: {e}")))?;
+        let options: MySqlConnectOptions = config.url.parse().map_err(Failure::Url)?;
         let pool = MySqlPoolOptions::new()
             .max_connections(config.pool_max)
             .acquire_timeout(config.acquire_timeout)
@@ -254,9 +339,7 @@ impl Db {
             PoolWait::Bounded => {
                 let budget = crate::deadline::remaining(deadline, self.acquire_timeout);
                 if budget.is_zero() {
-                    return Err(DbError::Deadline(
-                        "no time left before the caller's deadline; query skipped".into(),
-                    ));
+                    return Err(DeadlineCut::NoTimeLeft.into());
                 }
                 match tokio::time::timeout(budget, self.pool.acquire()).await {
                     Ok(Ok(conn)) => Ok(conn),
@@ -264,17 +347,13 @@ impl Db {
                     Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_)
                         if budget < self.acquire_timeout =>
                     {
-                        Err(DbError::Deadline(format!(
-                            "no MySQL connection before the caller's deadline ({budget:?} left)"
-                        )))
+                        Err(DeadlineCut::NoConnection(budget).into())
                     }
                     Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.at_max() => {
                         Err(self.exhausted_error())
                     }
                     Ok(Err(e)) => Err(e.into()),
-                    Err(_) => Err(DbError::Unavailable(format!(
-                        "no MySQL connection within {budget:?} (mysql.acquire_timeout)"
-                    ))),
+                    Err(_) => Err(Unavailable::NoConnection(budget).into()),
                 }
             }
             PoolWait::UntilFree => loop {
@@ -301,11 +380,11 @@ impl Db {
 
     /// What an exhausted pool answers.
     fn exhausted_error(&self) -> DbError {
-        DbError::Unavailable(format!(
-            "MySQL pool exhausted: all {} connections in use, none free within {:?} \
-             (mysql.pool_max, mysql.acquire_timeout)",
-            self.pool_max, self.acquire_timeout
-        ))
+        Unavailable::PoolExhausted {
+            pool_max: self.pool_max,
+            acquire_timeout: self.acquire_timeout,
+        }
+        .into()
     }
 
     /// Applies pending migrations and seeds `items` 1..=seed_items.
@@ -320,15 +399,10 @@ impl Db {
             .fetch_one(&mut *conn)
             .await?;
         if locked != Some(1) {
-            return Err(DbError::Unavailable(
-                "another instance held the schema lock for 60 s".into(),
-            ));
+            return Err(Unavailable::SchemaLocked.into());
         }
         let result = async {
-            MIGRATOR
-                .run(&mut *conn)
-                .await
-                .map_err(|e| DbError::Other(format!("migration failed: {e}")))?;
+            MIGRATOR.run(&mut *conn).await.map_err(Failure::Migration)?;
             seed_items(&mut conn, item_count).await
         }
         .await;
@@ -349,10 +423,7 @@ impl Db {
             }
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
-                return Err(DbError::Unavailable(format!(
-                    "no MySQL connection within {:?} (mysql.acquire_timeout)",
-                    self.acquire_timeout
-                )));
+                return Err(Unavailable::NoConnection(self.acquire_timeout).into());
             }
         };
         self.bounded(sqlx::query("SELECT 1").execute(&mut *conn))
@@ -391,8 +462,7 @@ impl Db {
                     .execute(&mut *conn),
             )
             .await?;
-        i64::try_from(done.last_insert_id())
-            .map_err(|_| DbError::Other("job id out of range".into()))
+        i64::try_from(done.last_insert_id()).map_err(|e| Failure::JobIdOutOfRange(e).into())
     }
 
     pub async fn get_job(
@@ -568,19 +638,12 @@ impl Db {
     ) -> Result<T, DbError> {
         let budget = crate::deadline::remaining(deadline, self.query_timeout);
         if budget.is_zero() {
-            return Err(DbError::Deadline(
-                "no time left before the caller's deadline; query skipped".into(),
-            ));
+            return Err(DeadlineCut::NoTimeLeft.into());
         }
         match tokio::time::timeout(budget, query).await {
             Ok(result) => result.map_err(DbError::from),
-            Err(_) if budget < self.query_timeout => Err(DbError::Deadline(format!(
-                "query cut at the caller's deadline ({budget:?} left)"
-            ))),
-            Err(_) => Err(DbError::Unavailable(format!(
-                "query did not finish within {:?}",
-                self.query_timeout
-            ))),
+            Err(_) if budget < self.query_timeout => Err(DeadlineCut::Query(budget).into()),
+            Err(_) => Err(Unavailable::QueryTimeout(self.query_timeout).into()),
         }
     }
 }
@@ -622,21 +685,25 @@ fn split_database(url: &str) -> Result<(String, String), DbError> {
         None => (url, None),
     };
     let Some(scheme_end) = base.find("://") else {
-        return Err(DbError::Other(format!("mysql.url {url:?} has no scheme")));
+        return Err(Failure::UrlShape {
+            url: url.to_owned(),
+            problem: "has no scheme",
+        }
+        .into());
     };
     let Some((server, database)) = base[scheme_end + 3..].rsplit_once('/') else {
-        return Err(DbError::Other(format!(
-            "mysql.url {url:?} names no database (…/DATABASE)"
-        )));
+        return Err(Failure::UrlShape {
+            url: url.to_owned(),
+            problem: "names no database (…/DATABASE)",
+        }
+        .into());
     };
     if database.is_empty()
         || !database
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
-        return Err(DbError::Other(format!(
-            "mysql.url database {database:?} must be letters, digits and _"
-        )));
+        return Err(Failure::DatabaseName(database.to_owned()).into());
     }
     let mut server_url = format!("{}{server}/", &base[..scheme_end + 3]);
     if let Some(q) = query {
@@ -649,6 +716,29 @@ fn split_database(url: &str) -> Result<(String, String), DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_each_cause_once() {
+        let exhausted: DbError = Unavailable::PoolExhausted {
+            pool_max: 4,
+            acquire_timeout: Duration::from_millis(500),
+        }
+        .into();
+        assert_eq!(
+            exhausted.to_string(),
+            "MySQL pool exhausted: all 4 connections in use, none free within 500ms \
+             (mysql.pool_max, mysql.acquire_timeout)"
+        );
+        assert_eq!(exhausted.kind(), "database unavailable");
+        let startup = StartupError::Unreachable {
+            after: Duration::from_secs(30),
+            source: Unavailable::ConnectTimeout(Duration::from_secs(30)).into(),
+        };
+        assert_eq!(
+            format!("{:#}", anyhow::Error::new(startup)),
+            "MySQL not reachable after 30s: connecting did not finish within 30s"
+        );
+    }
 
     #[test]
     fn database_is_split_off_the_url() {

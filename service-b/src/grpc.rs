@@ -58,9 +58,9 @@ impl BackendService {
 impl From<DbError> for Status {
     fn from(e: DbError) -> Self {
         match e {
-            DbError::Unavailable(reason) => Status::unavailable(reason),
-            DbError::Deadline(reason) => Status::deadline_exceeded(reason),
-            DbError::Other(reason) => Status::internal(reason),
+            DbError::Unavailable(reason) => Status::unavailable(reason.to_string()),
+            DbError::Deadline(reason) => Status::deadline_exceeded(reason.to_string()),
+            DbError::Failed(reason) => Status::internal(reason.to_string()),
         }
     }
 }
@@ -88,8 +88,9 @@ impl BackendService {
         Fut: Future<Output = Result<T, Status>> + Send + 'static,
         T: Send + 'static,
     {
-        // Counted by a guard: when the caller's deadline passes, tonic drops
+        // Counted by guards: when the caller's deadline passes, tonic drops
         // this future mid-way, and that request must be counted too.
+        let _in_flight = self.metrics.in_flight();
         let mut record = Record {
             metrics: &self.metrics,
             method,
@@ -247,5 +248,35 @@ impl Backend for BackendService {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{DeadlineCut, Failure, Unavailable};
+
+    #[test]
+    fn db_errors_keep_their_grpc_codes_and_messages() {
+        let exhausted = Status::from(DbError::from(Unavailable::PoolExhausted {
+            pool_max: 2,
+            acquire_timeout: Duration::from_millis(500),
+        }));
+        assert_eq!(exhausted.code(), tonic::Code::Unavailable);
+        assert!(
+            exhausted
+                .message()
+                .starts_with("MySQL pool exhausted: all 2 connections in use"),
+            "{}",
+            exhausted.message()
+        );
+        let cut = Status::from(DbError::from(DeadlineCut::NoTimeLeft));
+        assert_eq!(cut.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            cut.message(),
+            "no time left before the caller's deadline; query skipped"
+        );
+        let bad = Status::from(DbError::from(Failure::DatabaseName("x;".into())));
+        assert_eq!(bad.code(), tonic::Code::Internal);
     }
 }

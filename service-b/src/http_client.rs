@@ -38,8 +38,10 @@ use std::{
 };
 
 use lab_common::config::{HttpClientMode, PartnerConfig};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::{sync::Semaphore, time::Instant};
+
+use crate::metrics::Registrar;
 
 /// Outbound HTTP metrics.
 #[derive(Clone)]
@@ -53,43 +55,29 @@ pub struct HttpClientMetrics {
 
 impl HttpClientMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let clients_built = IntCounter::with_opts(Opts::new(
-            "lab_http_clients_built_total",
-            "HTTP clients (each with its own TLS config and connection pool) built by B.",
-        ))?;
-        let connections_opened = IntCounter::with_opts(Opts::new(
-            "lab_http_connections_opened_total",
-            "Outbound TCP+TLS connections opened by B (each one a full TLS handshake).",
-        ))?;
-        let responses_unclosed = IntGauge::with_opts(Opts::new(
-            "lab_http_responses_unclosed",
-            "Partner responses whose body was never read or closed, each holding its connection and client.",
-        ))?;
-        let calls = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(registry);
+        Ok(Self {
+            clients_built: r.int_counter(
+                "lab_http_clients_built_total",
+                "HTTP clients (each with its own TLS config and connection pool) built by B.",
+            )?,
+            connections_opened: r.int_counter(
+                "lab_http_connections_opened_total",
+                "Outbound TCP+TLS connections opened by B (each one a full TLS handshake).",
+            )?,
+            responses_unclosed: r.int_gauge(
+                "lab_http_responses_unclosed",
+                "Partner responses whose body was never read or closed, each holding its connection and client.",
+            )?,
+            calls: r.int_counter_vec(
                 "lab_partner_calls_total",
                 "Calls to partner-api, by outcome (ok, http_error, timeout, error).",
-            ),
-            &["outcome"],
-        )?;
-        let call_duration = Histogram::with_opts(
-            HistogramOpts::new(
+                &["outcome"],
+            )?,
+            call_duration: r.latency_histogram(
                 "lab_partner_call_duration_seconds",
                 "Time of one call to partner-api, until its result was known.",
-            )
-            .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
-        )?;
-        registry.register(Box::new(clients_built.clone()))?;
-        registry.register(Box::new(connections_opened.clone()))?;
-        registry.register(Box::new(responses_unclosed.clone()))?;
-        registry.register(Box::new(calls.clone()))?;
-        registry.register(Box::new(call_duration.clone()))?;
-        Ok(Self {
-            clients_built,
-            connections_opened,
-            responses_unclosed,
-            calls,
-            call_duration,
+            )?,
         })
     }
 }

@@ -4,43 +4,105 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
 
 use crate::db::Db;
 
+/// Declares and registers B's metrics, one call each. (prometheus's
+/// `register_*_with_registry!` macros do the same but panic on a bad name
+/// instead of returning the error.) Histograms use the latency buckets of
+/// `lab_common::metrics`.
+#[derive(Clone, Copy)]
+pub(crate) struct Registrar<'a>(pub &'a Registry);
+
+impl Registrar<'_> {
+    fn add<M: Collector + Clone + 'static>(self, metric: M) -> prometheus::Result<M> {
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn int_gauge(self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+        self.add(IntGauge::new(name, help)?)
+    }
+
+    pub fn int_counter(self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.add(IntCounter::new(name, help)?)
+    }
+
+    pub fn int_counter_vec(
+        self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
+
+    pub fn latency_histogram(self, name: &str, help: &str) -> prometheus::Result<Histogram> {
+        self.add(Histogram::with_opts(latency_opts(name, help))?)
+    }
+
+    pub fn latency_histogram_vec(
+        self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<HistogramVec> {
+        self.add(HistogramVec::new(latency_opts(name, help), labels)?)
+    }
+}
+
+fn latency_opts(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec())
+}
+
 /// gRPC traffic.
 #[derive(Clone)]
 pub struct Metrics {
     pub grpc_requests: IntCounterVec,
     pub grpc_duration: HistogramVec,
+    grpc_in_flight: IntGauge,
 }
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let grpc_requests = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(registry);
+        Ok(Self {
+            grpc_requests: r.int_counter_vec(
                 "lab_grpc_requests_total",
                 "gRPC requests handled by this B instance, by method and status code.",
-            ),
-            &["method", "code"],
-        )?;
-        let grpc_duration = HistogramVec::new(
-            HistogramOpts::new(
+                &["method", "code"],
+            )?,
+            grpc_duration: r.latency_histogram_vec(
                 "lab_grpc_request_duration_seconds",
                 "Time from receiving a gRPC request to its reply.",
-            )
-            .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
-            &["method"],
-        )?;
-        registry.register(Box::new(grpc_requests.clone()))?;
-        registry.register(Box::new(grpc_duration.clone()))?;
-        Ok(Self {
-            grpc_requests,
-            grpc_duration,
+                &["method"],
+            )?,
+            grpc_in_flight: r.int_gauge(
+                "lab_grpc_requests_in_flight",
+                "gRPC requests inside this B's handlers right now.",
+            )?,
         })
+    }
+
+    /// Counts one request as in flight until the guard drops — when the
+    /// handler returns, or when tonic drops it because the caller gave up.
+    pub fn in_flight(&self) -> InFlight {
+        self.grpc_in_flight.inc();
+        InFlight(self.grpc_in_flight.clone())
+    }
+}
+
+/// One unit of `lab_grpc_requests_in_flight`.
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -60,6 +122,7 @@ impl PoolCollector {
             ),
             &["state"],
         )?;
+        // A collector, not a metric: it reads the pool when scraped.
         registry.register(Box::new(PoolCollector { db, gauge }))
     }
 }

@@ -110,20 +110,9 @@ pub fn jittered(age: Duration, jitter: f64) -> Duration {
     if jitter <= 0.0 || age.is_zero() {
         return age;
     }
-    let factor = 1.0 + jitter.min(1.0) * (2.0 * rand_unit() - 1.0);
+    let spread = jitter.min(1.0);
+    let factor = 1.0 + rand::random_range(-spread..=spread);
     age.mul_f64(factor.max(0.0))
-}
-
-/// A number in [0, 1) from the clock and pid: enough to de-synchronise
-/// instances, no RNG dependency needed.
-fn rand_unit() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let mixed = (u64::from(nanos) ^ (u64::from(std::process::id()) << 20))
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (mixed >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

@@ -9,13 +9,22 @@
 //! On shutdown it revokes the lease first, so A stops sending before B stops
 //! serving.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
+use backon::{ExponentialBuilder, Retryable};
 use etcd_client::{Client, ConnectOptions, PutOptions};
 use lab_common::config::EtcdConfig;
-use prometheus::{IntCounter, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Registrar;
 
 /// Registration metrics.
 #[derive(Clone)]
@@ -28,32 +37,42 @@ pub struct RegistryMetrics {
 
 impl RegistryMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let registered = IntGauge::with_opts(Opts::new(
-            "lab_registry_registered",
-            "1 while this B's key is in etcd under a live lease.",
-        ))?;
-        let registrations = IntCounter::with_opts(Opts::new(
-            "lab_registry_registrations_total",
-            "Leases granted and keys put (1 at start, +1 per recovery).",
-        ))?;
-        let keepalives = IntCounter::with_opts(Opts::new(
-            "lab_registry_lease_keepalives_total",
-            "Lease keepalives answered by etcd.",
-        ))?;
-        let failures = IntCounter::with_opts(Opts::new(
-            "lab_registry_failures_total",
-            "Registration or keepalive attempts that failed (etcd down, lease lost).",
-        ))?;
-        for c in [&registrations, &keepalives, &failures] {
-            registry.register(Box::new(c.clone()))?;
-        }
-        registry.register(Box::new(registered.clone()))?;
+        let r = Registrar(registry);
         Ok(Self {
-            registered,
-            registrations,
-            keepalives,
-            failures,
+            registered: r.int_gauge(
+                "lab_registry_registered",
+                "1 while this B's key is in etcd under a live lease.",
+            )?,
+            registrations: r.int_counter(
+                "lab_registry_registrations_total",
+                "Leases granted and keys put (1 at start, +1 per recovery).",
+            )?,
+            keepalives: r.int_counter(
+                "lab_registry_lease_keepalives_total",
+                "Lease keepalives answered by etcd.",
+            )?,
+            failures: r.int_counter(
+                "lab_registry_failures_total",
+                "Registration or keepalive attempts that failed (etcd down, lease lost).",
+            )?,
         })
+    }
+}
+
+/// Whether this B's key is in etcd under a live lease right now: what
+/// `/readyz` asks when A finds Bs through etcd. Kept apart from the
+/// `lab_registry_registered` gauge so no decision reads a metric.
+#[derive(Debug, Clone, Default)]
+pub struct RegistrationStatus(Arc<AtomicBool>);
+
+impl RegistrationStatus {
+    pub fn is_registered(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, metrics: &RegistryMetrics, registered: bool) {
+        self.0.store(registered, Ordering::Release);
+        metrics.registered.set(i64::from(registered));
     }
 }
 
@@ -79,46 +98,87 @@ impl Registration {
     }
 }
 
-/// Why one registration session ended.
-enum Ended {
-    /// Asked to stop; the lease was revoked (or etcd was unreachable).
-    Stopped,
-    /// The lease or the connection was lost: register again.
-    Lost(String),
+/// Why one registration session ended other than by being asked to stop:
+/// B registers again after a backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationLost {
+    #[error("connect: {0}")]
+    Connect(#[source] etcd_client::Error),
+    #[error("lease grant: {0}")]
+    LeaseGrant(#[source] etcd_client::Error),
+    #[error("put: {0}")]
+    Put(#[source] etcd_client::Error),
+    #[error("keepalive stream: {0}")]
+    KeepAliveStream(#[source] etcd_client::Error),
+    #[error("keepalive send: {0}")]
+    KeepAliveSend(#[source] etcd_client::Error),
+    #[error("keepalive: {0}")]
+    KeepAlive(#[source] etcd_client::Error),
+    #[error("lease expired (keepalive TTL 0)")]
+    LeaseExpired,
+    #[error("keepalive stream closed")]
+    StreamClosed,
+    #[error("keepalive unanswered")]
+    Unanswered,
 }
 
 /// Keeps `registration` in etcd until `stop` is cancelled, then revokes it.
+///
+/// A lost session is retried 100 ms later, doubling up to a third of the
+/// lease TTL, and never given up: B keeps serving while etcd is away and
+/// comes back into A's view within about one TTL of etcd's return.
 pub async fn maintain(
     config: EtcdConfig,
     registration: Registration,
     metrics: RegistryMetrics,
+    status: RegistrationStatus,
     stop: CancellationToken,
 ) {
-    let ttl = config.lease_ttl;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match session(&config, &registration, &metrics, &stop).await {
-            Ok(Ended::Stopped) => return,
-            Ok(Ended::Lost(why)) | Err(why) => {
-                metrics.registered.set(0);
-                metrics.failures.inc();
-                tracing::warn!(reason = %why, retry_in = ?backoff, "etcd registration lost");
+    let min_delay = Duration::from_millis(100);
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(min_delay)
+        .with_max_delay((config.lease_ttl / 3).max(min_delay))
+        .without_max_times();
+    let lost = |why: &RegistrationLost, retry_in: Option<Duration>| {
+        status.set(&metrics, false);
+        metrics.failures.inc();
+        tracing::warn!(reason = %why, ?retry_in, "etcd registration lost");
+    };
+    // The backoff sleep ends early on stop; the next session then sees it.
+    let sleep_stop = stop.clone();
+    let sessions = || session(&config, &registration, &metrics, &status, &stop);
+    let outcome = sessions
+        .retry(backoff)
+        .sleep(move |delay| {
+            let stop = sleep_stop.clone();
+            async move {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => {}
+                }
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(ttl / 3).max(Duration::from_millis(100));
+        })
+        .when(|_| !stop.is_cancelled())
+        .notify(|why, delay| lost(why, Some(delay)))
+        .await;
+    if let Err(why) = outcome {
+        lost(&why, None);
     }
 }
 
+/// One lease: grant it, put the key under it, keep it alive until it is
+/// lost (an error) or `stop` is cancelled (the lease is revoked: `Ok`).
 async fn session(
     config: &EtcdConfig,
     registration: &Registration,
     metrics: &RegistryMetrics,
+    status: &RegistrationStatus,
     stop: &CancellationToken,
-) -> Result<Ended, String> {
+) -> Result<(), RegistrationLost> {
+    // A stop during the backoff sleep ends it early: no new lease then.
+    if stop.is_cancelled() {
+        return Ok(());
+    }
     let ttl = config.lease_ttl;
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(1))
@@ -126,12 +186,12 @@ async fn session(
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
     let mut client = Client::connect(&config.endpoints, Some(options))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(RegistrationLost::Connect)?;
     let ttl_secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
     let lease = client
         .lease_grant(ttl_secs, None)
         .await
-        .map_err(|e| format!("lease grant: {e}"))?
+        .map_err(RegistrationLost::LeaseGrant)?
         .id();
     client
         .put(
@@ -140,37 +200,37 @@ async fn session(
             Some(PutOptions::new().with_lease(lease)),
         )
         .await
-        .map_err(|e| format!("put: {e}"))?;
-    metrics.registered.set(1);
+        .map_err(RegistrationLost::Put)?;
+    status.set(metrics, true);
     metrics.registrations.inc();
     tracing::info!(key = %registration.key, lease, ?ttl, "registered in etcd");
 
     let (mut keeper, mut answers) = client
         .lease_keep_alive(lease)
         .await
-        .map_err(|e| format!("keepalive stream: {e}"))?;
+        .map_err(RegistrationLost::KeepAliveStream)?;
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
-                metrics.registered.set(0);
+                status.set(metrics, false);
                 let revoke = client.lease_revoke(lease);
                 match tokio::time::timeout(Duration::from_secs(1), revoke).await {
                     Ok(Ok(_)) => tracing::info!(key = %registration.key, "lease revoked"),
                     Ok(Err(e)) => tracing::warn!(error = %e, "lease revoke failed; the key expires with the TTL"),
                     Err(_) => tracing::warn!("lease revoke timed out; the key expires with the TTL"),
                 }
-                return Ok(Ended::Stopped);
+                return Ok(());
             }
             _ = tick.tick() => {
-                keeper.keep_alive().await.map_err(|e| format!("keepalive send: {e}"))?;
+                keeper.keep_alive().await.map_err(RegistrationLost::KeepAliveSend)?;
                 match tokio::time::timeout(ttl / 3, answers.message()).await {
                     Ok(Ok(Some(answer))) if answer.ttl() > 0 => metrics.keepalives.inc(),
-                    Ok(Ok(Some(_))) => return Ok(Ended::Lost("lease expired (keepalive TTL 0)".into())),
-                    Ok(Ok(None)) => return Ok(Ended::Lost("keepalive stream closed".into())),
-                    Ok(Err(e)) => return Ok(Ended::Lost(format!("keepalive: {e}"))),
-                    Err(_) => return Ok(Ended::Lost("keepalive unanswered".into())),
+                    Ok(Ok(Some(_))) => return Err(RegistrationLost::LeaseExpired),
+                    Ok(Ok(None)) => return Err(RegistrationLost::StreamClosed),
+                    Ok(Err(e)) => return Err(RegistrationLost::KeepAlive(e)),
+                    Err(_) => return Err(RegistrationLost::Unanswered),
                 }
             }
         }

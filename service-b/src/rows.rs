@@ -31,7 +31,7 @@ use std::sync::Mutex;
 
 use futures::TryStreamExt;
 use lab_common::config::RowsMode;
-use prometheus::{IntGauge, Opts, Registry};
+use prometheus::{IntGauge, Registry};
 use sqlx::{
     MySql, QueryBuilder, Row,
     mysql::{MySqlArguments, MySqlRow},
@@ -39,7 +39,10 @@ use sqlx::{
     query::Query,
 };
 
-use crate::db::{Db, DbError};
+use crate::{
+    db::{Db, DbError, Failure},
+    metrics::Registrar,
+};
 
 /// A job as the worker sees it, decoded from its row.
 #[derive(Debug, Clone)]
@@ -92,11 +95,10 @@ pub struct JobRows {
 
 impl JobRows {
     pub fn new(mode: RowsMode, registry: &Registry) -> prometheus::Result<Self> {
-        let leaked_gauge = IntGauge::with_opts(Opts::new(
+        let leaked_gauge = Registrar(registry).int_gauge(
             "lab_db_connections_leaked",
             "MySQL pool connections held forever by a result set abandoned on a row decode error (rows = leak-on-error).",
-        ))?;
-        registry.register(Box::new(leaked_gauge.clone()))?;
+        )?;
         Ok(Self {
             mode,
             leaked: Mutex::new(Vec::new()),
@@ -149,7 +151,7 @@ impl JobRows {
                         Ok(job) => each(job),
                         Err(e) => match mode {
                             // `return err` — and the result set stays open.
-                            RowsMode::LeakOnError => return Ok(Some(e.to_string())),
+                            RowsMode::LeakOnError => return Ok(Some(e)),
                             RowsMode::Close => {
                                 if let Some(b) = bad_row(&row, &e) {
                                     bad.push(b);
@@ -163,10 +165,9 @@ impl JobRows {
             .await?;
         match abandoned_on {
             None => Ok(bad), // `close`: the stream and the connection drop here.
-            Some(reason) => {
-                let message = format!("a job row failed to decode: {reason}");
-                self.keep_forever(connection, reason);
-                Err(DbError::Other(message))
+            Some(decode_error) => {
+                self.keep_forever(connection, decode_error.to_string());
+                Err(Failure::RowDecode(decode_error).into())
             }
         }
     }

@@ -36,15 +36,14 @@ use std::{
 };
 
 use lab_common::config::{WorkerConfig, WorkerMode};
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     db::Db,
     http_client::PartnerClient,
+    metrics::Registrar,
     rows::{BadRow, Batch, JobRows, JobTask},
 };
 
@@ -60,44 +59,27 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let tasks_alive = IntGauge::with_opts(Opts::new(
-            "lab_worker_tasks_alive",
-            "Job tasks currently alive in this B.",
-        ))?;
-        let tasks_spawned = IntCounter::with_opts(Opts::new(
-            "lab_worker_tasks_spawned_total",
-            "Job tasks started.",
-        ))?;
-        let jobs = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(registry);
+        Ok(Self {
+            tasks_alive: r.int_gauge(
+                "lab_worker_tasks_alive",
+                "Job tasks currently alive in this B.",
+            )?,
+            tasks_spawned: r.int_counter("lab_worker_tasks_spawned_total", "Job tasks started.")?,
+            jobs: r.int_counter_vec(
                 "lab_jobs_total",
                 "Job attempts finished, by outcome (done, retry, failed, dead, timeout, lost).",
-            ),
-            &["outcome"],
-        )?;
-        let duplicates = IntCounter::with_opts(Opts::new(
-            "lab_jobs_duplicate_total",
-            "Job attempts started while another attempt of the same job was still running here.",
-        ))?;
-        let job_lag = HistogramVec::new(
-            HistogramOpts::new(
+                &["outcome"],
+            )?,
+            duplicates: r.int_counter(
+                "lab_jobs_duplicate_total",
+                "Job attempts started while another attempt of the same job was still running here.",
+            )?,
+            job_lag: r.latency_histogram_vec(
                 "lab_job_lag_seconds",
                 "Time from a job's creation to an attempt picking it up.",
-            )
-            .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
-            &["mode"],
-        )?;
-        registry.register(Box::new(tasks_alive.clone()))?;
-        registry.register(Box::new(tasks_spawned.clone()))?;
-        registry.register(Box::new(jobs.clone()))?;
-        registry.register(Box::new(duplicates.clone()))?;
-        registry.register(Box::new(job_lag.clone()))?;
-        Ok(Self {
-            tasks_alive,
-            tasks_spawned,
-            jobs,
-            duplicates,
-            job_lag,
+                &["mode"],
+            )?,
         })
     }
 }

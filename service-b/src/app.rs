@@ -1,0 +1,485 @@
+//! B's start-up and shutdown, one named step each. [`Application::build`]
+//! and [`Application::run_until_stopped`] read top to bottom in the order
+//! the steps happen; the processes around B are described in
+//! docs/architecture.md.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use lab_common::{
+    admin,
+    config::{LabConfig, LbMode},
+};
+use lab_proto::v1::{FILE_DESCRIPTOR_SET, backend_server::BackendServer};
+use prometheus::Registry;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::{
+    db::{self, Db},
+    deadline,
+    grpc::BackendService,
+    http_client, metrics, recycle,
+    registry::{self, Registration, RegistrationStatus, RegistryMetrics},
+    rows, worker,
+};
+
+/// Largest gRPC message B decodes; job payloads have their own, smaller,
+/// limit checked in the handler so they get INVALID_ARGUMENT with a reason.
+const MAX_DECODED_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// A B that has its admin listener, its database and its gRPC port, and is
+/// about to serve.
+pub struct Application {
+    config: Arc<LabConfig>,
+    instance_id: Arc<str>,
+    metrics: ServiceMetrics,
+    partner: Option<Arc<http_client::PartnerClient>>,
+    readiness: Readiness,
+    admin: JoinHandle<std::io::Result<()>>,
+    db: Db,
+    grpc_listener: TcpListener,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Everything that can fail at start-up, in the order `/readyz` needs:
+    /// the admin listener first (so `/healthz` answers while MySQL is
+    /// awaited), then MySQL with migrations and seed data, then the gRPC
+    /// port. Nothing is served on it yet.
+    pub async fn build(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        let instance_id: Arc<str> = crate::instance_id(&config).into();
+        let registry = lab_common::metrics::registry()?;
+        let metrics = ServiceMetrics::register(&config, &registry)?;
+        let partner = partner_client(&config, &metrics)?;
+        let readiness = Readiness::new(config.faults.lb);
+        metrics::PoolCollector::register(&registry, readiness.db.clone())?;
+        let admin = start_admin(&config, registry, &readiness, &shutdown).await?;
+        let db = connect_database(&config, &metrics, &shutdown).await?;
+        readiness.database_connected(&db);
+        let grpc_listener = bind_grpc(&config).await?;
+        Ok(Self {
+            config,
+            instance_id,
+            metrics,
+            partner,
+            readiness,
+            admin,
+            db,
+            grpc_listener,
+            shutdown,
+        })
+    }
+
+    /// Serves until `shutdown` is cancelled, then shuts down in the order
+    /// [`shutdown_sequence`] explains and waits for in-flight requests.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self {
+            config,
+            instance_id,
+            metrics,
+            partner,
+            readiness,
+            admin,
+            db,
+            grpc_listener,
+            shutdown,
+        } = self;
+        let stop_serving = CancellationToken::new();
+        let backend = backend_service(&config, &db, &instance_id, &metrics);
+        let (health, serve) = grpc_server(&config, backend, grpc_listener, stop_serving.clone())?;
+        health.set_serving::<BackendServer<BackendService>>().await;
+        readiness.serving.store(true, Ordering::Release);
+        let advertised = crate::advertise_addr(&config);
+        tracing::info!(%instance_id, grpc = %config.service_b.listen,
+            advertised = %advertised, admin = %config.service_b.admin_listen,
+            mode = ?config.mode, faults = ?config.faults, "service-b serving");
+        let stop_registration = CancellationToken::new();
+        let registration = register_in_etcd(
+            &config,
+            &instance_id,
+            &advertised,
+            &metrics,
+            &readiness,
+            stop_registration.clone(),
+        );
+        let stop_worker = start_worker(&config, partner, &db, &instance_id, &metrics);
+        let sequence = tokio::spawn(shutdown_sequence(ShutdownSteps {
+            shutdown: shutdown.clone(),
+            stop_worker,
+            health,
+            stop_registration,
+            registration,
+            drain_period: config.service_b.drain_period,
+            stop_serving: stop_serving.clone(),
+        }));
+        let served = finish_in_flight(serve, &stop_serving, config.service_b.shutdown_grace).await;
+        sequence.abort();
+        readiness.serving.store(false, Ordering::Release);
+        shutdown.cancel();
+        let _ = admin.await;
+        tracing::info!("service-b stopped");
+        served
+    }
+}
+
+/// The `lab.v1.Backend` handlers, under the configured deadline policy.
+fn backend_service(
+    config: &LabConfig,
+    db: &Db,
+    instance_id: &Arc<str>,
+    metrics: &ServiceMetrics,
+) -> BackendService {
+    BackendService::new(
+        db.clone(),
+        instance_id.clone(),
+        config.service_b.max_payload_bytes,
+        config.service_b.handler_latency,
+        deadline::DeadlinePolicy::new(
+            config.faults.deadline,
+            config.service_b.max_concurrent_requests as usize,
+            metrics.deadline.clone(),
+        ),
+        metrics.grpc.clone(),
+    )
+}
+
+/// The gRPC server on the bound listener — health, reflection and `lab.v1.Backend` — as a future that serves until
+/// `stop_serving`, then finishes the requests already inside.
+fn grpc_server(
+    config: &LabConfig,
+    backend: BackendService,
+    listener: TcpListener,
+    stop_serving: CancellationToken,
+) -> anyhow::Result<(
+    HealthReporter,
+    impl Future<Output = Result<(), tonic::transport::Error>>,
+)> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    // Connection recycling: tonic sends GOAWAY at the age; AgedStream cuts
+    // what is still open after the grace (see `recycle`).
+    let age = recycle::jittered(
+        config.service_b.max_connection_age,
+        config.service_b.max_connection_age_jitter,
+    );
+    let hard_limit = (!age.is_zero()).then(|| age + config.service_b.max_connection_age_grace);
+    let mut server = Server::builder();
+    if !age.is_zero() {
+        tracing::info!(?age, grace = ?config.service_b.max_connection_age_grace, "connection recycling on");
+        server = server.max_connection_age(age);
+    }
+    // Stamp each request's arrival before its handler task is scheduled,
+    // so time spent waiting for a starved runtime is measured too.
+    let stamp_arrival = tower::util::MapRequestLayer::new(|mut request: http::Request<_>| {
+        request
+            .extensions_mut()
+            .insert(deadline::Arrived(tokio::time::Instant::now()));
+        request
+    });
+    let serve = server
+        .layer(stamp_arrival)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            BackendServer::new(backend).max_decoding_message_size(MAX_DECODED_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(accept_loop(listener, hard_limit), async move {
+            stop_serving.cancelled().await
+        });
+    Ok((health, serve))
+}
+
+/// Puts B's key in etcd and keeps it there. This comes after the gRPC
+/// listener is bound and serving: A dials whatever etcd lists, so a key put
+/// earlier would send it calls that meet a closed port.
+fn register_in_etcd(
+    config: &LabConfig,
+    instance_id: &str,
+    advertised: &str,
+    metrics: &ServiceMetrics,
+    readiness: &Readiness,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(registry::maintain(
+        config.etcd.clone(),
+        Registration::new(
+            &config.etcd,
+            instance_id,
+            advertised,
+            &config.service_b.admin_listen,
+        ),
+        metrics.registry.clone(),
+        readiness.registration.clone(),
+        stop,
+    ))
+}
+
+/// Starts the job worker if it is enabled; the returned token stops it.
+fn start_worker(
+    config: &LabConfig,
+    partner: Option<Arc<http_client::PartnerClient>>,
+    db: &Db,
+    instance_id: &Arc<str>,
+    metrics: &ServiceMetrics,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    if let Some(partner) = partner {
+        tokio::spawn(worker::run(
+            config.faults.worker,
+            config.worker.clone(),
+            worker::Deps {
+                db: db.clone(),
+                rows: metrics.job_rows.clone(),
+                partner,
+                instance: instance_id.clone(),
+                metrics: metrics.worker.clone(),
+            },
+            stop.clone(),
+        ));
+    }
+    stop
+}
+
+/// Every metric family B exports, registered once at start.
+struct ServiceMetrics {
+    grpc: metrics::Metrics,
+    registry: RegistryMetrics,
+    worker: worker::WorkerMetrics,
+    deadline: deadline::DeadlineMetrics,
+    pool: db::PoolMetrics,
+    http: http_client::HttpClientMetrics,
+    job_rows: Arc<rows::JobRows>,
+}
+
+impl ServiceMetrics {
+    fn register(config: &LabConfig, registry: &Registry) -> anyhow::Result<Self> {
+        Ok(Self {
+            grpc: metrics::Metrics::register(registry)?,
+            registry: RegistryMetrics::register(registry)?,
+            worker: worker::WorkerMetrics::register(registry)?,
+            deadline: deadline::DeadlineMetrics::register(registry)?,
+            pool: db::PoolMetrics::register(registry)?,
+            job_rows: Arc::new(rows::JobRows::new(config.faults.rows, registry)?),
+            http: http_client::HttpClientMetrics::register(registry)?,
+        })
+    }
+}
+
+/// The partner-api client, built before anything binds so a bad CA fails
+/// start-up at once. Only the job worker calls partner-api: without it, no
+/// client (and no CA needed).
+fn partner_client(
+    config: &LabConfig,
+    metrics: &ServiceMetrics,
+) -> anyhow::Result<Option<Arc<http_client::PartnerClient>>> {
+    if !config.worker.enabled {
+        return Ok(None);
+    }
+    let client = http_client::PartnerClient::new(
+        config.faults.http_client,
+        &config.partner,
+        metrics.http.clone(),
+    )
+    .context("building the partner-api client")?;
+    Ok(Some(Arc::new(client)))
+}
+
+/// What `/readyz` checks: MySQL connected and answering, the gRPC listener
+/// serving, and — when A finds Bs through etcd — B's key in etcd under a
+/// live lease, since only then does A send it anything.
+#[derive(Clone)]
+struct Readiness {
+    db: Arc<OnceLock<Db>>,
+    serving: Arc<AtomicBool>,
+    registration: RegistrationStatus,
+    needs_registration: bool,
+}
+
+impl Readiness {
+    fn new(lb: LbMode) -> Self {
+        Self {
+            db: Arc::new(OnceLock::new()),
+            serving: Arc::new(AtomicBool::new(false)),
+            registration: RegistrationStatus::default(),
+            needs_registration: lb == LbMode::Etcd,
+        }
+    }
+
+    fn database_connected(&self, db: &Db) {
+        let _ = self.db.set(db.clone());
+    }
+
+    /// The probe the admin listener calls on each `/readyz`.
+    fn probe(&self) -> admin::ReadinessProbe {
+        let readiness = self.clone();
+        Arc::new(move || {
+            let readiness = readiness.clone();
+            Box::pin(async move { readiness.check().await })
+        })
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        let Some(db) = self.db.get() else {
+            return Err("waiting for MySQL".into());
+        };
+        if !self.serving.load(Ordering::Acquire) {
+            return Err("gRPC listener not serving".into());
+        }
+        db.ping().await.map_err(|e| format!("{}: {e}", e.kind()))?;
+        if self.needs_registration && !self.registration.is_registered() {
+            return Err("not registered in etcd (faults.lb = \"etcd\")".into());
+        }
+        Ok(())
+    }
+}
+
+/// Binds and serves the admin routes. First of all, so that `/healthz`
+/// answers (and `/readyz` says why not ready) while MySQL is awaited.
+async fn start_admin(
+    config: &Arc<LabConfig>,
+    registry: Registry,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    let addr = &config.service_b.admin_listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding admin listener {addr}"))?;
+    let router = admin::router(admin::AdminState {
+        service: "service-b",
+        registry,
+        config: config.clone(),
+        readiness: readiness.probe(),
+    });
+    Ok(tokio::spawn(admin::serve(
+        listener,
+        router,
+        shutdown.clone(),
+    )))
+}
+
+/// Connects to MySQL (waiting for it to come up), then migrates and seeds,
+/// all within `mysql.startup_timeout`: a B whose database never comes
+/// exits instead of hanging.
+async fn connect_database(
+    config: &LabConfig,
+    metrics: &ServiceMetrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Db> {
+    let db = Db::connect_with_retry(
+        &config.mysql,
+        db::PoolWait::for_deadline(config.faults.deadline),
+        metrics.pool.clone(),
+        shutdown,
+    )
+    .await?;
+    let startup_timeout = config.mysql.startup_timeout;
+    tokio::time::timeout(startup_timeout, db.migrate_and_seed(config.mysql.seed_items))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "migrations and seeding did not finish within {startup_timeout:?} (mysql.startup_timeout)"
+            )
+        })??;
+    Ok(db)
+}
+
+/// Binds the gRPC port last: a caller that can connect finds the schema in
+/// place.
+async fn bind_grpc(config: &LabConfig) -> anyhow::Result<TcpListener> {
+    let addr = &config.service_b.listen;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding gRPC listener {addr}"))
+}
+
+/// Accepted connections, aged for recycling. An accept error (say, out of
+/// file descriptors) pauses accepting for a moment: tonic retries at once,
+/// which would spin a core.
+fn accept_loop(
+    listener: TcpListener,
+    hard_limit: Option<Duration>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<recycle::AgedStream>> {
+    TcpListenerStream::new(listener).then(move |accepted| async move {
+        match accepted {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Ok(recycle::AgedStream::new(stream, hard_limit))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e)
+            }
+        }
+    })
+}
+
+/// What [`shutdown_sequence`] acts on.
+struct ShutdownSteps {
+    shutdown: CancellationToken,
+    stop_worker: CancellationToken,
+    health: HealthReporter,
+    stop_registration: CancellationToken,
+    registration: JoinHandle<()>,
+    drain_period: Duration,
+    stop_serving: CancellationToken,
+}
+
+/// On SIGTERM/SIGINT: stop claiming jobs, report NOT_SERVING, and revoke
+/// the etcd lease *before* the listener closes, so A stops choosing this B
+/// while it still answers; keep serving for `service_b.drain_period` (the
+/// time A's etcd watch and HAProxy's health checks need to notice); only
+/// then stop accepting.
+async fn shutdown_sequence(steps: ShutdownSteps) {
+    steps.shutdown.cancelled().await;
+    // Claimed jobs still running are reclaimed by another B after the
+    // visibility timeout if cut.
+    steps.stop_worker.cancel();
+    steps
+        .health
+        .set_not_serving::<BackendServer<BackendService>>()
+        .await;
+    steps.stop_registration.cancel();
+    let _ = steps.registration.await;
+    tracing::info!(drain_period = ?steps.drain_period, "deregistered; draining");
+    tokio::time::sleep(steps.drain_period).await;
+    steps.stop_serving.cancel();
+}
+
+/// Runs the server; once `stop_serving` fires it sends GOAWAY and lets the
+/// requests already inside finish, for at most `grace` (then they are cut).
+async fn finish_in_flight(
+    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    stop_serving: &CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => result.context("gRPC server failed")?,
+        () = async { stop_serving.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight requests still running after the grace period; closing anyway");
+        }
+    }
+    Ok(())
+}
