@@ -34,15 +34,18 @@ pub enum PortPolicy {
     Auto,
 }
 
+/// A `--ports` value that is neither `auto` nor `config`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --ports {0:?}: expected auto or config")]
+pub struct InvalidPortPolicy(String);
+
 impl std::str::FromStr for PortPolicy {
-    type Err = String;
+    type Err = InvalidPortPolicy;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(PortPolicy::Auto),
             "config" | "default" => Ok(PortPolicy::Configured),
-            other => Err(format!(
-                "invalid --ports {other:?}: expected auto or config"
-            )),
+            other => Err(InvalidPortPolicy(other.to_string())),
         }
     }
 }
