@@ -559,7 +559,7 @@ impl Stack {
     /// free ones when the stack was started with `--ports auto`.
     fn ports_for_backend(&self, index: usize) -> anyhow::Result<(u16, u16)> {
         if self.state.auto_ports {
-            return Ports::free_pair();
+            return Ok(Ports::free_pair()?);
         }
         let base = Ports::plan(&self.config, index, PortPolicy::Configured)?;
         base.b
@@ -641,13 +641,6 @@ impl Stack {
         }
         self.stopped = true;
         Ok(LabState::remove(&self.state.state_dir)?)
-    }
-
-    /// Collects exited children so they do not linger as zombies.
-    pub fn reap(&mut self) {
-        for child in self.children.values_mut() {
-            let _ = child.try_wait();
-        }
     }
 
     /// Leaves the processes running (after `up --detach`). Only a stack
