@@ -14,17 +14,107 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
-use lab_common::config::LabConfig;
+use lab_common::config::{ConfigError, LabConfig};
 use partner_api::certs::{self, TlsFiles};
 use tokio::process::Child;
 
 use crate::{
-    ports::{PortPolicy, Ports},
+    ports::{PortPolicy, Ports, PortsError},
     probe::{self, HttpClient},
-    procs::{self, Lifetime},
-    state::{LabState, ServiceRecord},
+    procs::{self, Lifetime, ProcError},
+    state::{LabState, ServiceRecord, StateError},
 };
+
+/// Why the stack could not be started, changed or stopped. Start-up
+/// failures carry the tail of the failing process's log.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A file or process operation, described by what was being done.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Ports(#[from] PortsError),
+    #[error("making TLS certificates in {}", dir.display())]
+    Certs {
+        dir: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    ConfigToml(#[from] toml::ser::Error),
+    #[error("reading {}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error("a lab is already running from {dir} — stop it with `labctl down --state-dir {dir}`")]
+    AlreadyRunning { dir: String },
+    #[error("--backends must be at least 1")]
+    NoBackends,
+    #[error("at least one backend must remain")]
+    LastBackend,
+    #[error("no port for the new backend")]
+    NoBackendPort,
+    #[error("no lab running in {} (start one with `labctl up`)", dir.display())]
+    NoLab { dir: PathBuf },
+    #[error("no service named {name}")]
+    NoService { name: String },
+    #[error("{name} was not started")]
+    NotStarted { name: String },
+    #[error("{name} exited at once; see {}", log.display())]
+    ExitedAtOnce { name: String, log: PathBuf },
+    #[error("{name} exited during start-up; last lines of {}:\n{tail}", log.display())]
+    ExitedDuringStartup {
+        name: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{name} not ready after {timeout:?}; last lines of {}:\n{tail}", log.display())]
+    NotReady {
+        name: String,
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{name} is not a child of this process")]
+    NotAChild { name: String },
+    #[error("{name} still running after {timeout:?}")]
+    StillRunning { name: String, timeout: Duration },
+    #[error("etcd is still running")]
+    EtcdStillRunning,
+    #[error(
+        "initialising the MySQL data directory failed ({status}); last lines of {}:\n{tail}",
+        log.display()
+    )]
+    MysqlInit {
+        status: std::process::ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+}
+
+/// `with_context` for I/O results: names what was being done.
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, LaunchError>;
+}
+
+impl<T> Doing<T> for std::io::Result<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, LaunchError> {
+        self.map_err(|source| LaunchError::Io {
+            what: what(),
+            source,
+        })
+    }
+}
 
 /// The HAProxy frontends, shared with docker compose.
 pub const HAPROXY_CFG: &str = include_str!("../../deploy/haproxy/haproxy.cfg");
@@ -103,7 +193,7 @@ enum MysqlFlavor {
 }
 
 impl Binaries {
-    async fn find(bin_dir: Option<&Path>) -> anyhow::Result<Self> {
+    async fn find(bin_dir: Option<&Path>) -> Result<Self, LaunchError> {
         const MYSQLD: [&str; 2] = ["mariadbd", "mysqld"];
         let mysqld = procs::find_binary(&MYSQLD)
             .ok_or_else(|| procs::missing("MySQL/MariaDB server", &MYSQLD))?;
@@ -111,7 +201,7 @@ impl Binaries {
             .arg("--version")
             .output()
             .await
-            .with_context(|| format!("running {} --version", mysqld.display()))?;
+            .doing(|| format!("running {} --version", mysqld.display()))?;
         let mysql_flavor = if String::from_utf8_lossy(&version.stdout).contains("MariaDB") {
             MysqlFlavor::MariaDb
         } else {
@@ -162,7 +252,7 @@ impl Stack {
     /// readiness before the next one starts, because each tier dials the one
     /// before it at start-up (B needs MySQL, HAProxy needs Bs to check, A's
     /// readiness needs a B through HAProxy or etcd).
-    pub async fn up(options: UpOptions) -> anyhow::Result<Stack> {
+    pub async fn up(options: UpOptions) -> Result<Stack, LaunchError> {
         let started = Instant::now();
         let mut stack = Stack::prepare(&options)?;
         let launch = Launch {
@@ -181,21 +271,19 @@ impl Stack {
     /// Checks that nothing runs from the state dir yet, plans the ports and
     /// writes the config every service reads: nothing is spawned until the
     /// whole plan is known to work.
-    fn prepare(options: &UpOptions) -> anyhow::Result<Stack> {
+    fn prepare(options: &UpOptions) -> Result<Stack, LaunchError> {
         let state_dir = absolute(&options.state_dir)?;
         std::fs::create_dir_all(state_dir.join("logs"))
-            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+            .doing(|| format!("creating state dir {}", state_dir.display()))?;
         if let Some(old) = LabState::load(&state_dir)?
             && old.any_alive()
         {
-            bail!(
-                "a lab is already running from {} — stop it with `labctl down --state-dir {}`",
-                state_dir.display(),
-                state_dir.display()
-            );
+            return Err(LaunchError::AlreadyRunning {
+                dir: state_dir.display().to_string(),
+            });
         }
         if options.backends == 0 {
-            bail!("--backends must be at least 1");
+            return Err(LaunchError::NoBackends);
         }
         let ports = Ports::plan(&options.config, options.backends, options.ports)?;
         if options.ports == PortPolicy::Configured {
@@ -204,12 +292,14 @@ impl Stack {
         // Kept across runs (see `certs::ensure`): a restarted lab trusts
         // the same CA.
         let tls_dir = state_dir.join("tls");
-        let tls = certs::ensure(&tls_dir, &PARTNER_HOSTS)
-            .with_context(|| format!("making TLS certificates in {}", tls_dir.display()))?;
+        let tls = certs::ensure(&tls_dir, &PARTNER_HOSTS).map_err(|source| LaunchError::Certs {
+            dir: tls_dir.clone(),
+            source: source.into(),
+        })?;
         let config = with_ports(&options.config, &ports, &tls);
         let config_file = state_dir.join("lab.toml");
         std::fs::write(&config_file, config.to_toml()?)
-            .with_context(|| format!("writing {}", config_file.display()))?;
+            .doing(|| format!("writing {}", config_file.display()))?;
         Ok(Stack {
             state: LabState {
                 mode: config.mode,
@@ -230,7 +320,7 @@ impl Stack {
 
     /// MySQL, etcd and the partner API, side by side: they depend on
     /// nothing, and every B needs all three as soon as it starts.
-    async fn start_dependencies(&mut self, launch: &Launch) -> anyhow::Result<()> {
+    async fn start_dependencies(&mut self, launch: &Launch) -> Result<(), LaunchError> {
         let ports = self.ports.clone();
         let mysql_cmd = mysql_command(&launch.bins, &self.state.state_dir, ports.mysql).await?;
         self.start("mysql", mysql_cmd, |r| {
@@ -261,7 +351,7 @@ impl Stack {
     /// Every B, side by side. Ready means serving gRPC with MySQL answering
     /// (and registered in etcd when `lb = "etcd"`), so HAProxy's first
     /// health checks and A's first calls find them up.
-    async fn start_backends(&mut self, launch: &Launch) -> anyhow::Result<()> {
+    async fn start_backends(&mut self, launch: &Launch) -> Result<(), LaunchError> {
         let mut waits = Vec::new();
         for (i, (grpc, admin)) in self.ports.b.clone().into_iter().enumerate() {
             let name = self.spawn_backend(&launch.bins.service_b, i + 1, grpc, admin)?;
@@ -273,7 +363,7 @@ impl Stack {
 
     /// HAProxy over the Bs that are running: its backends file is generated
     /// from them, so it must come after them.
-    async fn start_slb(&mut self, launch: &Launch) -> anyhow::Result<()> {
+    async fn start_slb(&mut self, launch: &Launch) -> Result<(), LaunchError> {
         self.spawn_slb(&launch.bins.haproxy)?;
         let ready = vec![("slb", slb_ready(&self.ports))];
         self.wait_ready(&launch.client, launch.timeout, ready).await
@@ -282,7 +372,7 @@ impl Stack {
     /// A last: it is the stack's front door, and it is ready only once a B
     /// answers through A's own channel, so `up` returning means a request
     /// can go all the way through.
-    async fn start_service_a(&mut self, launch: &Launch) -> anyhow::Result<()> {
+    async fn start_service_a(&mut self, launch: &Launch) -> Result<(), LaunchError> {
         let ports = self.ports.clone();
         let mut cmd = Command::new(&launch.bins.service_a);
         cmd.arg("--config").arg(&self.state.config_file);
@@ -306,7 +396,7 @@ impl Stack {
         name: &str,
         cmd: Command,
         describe: impl FnOnce(&mut ServiceRecord),
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), LaunchError> {
         let log = self
             .state
             .state_dir
@@ -316,7 +406,10 @@ impl Stack {
         let (pid, start_time) = child
             .id()
             .and_then(|pid| Some((pid, procs::start_time(pid)?)))
-            .with_context(|| format!("{name} exited at once; see {}", log.display()))?;
+            .ok_or_else(|| LaunchError::ExitedAtOnce {
+                name: name.to_string(),
+                log: log.clone(),
+            })?;
         let mut record = ServiceRecord::new(name, pid, start_time, log);
         describe(&mut record);
         match self.state.services.iter_mut().find(|s| s.name == name) {
@@ -334,12 +427,14 @@ impl Stack {
         client: &HttpClient,
         timeout: Duration,
         waits: Vec<(&str, Ready)>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), LaunchError> {
         let checks = waits.into_iter().map(|(name, ready)| async move {
             let record = self
                 .state
                 .service(name)
-                .with_context(|| format!("{name} was not started"))?;
+                .ok_or_else(|| LaunchError::NotStarted {
+                    name: name.to_string(),
+                })?;
             let deadline = Instant::now() + timeout;
             loop {
                 let ok = match &ready {
@@ -347,21 +442,22 @@ impl Stack {
                     Ready::MysqlGreeting(a) => probe::mysql_greets(a).await,
                 };
                 if ok {
-                    return anyhow::Ok(());
+                    return Ok::<(), LaunchError>(());
                 }
                 if !record.is_alive() {
-                    bail!(
-                        "{name} exited during start-up; last lines of {}:\n{}",
-                        record.log.display(),
-                        procs::tail(&record.log, 15)
-                    );
+                    return Err(LaunchError::ExitedDuringStartup {
+                        name: name.to_string(),
+                        log: record.log.clone(),
+                        tail: procs::tail(&record.log, 15),
+                    });
                 }
                 if Instant::now() >= deadline {
-                    bail!(
-                        "{name} not ready after {timeout:?}; last lines of {}:\n{}",
-                        record.log.display(),
-                        procs::tail(&record.log, 15)
-                    );
+                    return Err(LaunchError::NotReady {
+                        name: name.to_string(),
+                        timeout,
+                        log: record.log.clone(),
+                        tail: procs::tail(&record.log, 15),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -370,14 +466,16 @@ impl Stack {
     }
 
     /// The record of `name`.
-    pub fn service(&self, name: &str) -> anyhow::Result<&ServiceRecord> {
+    pub fn service(&self, name: &str) -> Result<&ServiceRecord, LaunchError> {
         self.state
             .service(name)
-            .with_context(|| format!("no service named {name}"))
+            .ok_or_else(|| LaunchError::NoService {
+                name: name.to_string(),
+            })
     }
 
     /// Sends `signal` to the named process (e.g. SIGTERM one B, SIGKILL MySQL).
-    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> Result<(), LaunchError> {
         let record = self.service(name)?;
         Ok(procs::signal(record.pid, record.start_time, signal)?)
     }
@@ -387,14 +485,19 @@ impl Stack {
         &mut self,
         name: &str,
         timeout: Duration,
-    ) -> anyhow::Result<std::process::ExitStatus> {
+    ) -> Result<std::process::ExitStatus, LaunchError> {
         let child = self
             .children
             .get_mut(name)
-            .with_context(|| format!("{name} is not a child of this process"))?;
+            .ok_or_else(|| LaunchError::NotAChild {
+                name: name.to_string(),
+            })?;
         match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(status) => Ok(status.with_context(|| format!("waiting for {name}"))?),
-            Err(_) => bail!("{name} still running after {timeout:?}"),
+            Ok(status) => status.doing(|| format!("waiting for {name}")),
+            Err(_) => Err(LaunchError::StillRunning {
+                name: name.to_string(),
+                timeout,
+            }),
         }
     }
 
@@ -425,16 +528,17 @@ impl Stack {
     /// Re-attaches to the stack recorded in `state_dir` (for `labctl kill`
     /// and `labctl scale`). Its processes are not children of this labctl,
     /// and dropping the value leaves them running.
-    pub fn attach(state_dir: &Path) -> anyhow::Result<Stack> {
+    pub fn attach(state_dir: &Path) -> Result<Stack, LaunchError> {
         let state_dir = absolute(state_dir)?;
-        let state = LabState::load(&state_dir)?.with_context(|| {
-            format!(
-                "no lab running in {} (start one with `labctl up`)",
-                state_dir.display()
-            )
+        let state = LabState::load(&state_dir)?.ok_or_else(|| LaunchError::NoLab {
+            dir: state_dir.clone(),
         })?;
-        let config = lab_common::config::check_file(&state.config_file)
-            .with_context(|| format!("reading {}", state.config_file.display()))?;
+        let config = lab_common::config::check_file(&state.config_file).map_err(|source| {
+            LaunchError::Config {
+                path: state.config_file.clone(),
+                source: Box::new(source),
+            }
+        })?;
         let ports = Ports::plan(&config, 0, PortPolicy::Configured)?;
         Ok(Stack {
             state,
@@ -454,7 +558,7 @@ impl Stack {
         index: usize,
         grpc: u16,
         admin: u16,
-    ) -> anyhow::Result<String> {
+    ) -> Result<String, LaunchError> {
         let name = format!("service-b-{index}");
         let instance_id = format!("b-{index}");
         let mut cmd = Command::new(binary);
@@ -475,14 +579,14 @@ impl Stack {
     }
 
     /// Starts etcd (not waiting for it). `fresh` wipes its data dir.
-    fn spawn_etcd(&mut self, etcd: &Path, fresh: bool) -> anyhow::Result<()> {
+    fn spawn_etcd(&mut self, etcd: &Path, fresh: bool) -> Result<(), LaunchError> {
         let client_url = url(self.ports.etcd_client);
         let cmd = etcd_command(etcd, &self.state.state_dir, &self.ports, fresh)?;
         self.start("etcd", cmd, |r| r.url = Some(client_url))
     }
 
     /// Starts HAProxy over the recorded Bs (not waiting for it).
-    fn spawn_slb(&mut self, haproxy: &Path) -> anyhow::Result<()> {
+    fn spawn_slb(&mut self, haproxy: &Path) -> Result<(), LaunchError> {
         let cmd = haproxy_command(
             haproxy,
             &self.state.state_dir,
@@ -502,9 +606,9 @@ impl Stack {
     /// stops the highest-numbered ones gracefully, then points HAProxy at
     /// the new set (a restart: its open connections drop and clients
     /// reconnect). With `lb = "etcd"` A learns of the change from etcd alone.
-    pub async fn scale_backends(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
+    pub async fn scale_backends(&mut self, n: usize) -> Result<Vec<String>, LaunchError> {
         if n == 0 {
-            bail!("at least one backend must remain");
+            return Err(LaunchError::LastBackend);
         }
         let mut changed = Vec::new();
         let alive: Vec<(usize, String)> = self
@@ -557,24 +661,25 @@ impl Stack {
 
     /// Ports for B number `index`: the configured base + (index − 1), or
     /// free ones when the stack was started with `--ports auto`.
-    fn ports_for_backend(&self, index: usize) -> anyhow::Result<(u16, u16)> {
+    fn ports_for_backend(&self, index: usize) -> Result<(u16, u16), LaunchError> {
         if self.state.auto_ports {
             return Ok(Ports::free_pair()?);
         }
         let base = Ports::plan(&self.config, index, PortPolicy::Configured)?;
-        base.b
-            .last()
-            .copied()
-            .context("no port for the new backend")
+        base.b.last().copied().ok_or(LaunchError::NoBackendPort)
     }
 
     /// Stops one process (SIGTERM, then SIGKILL after 15 s) and waits for it.
-    pub async fn stop_service(&mut self, name: &str) -> anyhow::Result<()> {
+    pub async fn stop_service(&mut self, name: &str) -> Result<(), LaunchError> {
         self.stop_service_within(name, Duration::from_secs(15))
             .await
     }
 
-    async fn stop_service_within(&mut self, name: &str, grace: Duration) -> anyhow::Result<()> {
+    async fn stop_service_within(
+        &mut self,
+        name: &str,
+        grace: Duration,
+    ) -> Result<(), LaunchError> {
         let record = self.service(name)?.clone();
         self.stop_record(&record, grace).await;
         Ok(())
@@ -596,9 +701,9 @@ impl Stack {
 
     /// Starts etcd again on the same port and data dir after
     /// [`Stack::stop_service`] (an etcd outage and recovery).
-    pub async fn restart_etcd(&mut self) -> anyhow::Result<()> {
+    pub async fn restart_etcd(&mut self) -> Result<(), LaunchError> {
         if self.service("etcd")?.is_alive() {
-            bail!("etcd is still running");
+            return Err(LaunchError::EtcdStillRunning);
         }
         let bins = Binaries::find(None).await?;
         self.spawn_etcd(&bins.etcd, false)?;
@@ -608,7 +713,7 @@ impl Stack {
     }
 
     /// Rewrites HAProxy's backends for the current Bs and restarts it.
-    async fn restart_slb(&mut self) -> anyhow::Result<()> {
+    async fn restart_slb(&mut self) -> Result<(), LaunchError> {
         if self.state.service("slb").is_none() {
             return Ok(());
         }
@@ -624,7 +729,7 @@ impl Stack {
     /// Stops every process (reverse start order) and removes `state.json`.
     /// What another labctl added meanwhile (`scale`, an HAProxy restart) is
     /// in the file, not in memory: both are stopped.
-    pub async fn down(&mut self) -> anyhow::Result<()> {
+    pub async fn down(&mut self) -> Result<(), LaunchError> {
         let mut records = match LabState::load(&self.state.state_dir) {
             Ok(Some(on_disk)) => on_disk.services,
             _ => Vec::new(),
@@ -722,7 +827,7 @@ pub async fn stop_all(state: &LabState) {
 
 /// `labctl down`: stops the stack recorded in `state_dir`. Returns the
 /// names of the processes that were still running.
-pub async fn down(state_dir: &Path) -> anyhow::Result<Vec<String>> {
+pub async fn down(state_dir: &Path) -> Result<Vec<String>, LaunchError> {
     let Some(state) = LabState::load(state_dir)? else {
         return Ok(Vec::new());
     };
@@ -752,11 +857,13 @@ fn slb_ready(ports: &Ports) -> Ready {
     Ready::Http(format!("{}/stats", url(ports.slb_stats)))
 }
 
-fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+fn absolute(path: &Path) -> Result<PathBuf, LaunchError> {
     if path.is_absolute() {
         Ok(path.to_path_buf())
     } else {
-        Ok(std::env::current_dir()?.join(path))
+        Ok(std::env::current_dir()
+            .doing(|| "reading the current directory".to_string())?
+            .join(path))
     }
 }
 
@@ -788,18 +895,23 @@ fn with_ports(config: &LabConfig, ports: &Ports, tls: &TlsFiles) -> LabConfig {
 
 /// Initialises a private data directory on first use, then returns the
 /// server command. Data persists across `up`/`down` in `<state>/mysql/data`.
-async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::Result<Command> {
+async fn mysql_command(
+    bins: &Binaries,
+    state_dir: &Path,
+    port: u16,
+) -> Result<Command, LaunchError> {
     let dir = state_dir.join("mysql");
     let data = dir.join("data");
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).doing(|| format!("creating {}", dir.display()))?;
     let init_sql = dir.join("init.sql");
-    std::fs::write(&init_sql, MYSQL_INIT_SQL)?;
+    std::fs::write(&init_sql, MYSQL_INIT_SQL)
+        .doing(|| format!("writing {}", init_sql.display()))?;
     // A private tmpdir: two servers bootstrapping at once in a shared /tmp
     // were seen to delete each other's temporary tables.
     let tmp = dir.join("tmp");
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).doing(|| format!("creating {}", tmp.display()))?;
     if !data.join("mysql").exists() {
-        std::fs::create_dir_all(&data)?;
+        std::fs::create_dir_all(&data).doing(|| format!("creating {}", data.display()))?;
         let log = state_dir.join("logs").join("mysql-init.log");
         let mut init = match bins.mysql_flavor {
             MysqlFlavor::MariaDb => {
@@ -828,18 +940,18 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
         let output = init
             .output()
             .await
-            .context("initialising the MySQL data directory")?;
+            .doing(|| "initialising the MySQL data directory".to_string())?;
         std::fs::write(
             &log,
             [output.stdout.as_slice(), output.stderr.as_slice()].concat(),
-        )?;
+        )
+        .doing(|| format!("writing {}", log.display()))?;
         if !output.status.success() {
-            bail!(
-                "initialising the MySQL data directory failed ({}); last lines of {}:\n{}",
-                output.status,
-                log.display(),
-                procs::tail(&log, 20)
-            );
+            return Err(LaunchError::MysqlInit {
+                status: output.status,
+                tail: procs::tail(&log, 20),
+                log,
+            });
         }
     }
     let mut cmd = Command::new(&bins.mysqld);
@@ -875,10 +987,10 @@ fn etcd_command(
     state_dir: &Path,
     ports: &Ports,
     fresh: bool,
-) -> anyhow::Result<Command> {
+) -> Result<Command, LaunchError> {
     let data = state_dir.join("etcd");
     if fresh && data.exists() {
-        std::fs::remove_dir_all(&data)?;
+        std::fs::remove_dir_all(&data).doing(|| format!("removing {}", data.display()))?;
     }
     let client = url(ports.etcd_client);
     let peer = url(ports.etcd_peer);
@@ -902,13 +1014,14 @@ fn haproxy_command(
     state_dir: &Path,
     config: &LabConfig,
     backends: &[u16],
-) -> anyhow::Result<Command> {
+) -> Result<Command, LaunchError> {
     let dir = state_dir.join("haproxy");
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).doing(|| format!("creating {}", dir.display()))?;
     let frontends = dir.join("haproxy.cfg");
-    std::fs::write(&frontends, HAPROXY_CFG)?;
+    std::fs::write(&frontends, HAPROXY_CFG).doing(|| format!("writing {}", frontends.display()))?;
     let backends_file = dir.join("backends.cfg");
-    std::fs::write(&backends_file, backends_cfg(backends))?;
+    std::fs::write(&backends_file, backends_cfg(backends))
+        .doing(|| format!("writing {}", backends_file.display()))?;
     let mut cmd = Command::new(haproxy);
     cmd.arg("-db")
         .arg("-f")
