@@ -248,18 +248,19 @@ struct Launch {
 }
 
 impl Stack {
-    /// Starts everything and waits until it is ready. Each step waits for
-    /// readiness before the next one starts, because each tier dials the one
-    /// before it at start-up (B needs MySQL, HAProxy needs Bs to check, A's
-    /// readiness needs a B through HAProxy or etcd).
+    /// Starts everything and waits until it is ready. The binaries are found
+    /// first, so a missing one fails before anything is written or spawned.
+    /// Each step waits for readiness before the next one starts, because
+    /// each tier dials the one before it at start-up (B needs MySQL, HAProxy
+    /// checks the Bs, A's readiness needs a B through HAProxy or etcd).
     pub async fn up(options: UpOptions) -> Result<Stack, LaunchError> {
         let started = Instant::now();
-        let mut stack = Stack::prepare(&options)?;
         let launch = Launch {
             bins: Binaries::find(options.bin_dir.as_deref()).await?,
             client: probe::http_client(),
             timeout: options.ready_timeout,
         };
+        let mut stack = Stack::prepare(&options)?;
         stack.start_dependencies(&launch).await?;
         stack.start_backends(&launch).await?;
         stack.start_slb(&launch).await?;
@@ -348,9 +349,8 @@ impl Stack {
         .await
     }
 
-    /// Every B, side by side. Ready means serving gRPC with MySQL answering
-    /// (and registered in etcd when `lb = "etcd"`), so HAProxy's first
-    /// health checks and A's first calls find them up.
+    /// Every B, side by side. Ready means serving gRPC with MySQL answering,
+    /// so HAProxy's first health checks and A's first calls find them up.
     async fn start_backends(&mut self, launch: &Launch) -> Result<(), LaunchError> {
         let mut waits = Vec::new();
         for (i, (grpc, admin)) in self.ports.b.clone().into_iter().enumerate() {

@@ -1,5 +1,12 @@
 //! Child processes: finding binaries, spawning with logs, signalling, and
 //! telling whether a recorded pid is still the process we started.
+//!
+//! Two kinds of process are stopped here. A child of this labctl is a
+//! `tokio::process::Child`: it is waited on (woken by SIGCHLD, no polling)
+//! and killed when its handle is dropped if it is tied to labctl. A process
+//! another labctl started (`up --detach`, then `down`, `kill` or `scale`
+//! from a new shell) is known only by the pid and start time in
+//! `state.json`; it is signalled by pid and its exit is seen in `/proc`.
 
 use std::{
     fs::{File, OpenOptions},
