@@ -8,15 +8,20 @@
 //! A's own channel). Stop order is the reverse, SIGTERM first.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
 use lab_common::config::LabConfig;
 use partner_api::certs::{self, TlsFiles};
+use tokio::process::Child;
+
+mod error;
+
+use error::Doing;
+pub use error::LaunchError;
 
 use crate::{
     ports::{PortPolicy, Ports},
@@ -102,14 +107,15 @@ enum MysqlFlavor {
 }
 
 impl Binaries {
-    fn find(bin_dir: Option<&Path>) -> anyhow::Result<Self> {
+    async fn find(bin_dir: Option<&Path>) -> Result<Self, LaunchError> {
         const MYSQLD: [&str; 2] = ["mariadbd", "mysqld"];
         let mysqld = procs::find_binary(&MYSQLD)
             .ok_or_else(|| procs::missing("MySQL/MariaDB server", &MYSQLD))?;
-        let version = Command::new(&mysqld)
+        let version = tokio::process::Command::new(&mysqld)
             .arg("--version")
             .output()
-            .with_context(|| format!("running {} --version", mysqld.display()))?;
+            .await
+            .doing(|| format!("running {} --version", mysqld.display()))?;
         let mysql_flavor = if String::from_utf8_lossy(&version.stdout).contains("MariaDB") {
             MysqlFlavor::MariaDb
         } else {
@@ -147,184 +153,202 @@ fn https_url(port: u16) -> String {
 /// The names partner-api's certificate is valid for: what B dials natively.
 const PARTNER_HOSTS: [&str; 2] = ["127.0.0.1", "localhost"];
 
+/// What every start-up step needs: the binaries, a probe client and the
+/// time each step may take to become ready.
+struct Launch {
+    bins: Binaries,
+    client: HttpClient,
+    timeout: Duration,
+}
+
 impl Stack {
-    /// Starts everything and waits until it is ready.
-    pub async fn up(options: UpOptions) -> anyhow::Result<Stack> {
+    /// Starts everything and waits until it is ready. The binaries are found
+    /// first, so a missing one fails before anything is written or spawned.
+    /// Each step waits for readiness before the next one starts, because
+    /// each tier dials the one before it at start-up (B needs MySQL, HAProxy
+    /// checks the Bs, A's readiness needs a B through HAProxy or etcd).
+    pub async fn up(options: UpOptions) -> Result<Stack, LaunchError> {
         let started = Instant::now();
-        let state_dir = absolute(&options.state_dir)?;
-        std::fs::create_dir_all(state_dir.join("logs"))
-            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
-        if let Some(old) = LabState::load(&state_dir)?
-            && old.any_alive()
-        {
-            bail!(
-                "a lab is already running from {} — stop it with `labctl down --state-dir {}`",
-                state_dir.display(),
-                state_dir.display()
-            );
-        }
-        if options.backends == 0 {
-            bail!("--backends must be at least 1");
-        }
-        let bins = Binaries::find(options.bin_dir.as_deref())?;
-        let ports = Ports::plan(&options.config, options.backends, options.ports)?;
-        if options.ports == PortPolicy::Configured {
-            ports.ensure_free()?;
-        }
-
-        // Kept across runs (see `certs::ensure`): a restarted lab trusts
-        // the same CA.
-        let tls_dir = state_dir.join("tls");
-        let tls = certs::ensure(&tls_dir, &PARTNER_HOSTS)
-            .with_context(|| format!("making TLS certificates in {}", tls_dir.display()))?;
-        let config = with_ports(&options.config, &ports, &tls);
-        let config_file = state_dir.join("lab.toml");
-        std::fs::write(&config_file, config.to_toml()?)
-            .with_context(|| format!("writing {}", config_file.display()))?;
-
-        let mut stack = Stack {
-            state: LabState {
-                mode: config.mode,
-                faults: config.faults,
-                state_dir: state_dir.clone(),
-                config_file: config_file.clone(),
-                auto_ports: options.ports == PortPolicy::Auto,
-                services: Vec::new(),
-            },
-            ports: ports.clone(),
-            config: config.clone(),
-            startup: Duration::ZERO,
-            children: HashMap::new(),
-            lifetime: options.lifetime,
-            stopped: false,
+        let launch = Launch {
+            bins: Binaries::find(options.bin_dir.as_deref()).await?,
+            client: probe::http_client(),
+            timeout: options.ready_timeout,
         };
-        let client = probe::http_client();
-        let timeout = options.ready_timeout;
-
-        // 1. MySQL, etcd and the partner API, side by side.
-        let mysql_cmd = mysql_command(&bins, &state_dir, ports.mysql).await?;
-        stack.start("mysql", mysql_cmd, |r| {
-            r.url = Some(format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql));
-        })?;
-        stack.start(
-            "etcd",
-            etcd_command(&bins.etcd, &state_dir, &ports, true)?,
-            |r| {
-                r.url = Some(url(ports.etcd_client));
-            },
-        )?;
-        let mut cmd = Command::new(&bins.partner_api);
-        cmd.arg("--config").arg(&config_file);
-        stack.start("partner-api", cmd, |r| {
-            r.url = Some(https_url(ports.partner_https));
-            r.admin_url = Some(url(ports.partner_admin));
-        })?;
-        stack
-            .wait_ready(
-                &client,
-                timeout,
-                vec![
-                    ("mysql", Ready::MysqlGreeting(addr(ports.mysql))),
-                    (
-                        "etcd",
-                        Ready::Http(format!("{}/health", url(ports.etcd_client))),
-                    ),
-                    (
-                        "partner-api",
-                        Ready::Http(format!("{}/readyz", url(ports.partner_admin))),
-                    ),
-                ],
-            )
-            .await?;
-
-        // 2. Every B.
-        let mut waits = Vec::new();
-        for (i, (grpc, admin)) in ports.b.iter().enumerate() {
-            let name = stack.spawn_backend(&bins.service_b, i + 1, *grpc, *admin)?;
-            waits.push((name, Ready::Http(format!("{}/readyz", url(*admin)))));
-        }
-        let waits = waits.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
-        stack.wait_ready(&client, timeout, waits).await?;
-
-        // 3. HAProxy over them.
-        stack.start(
-            "slb",
-            haproxy_command(&bins.haproxy, &state_dir, &config, &b_ports(&stack.state))?,
-            |r| {
-                r.l4_addr = Some(addr(ports.slb_l4));
-                r.l7_addr = Some(addr(ports.slb_l7));
-                r.admin_url = Some(url(ports.slb_stats));
-                r.url = Some(format!("{}/stats", url(ports.slb_stats)));
-            },
-        )?;
-        stack
-            .wait_ready(
-                &client,
-                timeout,
-                vec![(
-                    "slb",
-                    Ready::Http(format!("{}/stats", url(ports.slb_stats))),
-                )],
-            )
-            .await?;
-
-        // 4. A.
-        let mut cmd = Command::new(&bins.service_a);
-        cmd.arg("--config").arg(&config_file);
-        stack.start("service-a", cmd, |r| {
-            r.url = Some(url(ports.a_http));
-            r.admin_url = Some(url(ports.a_admin));
-        })?;
-        stack
-            .wait_ready(
-                &client,
-                timeout,
-                vec![(
-                    "service-a",
-                    Ready::Http(format!("{}/readyz", url(ports.a_admin))),
-                )],
-            )
-            .await?;
-
+        let mut stack = Stack::prepare(&options)?;
+        stack.start_dependencies(&launch).await?;
+        stack.start_backends(&launch).await?;
+        stack.start_slb(&launch).await?;
+        stack.start_service_a(&launch).await?;
         stack.startup = started.elapsed();
         Ok(stack)
     }
 
+    /// Checks that nothing runs from the state dir yet, plans the ports and
+    /// writes the config every service reads: nothing is spawned until the
+    /// whole plan is known to work.
+    fn prepare(options: &UpOptions) -> Result<Stack, LaunchError> {
+        let state_dir = absolute(&options.state_dir)?;
+        std::fs::create_dir_all(state_dir.join("logs"))
+            .doing(|| format!("creating state dir {}", state_dir.display()))?;
+        if let Some(old) = LabState::load(&state_dir)?
+            && old.any_alive()
+        {
+            return Err(LaunchError::AlreadyRunning {
+                dir: state_dir.display().to_string(),
+            });
+        }
+        if options.backends == 0 {
+            return Err(LaunchError::NoBackends);
+        }
+        let ports = Ports::plan(&options.config, options.backends, options.ports)?;
+        if options.ports == PortPolicy::Configured {
+            ports.ensure_free()?;
+        }
+        // Kept across runs (see `certs::ensure`): a restarted lab trusts
+        // the same CA.
+        let tls_dir = state_dir.join("tls");
+        let tls = certs::ensure(&tls_dir, &PARTNER_HOSTS).map_err(|source| LaunchError::Certs {
+            dir: tls_dir.clone(),
+            source: source.into(),
+        })?;
+        let config = with_ports(&options.config, &ports, &tls);
+        let config_file = state_dir.join("lab.toml");
+        std::fs::write(&config_file, config.to_toml()?)
+            .doing(|| format!("writing {}", config_file.display()))?;
+        Ok(Stack {
+            state: LabState {
+                mode: config.mode,
+                faults: config.faults,
+                state_dir,
+                config_file,
+                auto_ports: options.ports == PortPolicy::Auto,
+                services: Vec::new(),
+            },
+            ports,
+            config,
+            startup: Duration::ZERO,
+            children: HashMap::new(),
+            lifetime: options.lifetime,
+            stopped: false,
+        })
+    }
+
+    /// MySQL, etcd and the partner API, side by side: they depend on
+    /// nothing, and every B needs all three as soon as it starts.
+    async fn start_dependencies(&mut self, launch: &Launch) -> Result<(), LaunchError> {
+        let ports = self.ports.clone();
+        let mysql_cmd = mysql_command(&launch.bins, &self.state.state_dir, ports.mysql).await?;
+        self.start("mysql", mysql_cmd, |r| {
+            r.url = Some(format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql));
+        })?;
+        self.spawn_etcd(&launch.bins.etcd, true)?;
+        let mut cmd = Command::new(&launch.bins.partner_api);
+        cmd.arg("--config").arg(&self.state.config_file);
+        self.start("partner-api", cmd, |r| {
+            r.url = Some(https_url(ports.partner_https));
+            r.admin_url = Some(url(ports.partner_admin));
+        })?;
+        self.wait_ready(
+            &launch.client,
+            launch.timeout,
+            vec![
+                ("mysql", Ready::MysqlGreeting(addr(ports.mysql))),
+                ("etcd", etcd_ready(&ports)),
+                (
+                    "partner-api",
+                    Ready::Http(format!("{}/readyz", url(ports.partner_admin))),
+                ),
+            ],
+        )
+        .await
+    }
+
+    /// Every B, side by side. Ready means serving gRPC with MySQL answering,
+    /// so HAProxy's first health checks and A's first calls find them up.
+    async fn start_backends(&mut self, launch: &Launch) -> Result<(), LaunchError> {
+        let mut waits = Vec::new();
+        for (i, (grpc, admin)) in self.ports.b.clone().into_iter().enumerate() {
+            let name = self.spawn_backend(&launch.bins.service_b, i + 1, grpc, admin)?;
+            waits.push((name, backend_ready(admin)));
+        }
+        let waits = waits.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
+        self.wait_ready(&launch.client, launch.timeout, waits).await
+    }
+
+    /// HAProxy over the Bs that are running: its backends file is generated
+    /// from them, so it must come after them.
+    async fn start_slb(&mut self, launch: &Launch) -> Result<(), LaunchError> {
+        self.spawn_slb(&launch.bins.haproxy)?;
+        let ready = vec![("slb", slb_ready(&self.ports))];
+        self.wait_ready(&launch.client, launch.timeout, ready).await
+    }
+
+    /// A last: it is the stack's front door, and it is ready only once a B
+    /// answers through A's own channel, so `up` returning means a request
+    /// can go all the way through.
+    async fn start_service_a(&mut self, launch: &Launch) -> Result<(), LaunchError> {
+        let ports = self.ports.clone();
+        let mut cmd = Command::new(&launch.bins.service_a);
+        cmd.arg("--config").arg(&self.state.config_file);
+        self.start("service-a", cmd, |r| {
+            r.url = Some(url(ports.a_http));
+            r.admin_url = Some(url(ports.a_admin));
+        })?;
+        let ready = vec![(
+            "service-a",
+            Ready::Http(format!("{}/readyz", url(ports.a_admin))),
+        )];
+        self.wait_ready(&launch.client, launch.timeout, ready).await
+    }
+
     /// Spawns one process, records it and saves the state (so even a
-    /// half-started stack can be stopped with `labctl down`).
+    /// half-started stack can be stopped with `labctl down`). A record of
+    /// the same name (a process being restarted) is replaced in place, so
+    /// `down` keeps stopping in reverse start order.
     fn start(
         &mut self,
         name: &str,
         cmd: Command,
         describe: impl FnOnce(&mut ServiceRecord),
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), LaunchError> {
         let log = self
             .state
             .state_dir
             .join("logs")
             .join(format!("{name}.log"));
         let child = procs::spawn(cmd, &log, self.lifetime)?;
-        let pid = child.id();
-        let start_time = procs::start_time(pid)
-            .with_context(|| format!("{name} exited at once; see {}", log.display()))?;
+        let (pid, start_time) = child
+            .id()
+            .and_then(|pid| Some((pid, procs::start_time(pid)?)))
+            .ok_or_else(|| LaunchError::ExitedAtOnce {
+                name: name.to_string(),
+                log: log.clone(),
+            })?;
         let mut record = ServiceRecord::new(name, pid, start_time, log);
         describe(&mut record);
-        self.state.services.push(record);
+        match self.state.services.iter_mut().find(|s| s.name == name) {
+            Some(old) => *old = record,
+            None => self.state.services.push(record),
+        }
         self.children.insert(name.to_string(), child);
-        self.state.save()
+        Ok(self.state.save()?)
     }
 
+    /// Probes every named process until all are ready, failing fast with the
+    /// log's tail when one exits or the timeout passes.
     async fn wait_ready(
         &self,
         client: &HttpClient,
         timeout: Duration,
         waits: Vec<(&str, Ready)>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), LaunchError> {
         let checks = waits.into_iter().map(|(name, ready)| async move {
             let record = self
                 .state
                 .service(name)
-                .with_context(|| format!("{name} was not started"))?;
+                .ok_or_else(|| LaunchError::NotStarted {
+                    name: name.to_string(),
+                })?;
             let deadline = Instant::now() + timeout;
             loop {
                 let ok = match &ready {
@@ -332,21 +356,22 @@ impl Stack {
                     Ready::MysqlGreeting(a) => probe::mysql_greets(a).await,
                 };
                 if ok {
-                    return anyhow::Ok(());
+                    return Ok::<(), LaunchError>(());
                 }
                 if !record.is_alive() {
-                    bail!(
-                        "{name} exited during start-up; last lines of {}:\n{}",
-                        record.log.display(),
-                        procs::tail(&record.log, 15)
-                    );
+                    return Err(LaunchError::ExitedDuringStartup {
+                        name: name.to_string(),
+                        log: record.log.clone(),
+                        tail: procs::tail(&record.log, 15),
+                    });
                 }
                 if Instant::now() >= deadline {
-                    bail!(
-                        "{name} not ready after {timeout:?}; last lines of {}:\n{}",
-                        record.log.display(),
-                        procs::tail(&record.log, 15)
-                    );
+                    return Err(LaunchError::NotReady {
+                        name: name.to_string(),
+                        timeout,
+                        log: record.log.clone(),
+                        tail: procs::tail(&record.log, 15),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -355,16 +380,18 @@ impl Stack {
     }
 
     /// The record of `name`.
-    pub fn service(&self, name: &str) -> anyhow::Result<&ServiceRecord> {
+    pub fn service(&self, name: &str) -> Result<&ServiceRecord, LaunchError> {
         self.state
             .service(name)
-            .with_context(|| format!("no service named {name}"))
+            .ok_or_else(|| LaunchError::NoService {
+                name: name.to_string(),
+            })
     }
 
     /// Sends `signal` to the named process (e.g. SIGTERM one B, SIGKILL MySQL).
-    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> Result<(), LaunchError> {
         let record = self.service(name)?;
-        procs::signal(record.pid, record.start_time, signal)
+        Ok(procs::signal(record.pid, record.start_time, signal)?)
     }
 
     /// Waits for the named child to exit and returns its exit status.
@@ -372,21 +399,39 @@ impl Stack {
         &mut self,
         name: &str,
         timeout: Duration,
-    ) -> anyhow::Result<std::process::ExitStatus> {
+    ) -> Result<std::process::ExitStatus, LaunchError> {
         let child = self
             .children
             .get_mut(name)
-            .with_context(|| format!("{name} is not a child of this process"))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("{name} still running after {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            .ok_or_else(|| LaunchError::NotAChild {
+                name: name.to_string(),
+            })?;
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => status.doing(|| format!("waiting for {name}")),
+            Err(_) => Err(LaunchError::StillRunning {
+                name: name.to_string(),
+                timeout,
+            }),
         }
+    }
+
+    /// Waits until a child of this labctl whose name is not in `seen` exits
+    /// and returns its name and status; never returns if there is none.
+    /// Cancel-safe, for a `select!` that also waits for Ctrl-C.
+    pub async fn next_exit(
+        &mut self,
+        seen: &BTreeSet<String>,
+    ) -> (String, std::io::Result<std::process::ExitStatus>) {
+        let waits: Vec<_> = self
+            .children
+            .iter_mut()
+            .filter(|(name, _)| !seen.contains(name.as_str()))
+            .map(|(name, child)| Box::pin(async move { (name.clone(), child.wait().await) }))
+            .collect();
+        if waits.is_empty() {
+            return std::future::pending().await;
+        }
+        futures::future::select_all(waits).await.0
     }
 
     /// A's public base URL.
@@ -397,16 +442,17 @@ impl Stack {
     /// Re-attaches to the stack recorded in `state_dir` (for `labctl kill`
     /// and `labctl scale`). Its processes are not children of this labctl,
     /// and dropping the value leaves them running.
-    pub fn attach(state_dir: &Path) -> anyhow::Result<Stack> {
+    pub fn attach(state_dir: &Path) -> Result<Stack, LaunchError> {
         let state_dir = absolute(state_dir)?;
-        let state = LabState::load(&state_dir)?.with_context(|| {
-            format!(
-                "no lab running in {} (start one with `labctl up`)",
-                state_dir.display()
-            )
+        let state = LabState::load(&state_dir)?.ok_or_else(|| LaunchError::NoLab {
+            dir: state_dir.clone(),
         })?;
-        let config = lab_common::config::check_file(&state.config_file)
-            .with_context(|| format!("reading {}", state.config_file.display()))?;
+        let config = lab_common::config::check_file(&state.config_file).map_err(|source| {
+            LaunchError::Config {
+                path: state.config_file.clone(),
+                source: Box::new(source),
+            }
+        })?;
         let ports = Ports::plan(&config, 0, PortPolicy::Configured)?;
         Ok(Stack {
             state,
@@ -426,7 +472,7 @@ impl Stack {
         index: usize,
         grpc: u16,
         admin: u16,
-    ) -> anyhow::Result<String> {
+    ) -> Result<String, LaunchError> {
         let name = format!("service-b-{index}");
         let instance_id = format!("b-{index}");
         let mut cmd = Command::new(binary);
@@ -446,13 +492,37 @@ impl Stack {
         Ok(name)
     }
 
+    /// Starts etcd (not waiting for it). `fresh` wipes its data dir.
+    fn spawn_etcd(&mut self, etcd: &Path, fresh: bool) -> Result<(), LaunchError> {
+        let client_url = url(self.ports.etcd_client);
+        let cmd = etcd_command(etcd, &self.state.state_dir, &self.ports, fresh)?;
+        self.start("etcd", cmd, |r| r.url = Some(client_url))
+    }
+
+    /// Starts HAProxy over the recorded Bs (not waiting for it).
+    fn spawn_slb(&mut self, haproxy: &Path) -> Result<(), LaunchError> {
+        let cmd = haproxy_command(
+            haproxy,
+            &self.state.state_dir,
+            &self.config,
+            &b_ports(&self.state),
+        )?;
+        let ports = self.ports.clone();
+        self.start("slb", cmd, |r| {
+            r.l4_addr = Some(addr(ports.slb_l4));
+            r.l7_addr = Some(addr(ports.slb_l7));
+            r.admin_url = Some(url(ports.slb_stats));
+            r.url = Some(format!("{}/stats", url(ports.slb_stats)));
+        })
+    }
+
     /// Runs `n` B instances: starts new ones (numbered after the highest) or
     /// stops the highest-numbered ones gracefully, then points HAProxy at
     /// the new set (a restart: its open connections drop and clients
     /// reconnect). With `lb = "etcd"` A learns of the change from etcd alone.
-    pub async fn scale_backends(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
+    pub async fn scale_backends(&mut self, n: usize) -> Result<Vec<String>, LaunchError> {
         if n == 0 {
-            bail!("at least one backend must remain");
+            return Err(LaunchError::LastBackend);
         }
         let mut changed = Vec::new();
         let alive: Vec<(usize, String)> = self
@@ -474,7 +544,7 @@ impl Stack {
             return Ok(changed);
         }
         if n > alive.len() {
-            let bins = Binaries::find(None)?;
+            let bins = Binaries::find(None).await?;
             let client = probe::http_client();
             let mut next = alive.iter().map(|(i, _)| *i).max().unwrap_or(0);
             let mut names = Vec::new();
@@ -482,7 +552,7 @@ impl Stack {
                 next += 1;
                 let (grpc, admin) = self.ports_for_backend(next)?;
                 let name = self.spawn_backend(&bins.service_b, next, grpc, admin)?;
-                names.push((name, Ready::Http(format!("{}/readyz", url(admin)))));
+                names.push((name, backend_ready(admin)));
             }
             let waits = names.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
             self.wait_ready(&client, Duration::from_secs(30), waits)
@@ -492,11 +562,8 @@ impl Stack {
             let mut by_index = alive.clone();
             by_index.sort();
             for (_, name) in by_index.into_iter().skip(n).rev() {
-                let record = self.service(&name)?.clone();
-                procs::terminate(record.pid, record.start_time, Duration::from_secs(30)).await;
-                if let Some(mut child) = self.children.remove(&name) {
-                    let _ = child.wait();
-                }
+                self.stop_service_within(&name, Duration::from_secs(30))
+                    .await?;
                 self.state.services.retain(|s| s.name != name);
                 changed.push(name);
             }
@@ -508,169 +575,165 @@ impl Stack {
 
     /// Ports for B number `index`: the configured base + (index − 1), or
     /// free ones when the stack was started with `--ports auto`.
-    fn ports_for_backend(&self, index: usize) -> anyhow::Result<(u16, u16)> {
+    fn ports_for_backend(&self, index: usize) -> Result<(u16, u16), LaunchError> {
         if self.state.auto_ports {
-            return Ports::free_pair();
+            return Ok(Ports::free_pair()?);
         }
         let base = Ports::plan(&self.config, index, PortPolicy::Configured)?;
-        base.b
-            .last()
-            .copied()
-            .context("no port for the new backend")
+        base.b.last().copied().ok_or(LaunchError::NoBackendPort)
     }
 
     /// Stops one process (SIGTERM, then SIGKILL after 15 s) and waits for it.
-    pub async fn stop_service(&mut self, name: &str) -> anyhow::Result<()> {
+    pub async fn stop_service(&mut self, name: &str) -> Result<(), LaunchError> {
+        self.stop_service_within(name, Duration::from_secs(15))
+            .await
+    }
+
+    async fn stop_service_within(
+        &mut self,
+        name: &str,
+        grace: Duration,
+    ) -> Result<(), LaunchError> {
         let record = self.service(name)?.clone();
-        procs::terminate(record.pid, record.start_time, Duration::from_secs(15)).await;
-        if let Some(mut child) = self.children.remove(name) {
-            let _ = child.wait();
-        }
+        self.stop_record(&record, grace).await;
         Ok(())
+    }
+
+    /// Stops one recorded process: through its [`Child`] handle when this
+    /// labctl started it (waited for, not polled), by pid otherwise.
+    /// Returns true if SIGKILL was needed.
+    async fn stop_record(&mut self, record: &ServiceRecord, grace: Duration) -> bool {
+        let own = self
+            .children
+            .get(&record.name)
+            .is_some_and(|child| child.id() == Some(record.pid));
+        if own && let Some(mut child) = self.children.remove(&record.name) {
+            return procs::terminate_child(&mut child, grace).await;
+        }
+        procs::terminate(record.pid, record.start_time, grace).await
     }
 
     /// Starts etcd again on the same port and data dir after
     /// [`Stack::stop_service`] (an etcd outage and recovery).
-    pub async fn restart_etcd(&mut self) -> anyhow::Result<()> {
-        let record = self.service("etcd")?.clone();
-        if record.is_alive() {
-            bail!("etcd is still running");
+    pub async fn restart_etcd(&mut self) -> Result<(), LaunchError> {
+        if self.service("etcd")?.is_alive() {
+            return Err(LaunchError::EtcdStillRunning);
         }
-        let bins = Binaries::find(None)?;
-        let ports = self.ports.clone();
-        let cmd = etcd_command(&bins.etcd, &self.state.state_dir, &ports, false)?;
-        let position = self.state.services.iter().position(|s| s.name == "etcd");
-        self.state.services.retain(|s| s.name != "etcd");
-        self.start("etcd", cmd, |r| r.url = record.url.clone())?;
-        if let (Some(pos), Some(new)) = (position, self.state.services.pop()) {
-            self.state
-                .services
-                .insert(pos.min(self.state.services.len()), new);
-            self.state.save()?;
-        }
-        let health = format!("{}/health", url(ports.etcd_client));
-        self.wait_ready(
-            &probe::http_client(),
-            Duration::from_secs(30),
-            vec![("etcd", Ready::Http(health))],
-        )
-        .await
+        let bins = Binaries::find(None).await?;
+        self.spawn_etcd(&bins.etcd, false)?;
+        let ready = vec![("etcd", etcd_ready(&self.ports))];
+        self.wait_ready(&probe::http_client(), Duration::from_secs(30), ready)
+            .await
     }
 
     /// Rewrites HAProxy's backends for the current Bs and restarts it.
-    async fn restart_slb(&mut self) -> anyhow::Result<()> {
-        let Some(old) = self.state.service("slb").cloned() else {
+    async fn restart_slb(&mut self) -> Result<(), LaunchError> {
+        if self.state.service("slb").is_none() {
             return Ok(());
-        };
-        procs::terminate(old.pid, old.start_time, Duration::from_secs(10)).await;
-        if let Some(mut child) = self.children.remove("slb") {
-            let _ = child.wait();
         }
-        let position = self.state.services.iter().position(|s| s.name == "slb");
-        self.state.services.retain(|s| s.name != "slb");
-        let bins = Binaries::find(None)?;
-        let cmd = haproxy_command(
-            &bins.haproxy,
-            &self.state.state_dir,
-            &self.config,
-            &b_ports(&self.state),
-        )?;
-        self.start("slb", cmd, |r| {
-            r.l4_addr = old.l4_addr.clone();
-            r.l7_addr = old.l7_addr.clone();
-            r.admin_url = old.admin_url.clone();
-            r.url = old.url.clone();
-        })?;
-        // Keep the start order (slb before service-a) for `down`.
-        if let (Some(pos), Some(record)) = (position, self.state.services.pop()) {
-            self.state
-                .services
-                .insert(pos.min(self.state.services.len()), record);
-            self.state.save()?;
-        }
-        let stats = format!("http://{}/stats", self.config.slb.stats_listen);
-        self.wait_ready(
-            &probe::http_client(),
-            Duration::from_secs(10),
-            vec![("slb", Ready::Http(stats))],
-        )
-        .await
+        self.stop_service_within("slb", Duration::from_secs(10))
+            .await?;
+        let bins = Binaries::find(None).await?;
+        self.spawn_slb(&bins.haproxy)?;
+        let ready = vec![("slb", slb_ready(&self.ports))];
+        self.wait_ready(&probe::http_client(), Duration::from_secs(10), ready)
+            .await
     }
 
     /// Stops every process (reverse start order) and removes `state.json`.
     /// What another labctl added meanwhile (`scale`, an HAProxy restart) is
     /// in the file, not in memory: both are stopped.
-    pub async fn down(&mut self) -> anyhow::Result<()> {
-        if let Ok(Some(on_disk)) = LabState::load(&self.state.state_dir) {
-            stop_all(&on_disk).await;
+    pub async fn down(&mut self) -> Result<(), LaunchError> {
+        let mut records = match LabState::load(&self.state.state_dir) {
+            Ok(Some(on_disk)) => on_disk.services,
+            _ => Vec::new(),
+        };
+        for record in &self.state.services {
+            if !records.contains(record) {
+                records.push(record.clone());
+            }
         }
-        stop_all(&self.state).await;
-        self.reap();
+        for record in records.iter().rev() {
+            if self.stop_record(record, STOP_GRACE).await {
+                tracing::warn!(name = %record.name, "did not stop on SIGTERM; killed");
+            }
+        }
         self.stopped = true;
-        LabState::remove(&self.state.state_dir)
+        Ok(LabState::remove(&self.state.state_dir)?)
     }
 
-    /// Collects exited children so they do not linger as zombies.
-    pub fn reap(&mut self) {
-        for child in self.children.values_mut() {
-            let _ = child.try_wait();
-        }
-    }
-
-    /// Leaves the processes running (after `up --detach`).
+    /// Leaves the processes running (after `up --detach`). Only a stack
+    /// started with [`Lifetime::Detached`] outlives labctl: tied children
+    /// die with their handles and with labctl itself.
     pub fn detach(mut self) {
         self.stopped = true;
     }
 }
 
+/// How long `down` gives each process to stop on SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How long dropping a running [`Stack`] waits for SIGTERM to work.
+const DROP_GRACE: Duration = Duration::from_secs(5);
+
+/// The fallback when a stack is dropped without [`Stack::down`] (a test that
+/// failed or panicked, `up` failing half-way).
+///
+/// It stays synchronous and blocks the dropping thread for up to
+/// [`DROP_GRACE`], on purpose: `Drop` cannot await, and the caller needs the
+/// processes gone when it returns (the test harness deletes the state dir,
+/// with MySQL's data, right after). tokio's `kill_on_drop` alone would only
+/// SIGKILL our own children, without letting them shut down, and would not
+/// reach processes another labctl added (`scale`). So: SIGTERM to every
+/// recorded process, wait on our children with `try_wait` (which needs no
+/// runtime), then SIGKILL the stragglers and wait for them to go.
 impl Drop for Stack {
     fn drop(&mut self) {
         if self.stopped {
             return;
         }
-        // Best effort without an async runtime: TERM all, wait, KILL the rest.
-        let on_disk = LabState::load(&self.state.state_dir)
+        let mut records = LabState::load(&self.state.state_dir)
             .ok()
             .flatten()
             .map(|s| s.services)
             .unwrap_or_default();
-        for record in on_disk.iter().rev() {
-            let _ = procs::signal(
-                record.pid,
-                record.start_time,
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        for record in self.state.services.iter().rev() {
-            let _ = procs::signal(
-                record.pid,
-                record.start_time,
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline
-            && self
-                .children
-                .values_mut()
-                .any(|c| matches!(c.try_wait(), Ok(None)))
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for child in self.children.values_mut() {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
+        for record in &self.state.services {
+            if !records.contains(record) {
+                records.push(record.clone());
             }
         }
+        for record in records.iter().rev() {
+            let _ = procs::signal(
+                record.pid,
+                record.start_time,
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        wait_for_children(&mut self.children, DROP_GRACE);
+        for child in self.children.values_mut() {
+            let _ = child.start_kill();
+        }
+        wait_for_children(&mut self.children, DROP_GRACE);
         let _ = LabState::remove(&self.state.state_dir);
+    }
+}
+
+/// Blocks until every child has exited (and is reaped), for at most
+/// `timeout`. Only for [`Stack`]'s `Drop`, which cannot await.
+fn wait_for_children(children: &mut HashMap<String, Child>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while children
+        .values_mut()
+        .any(|c| matches!(c.try_wait(), Ok(None)))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Stops every recorded process in reverse start order.
 pub async fn stop_all(state: &LabState) {
     for record in state.services.iter().rev() {
-        if procs::terminate(record.pid, record.start_time, Duration::from_secs(15)).await {
+        if procs::terminate(record.pid, record.start_time, STOP_GRACE).await {
             tracing::warn!(name = %record.name, "did not stop on SIGTERM; killed");
         }
     }
@@ -678,7 +741,7 @@ pub async fn stop_all(state: &LabState) {
 
 /// `labctl down`: stops the stack recorded in `state_dir`. Returns the
 /// names of the processes that were still running.
-pub async fn down(state_dir: &Path) -> anyhow::Result<Vec<String>> {
+pub async fn down(state_dir: &Path) -> Result<Vec<String>, LaunchError> {
     let Some(state) = LabState::load(state_dir)? else {
         return Ok(Vec::new());
     };
@@ -693,11 +756,28 @@ pub async fn down(state_dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(running)
 }
 
-fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+/// etcd is ready when its own health endpoint says so.
+fn etcd_ready(ports: &Ports) -> Ready {
+    Ready::Http(format!("{}/health", url(ports.etcd_client)))
+}
+
+/// A B is ready when its admin `/readyz` says so (see service-b's admin routes).
+fn backend_ready(admin: u16) -> Ready {
+    Ready::Http(format!("{}/readyz", url(admin)))
+}
+
+/// HAProxy is ready once its stats page answers (its frontends bind first).
+fn slb_ready(ports: &Ports) -> Ready {
+    Ready::Http(format!("{}/stats", url(ports.slb_stats)))
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, LaunchError> {
     if path.is_absolute() {
         Ok(path.to_path_buf())
     } else {
-        Ok(std::env::current_dir()?.join(path))
+        Ok(std::env::current_dir()
+            .doing(|| "reading the current directory".to_string())?
+            .join(path))
     }
 }
 
@@ -729,18 +809,23 @@ fn with_ports(config: &LabConfig, ports: &Ports, tls: &TlsFiles) -> LabConfig {
 
 /// Initialises a private data directory on first use, then returns the
 /// server command. Data persists across `up`/`down` in `<state>/mysql/data`.
-async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::Result<Command> {
+async fn mysql_command(
+    bins: &Binaries,
+    state_dir: &Path,
+    port: u16,
+) -> Result<Command, LaunchError> {
     let dir = state_dir.join("mysql");
     let data = dir.join("data");
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).doing(|| format!("creating {}", dir.display()))?;
     let init_sql = dir.join("init.sql");
-    std::fs::write(&init_sql, MYSQL_INIT_SQL)?;
+    std::fs::write(&init_sql, MYSQL_INIT_SQL)
+        .doing(|| format!("writing {}", init_sql.display()))?;
     // A private tmpdir: two servers bootstrapping at once in a shared /tmp
     // were seen to delete each other's temporary tables.
     let tmp = dir.join("tmp");
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).doing(|| format!("creating {}", tmp.display()))?;
     if !data.join("mysql").exists() {
-        std::fs::create_dir_all(&data)?;
+        std::fs::create_dir_all(&data).doing(|| format!("creating {}", data.display()))?;
         let log = state_dir.join("logs").join("mysql-init.log");
         let mut init = match bins.mysql_flavor {
             MysqlFlavor::MariaDb => {
@@ -769,18 +854,18 @@ async fn mysql_command(bins: &Binaries, state_dir: &Path, port: u16) -> anyhow::
         let output = init
             .output()
             .await
-            .context("initialising the MySQL data directory")?;
+            .doing(|| "initialising the MySQL data directory".to_string())?;
         std::fs::write(
             &log,
             [output.stdout.as_slice(), output.stderr.as_slice()].concat(),
-        )?;
+        )
+        .doing(|| format!("writing {}", log.display()))?;
         if !output.status.success() {
-            bail!(
-                "initialising the MySQL data directory failed ({}); last lines of {}:\n{}",
-                output.status,
-                log.display(),
-                procs::tail(&log, 20)
-            );
+            return Err(LaunchError::MysqlInit {
+                status: output.status,
+                tail: procs::tail(&log, 20),
+                log,
+            });
         }
     }
     let mut cmd = Command::new(&bins.mysqld);
@@ -816,10 +901,10 @@ fn etcd_command(
     state_dir: &Path,
     ports: &Ports,
     fresh: bool,
-) -> anyhow::Result<Command> {
+) -> Result<Command, LaunchError> {
     let data = state_dir.join("etcd");
     if fresh && data.exists() {
-        std::fs::remove_dir_all(&data)?;
+        std::fs::remove_dir_all(&data).doing(|| format!("removing {}", data.display()))?;
     }
     let client = url(ports.etcd_client);
     let peer = url(ports.etcd_peer);
@@ -843,13 +928,14 @@ fn haproxy_command(
     state_dir: &Path,
     config: &LabConfig,
     backends: &[u16],
-) -> anyhow::Result<Command> {
+) -> Result<Command, LaunchError> {
     let dir = state_dir.join("haproxy");
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).doing(|| format!("creating {}", dir.display()))?;
     let frontends = dir.join("haproxy.cfg");
-    std::fs::write(&frontends, HAPROXY_CFG)?;
+    std::fs::write(&frontends, HAPROXY_CFG).doing(|| format!("writing {}", frontends.display()))?;
     let backends_file = dir.join("backends.cfg");
-    std::fs::write(&backends_file, backends_cfg(backends))?;
+    std::fs::write(&backends_file, backends_cfg(backends))
+        .doing(|| format!("writing {}", backends_file.display()))?;
     let mut cmd = Command::new(haproxy);
     cmd.arg("-db")
         .arg("-f")

@@ -3,7 +3,6 @@
 
 use std::net::{SocketAddr, TcpListener};
 
-use anyhow::{Context, bail};
 use lab_common::config::LabConfig;
 
 /// Every port of one stack.
@@ -34,20 +33,52 @@ pub enum PortPolicy {
     Auto,
 }
 
+/// A `--ports` value that is neither `auto` nor `config`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --ports {0:?}: expected auto or config")]
+pub struct InvalidPortPolicy(String);
+
 impl std::str::FromStr for PortPolicy {
-    type Err = String;
+    type Err = InvalidPortPolicy;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(PortPolicy::Auto),
             "config" | "default" => Ok(PortPolicy::Configured),
-            other => Err(format!(
-                "invalid --ports {other:?}: expected auto or config"
-            )),
+            other => Err(InvalidPortPolicy(other.to_string())),
         }
     }
 }
 
-fn port_of(key: &str, addr: &str) -> anyhow::Result<u16> {
+/// Why the stack's ports could not be planned or are not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum PortsError {
+    #[error("{key} = {value:?} has no port")]
+    NoPort { key: &'static str, value: String },
+    #[error("etcd.endpoints is empty")]
+    NoEtcdEndpoint,
+    #[error("port out of range: {base} + {offset}")]
+    OutOfRange { base: u16, offset: usize },
+    #[error(
+        "port {port} would be used by both {first} and {second}; \
+         change the config or use `--ports auto`"
+    )]
+    Clash {
+        port: u16,
+        first: String,
+        second: String,
+    },
+    #[error("no free loopback ports between {low} and {high}")]
+    NoneFree { low: u16, high: u16 },
+    #[error("reading a bound port")]
+    LocalAddr(#[source] std::io::Error),
+    #[error(
+        "{}\nstop whatever holds it (another `labctl up`? try `labctl down`) or use `--ports auto`",
+        busy.join("\n")
+    )]
+    Busy { busy: Vec<String> },
+}
+
+fn port_of(key: &'static str, addr: &str) -> Result<u16, PortsError> {
     // Accept both IP:PORT and URLs such as http://127.0.0.1:2379 or mysql://u:p@h:3306/db.
     let host_port = addr.split_once("://").map(|(_, rest)| rest).unwrap_or(addr);
     let host_port = host_port
@@ -58,12 +89,19 @@ fn port_of(key: &str, addr: &str) -> anyhow::Result<u16> {
     host_port
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse().ok())
-        .with_context(|| format!("{key} = {addr:?} has no port"))
+        .ok_or_else(|| PortsError::NoPort {
+            key,
+            value: addr.to_string(),
+        })
 }
 
 impl Ports {
     /// Plans the ports for `backends` B instances.
-    pub fn plan(config: &LabConfig, backends: usize, policy: PortPolicy) -> anyhow::Result<Ports> {
+    pub fn plan(
+        config: &LabConfig,
+        backends: usize,
+        policy: PortPolicy,
+    ) -> Result<Ports, PortsError> {
         match policy {
             PortPolicy::Auto => Self::auto(backends),
             PortPolicy::Configured => {
@@ -73,14 +111,15 @@ impl Ports {
                     .etcd
                     .endpoints
                     .first()
-                    .context("etcd.endpoints is empty")?;
+                    .ok_or(PortsError::NoEtcdEndpoint)?;
                 let etcd_client = port_of("etcd.endpoints", etcd)?;
-                let offset = |base: u16, i: usize| -> anyhow::Result<u16> {
-                    u16::try_from(usize::from(base) + i).context("port out of range")
+                let offset = |base: u16, offset: usize| {
+                    u16::try_from(usize::from(base) + offset)
+                        .map_err(|_| PortsError::OutOfRange { base, offset })
                 };
                 let b = (0..backends)
                     .map(|i| Ok((offset(b_grpc, i)?, offset(b_admin, i)?)))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+                    .collect::<Result<Vec<_>, PortsError>>()?;
                 let ports = Ports {
                     a_http: port_of("service_a.listen", &config.service_a.listen)?,
                     a_admin: port_of("service_a.admin_listen", &config.service_a.admin_listen)?,
@@ -101,20 +140,21 @@ impl Ports {
     }
 
     /// Two services on one port would fail at start: say which, up front.
-    fn ensure_distinct(&self) -> anyhow::Result<()> {
+    fn ensure_distinct(&self) -> Result<(), PortsError> {
         let mut seen: std::collections::BTreeMap<u16, String> = std::collections::BTreeMap::new();
         for (port, owner) in self.all() {
             if let Some(first) = seen.insert(port, owner.clone()) {
-                bail!(
-                    "port {port} would be used by both {first} and {owner}; \
-                     change the config or use `--ports auto`"
-                );
+                return Err(PortsError::Clash {
+                    port,
+                    first,
+                    second: owner,
+                });
             }
         }
         Ok(())
     }
 
-    fn auto(backends: usize) -> anyhow::Result<Ports> {
+    fn auto(backends: usize) -> Result<Ports, PortsError> {
         // Hold every listener until all are picked so no port is handed out
         // twice. Ports come from below the kernel's ephemeral range: a port
         // the kernel handed out (bind to :0) can be taken as the source port
@@ -127,7 +167,7 @@ impl Ports {
         while listeners.len() < count {
             tries += 1;
             if tries > 10_000 {
-                bail!("no free loopback ports between {low} and {high}");
+                return Err(PortsError::NoneFree { low, high });
             }
             let port = rand::Rng::random_range(&mut rng, low..high);
             if let Ok(l) = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))) {
@@ -137,9 +177,11 @@ impl Ports {
         let mut ports = listeners
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
-            .collect::<std::io::Result<Vec<_>>>()?
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(PortsError::LocalAddr)?
             .into_iter();
-        let mut next = || ports.next().context("not enough ports");
+        // `count` listeners were bound above, one port each.
+        let mut next = || ports.next().ok_or(PortsError::NoneFree { low, high });
         Ok(Ports {
             a_http: next()?,
             a_admin: next()?,
@@ -153,14 +195,19 @@ impl Ports {
             partner_admin: next()?,
             b: (0..backends)
                 .map(|_| Ok((next()?, next()?)))
-                .collect::<anyhow::Result<Vec<_>>>()?,
+                .collect::<Result<Vec<_>, PortsError>>()?,
         })
     }
 
     /// Two free ports for one more B (gRPC, admin), picked like `--ports auto`.
-    pub fn free_pair() -> anyhow::Result<(u16, u16)> {
+    pub fn free_pair() -> Result<(u16, u16), PortsError> {
         let extra = Self::auto(1)?;
-        extra.b.first().copied().context("no port pair")
+        let (low, high) = unreserved_range();
+        extra
+            .b
+            .first()
+            .copied()
+            .ok_or(PortsError::NoneFree { low, high })
     }
 
     /// Every (port, owner) pair.
@@ -185,7 +232,7 @@ impl Ports {
     }
 
     /// Fails with one line per busy port, naming its owner and the way out.
-    pub fn ensure_free(&self) -> anyhow::Result<()> {
+    pub fn ensure_free(&self) -> Result<(), PortsError> {
         let busy: Vec<String> = self
             .all()
             .into_iter()
@@ -195,10 +242,7 @@ impl Ports {
             .map(|(port, owner)| format!("port {port} ({owner}) is already in use"))
             .collect();
         if !busy.is_empty() {
-            bail!(
-                "{}\nstop whatever holds it (another `labctl up`? try `labctl down`) or use `--ports auto`",
-                busy.join("\n")
-            );
+            return Err(PortsError::Busy { busy });
         }
         Ok(())
     }

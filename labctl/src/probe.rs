@@ -21,22 +21,67 @@ pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// Why a probe GET failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("invalid URL {url:?}")]
+    Url {
+        url: String,
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("GET {url}")]
+    Request {
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("GET {url}: reading the body")]
+    Body {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("GET {url} timed out after {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
 /// GET `url`, returning the status and body, within `timeout`.
 pub async fn get(
     client: &HttpClient,
     url: &str,
     timeout: Duration,
-) -> anyhow::Result<(u16, Bytes)> {
-    let uri: hyper::Uri = url.parse()?;
+) -> Result<(u16, Bytes), ProbeError> {
+    let uri: hyper::Uri = url.parse().map_err(|source| ProbeError::Url {
+        url: url.to_string(),
+        source,
+    })?;
     let fetch = async {
-        let response = client.get(uri).await?;
+        let response = client
+            .get(uri)
+            .await
+            .map_err(|source| ProbeError::Request {
+                url: url.to_string(),
+                source,
+            })?;
         let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, body))
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| ProbeError::Body {
+                url: url.to_string(),
+                source,
+            })?
+            .to_bytes();
+        Ok((status, body))
     };
     tokio::time::timeout(timeout, fetch)
         .await
-        .map_err(|_| anyhow::anyhow!("GET {url} timed out after {timeout:?}"))?
+        .map_err(|_| ProbeError::Timeout {
+            url: url.to_string(),
+            timeout,
+        })?
 }
 
 /// True when `url` answers 200.

@@ -1,15 +1,23 @@
 //! Child processes: finding binaries, spawning with logs, signalling, and
 //! telling whether a recorded pid is still the process we started.
+//!
+//! Two kinds of process are stopped here. A child of this labctl is a
+//! `tokio::process::Child`: it is waited on (woken by SIGCHLD, no polling)
+//! and killed when its handle is dropped if it is tied to labctl. A process
+//! another labctl started (`up --detach`, then `down`, `kill` or `scale`
+//! from a new shell) is known only by the pid and start time in
+//! `state.json`; it is signalled by pid and its exit is seen in `/proc`.
 
 use std::{
     fs::{File, OpenOptions},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use tokio::process::Child;
+
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -38,7 +46,7 @@ pub fn find_binary(names: &[&str]) -> Option<PathBuf> {
 
 /// Finds one of the lab's own binaries: next to the running executable first
 /// (cargo puts them all in `target/<profile>/`), then on `PATH`.
-pub fn find_lab_binary(name: &str, bin_dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+pub fn find_lab_binary(name: &str, bin_dir: Option<&Path>) -> Result<PathBuf, ProcError> {
     let mut dirs = Vec::new();
     if let Some(dir) = bin_dir {
         dirs.push(dir.to_path_buf());
@@ -55,10 +63,8 @@ pub fn find_lab_binary(name: &str, bin_dir: Option<&Path>) -> anyhow::Result<Pat
     if let Some(found) = dirs.iter().map(|d| d.join(name)).find(|p| is_executable(p)) {
         return Ok(found);
     }
-    find_binary(&[name]).with_context(|| {
-        format!(
-            "{name} not found next to labctl or on PATH; build it with `cargo build --workspace`"
-        )
+    find_binary(&[name]).ok_or_else(|| ProcError::LabBinaryMissing {
+        name: name.to_string(),
     })
 }
 
@@ -70,29 +76,73 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// The error for a missing server binary: one line naming it and the fix.
-pub fn missing(what: &str, names: &[&str]) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{what} not found: none of {} is on PATH or in /usr/sbin; run scripts/install-deps.sh",
-        names.join(", ")
-    )
+pub fn missing(what: &str, names: &[&str]) -> ProcError {
+    ProcError::ServerMissing {
+        what: what.to_string(),
+        names: names.join(", "),
+    }
 }
 
 /// How a child is tied to labctl.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifetime {
-    /// Dies (SIGTERM) if labctl dies: foreground `up` and tests.
+    /// Dies with labctl (SIGTERM from the kernel if labctl dies, SIGKILL
+    /// when its handle is dropped): foreground `up` and tests.
     TiedToLabctl,
     /// Survives labctl: `up --detach`.
     Detached,
+}
+
+/// Why a process could not be started or signalled.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error(
+        "{what} not found: none of {names} is on PATH or in /usr/sbin; run scripts/install-deps.sh"
+    )]
+    ServerMissing { what: String, names: String },
+    #[error("{name} not found next to labctl or on PATH; build it with `cargo build --workspace`")]
+    LabBinaryMissing { name: String },
+    #[error("opening log {}", path.display())]
+    OpenLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting {program} (log: {})", log.display())]
+    Spawn {
+        program: String,
+        log: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("process {pid} is not running")]
+    NotRunning { pid: u32 },
+    #[error("pid {pid} is out of range")]
+    PidOutOfRange { pid: u32 },
+    #[error("sending {signal} to {pid}")]
+    Signal {
+        signal: Signal,
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 /// Spawns `cmd` with stdout and stderr appended to `log`, in its own process
 /// group (so a terminal's Ctrl-C reaches labctl, which stops children in
 /// order), without the lab's `LAB_*` variables (children get their config
 /// from the file labctl writes).
-pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> anyhow::Result<Child> {
+///
+/// A [`Lifetime::TiedToLabctl`] child gets two guarantees: the kernel sends
+/// it SIGTERM if labctl dies (`PR_SET_PDEATHSIG`, even on SIGKILL), and
+/// tokio sends it SIGKILL when its [`Child`] handle is dropped
+/// (`kill_on_drop`). The graceful path is [`terminate_child`].
+pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child, ProcError> {
     let out = open_log(log)?;
-    let err = out.try_clone()?;
+    let err = out.try_clone().map_err(|source| ProcError::OpenLog {
+        path: log.to_path_buf(),
+        source,
+    })?;
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("LAB_") {
             cmd.env_remove(key);
@@ -102,9 +152,12 @@ pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> anyhow::Result
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .process_group(0);
-    if lifetime == Lifetime::TiedToLabctl {
+    let tied = lifetime == Lifetime::TiedToLabctl;
+    if tied {
         // SAFETY: the closure runs between fork and exec and only makes one
-        // async-signal-safe system call (prctl).
+        // async-signal-safe system call (prctl). This is the module's only
+        // unsafe code: the standard library and nix offer no safe way to set
+        // a child's parent-death signal.
         unsafe {
             cmd.pre_exec(|| {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
@@ -112,19 +165,26 @@ pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> anyhow::Result
         }
     }
     let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.spawn()
-        .with_context(|| format!("starting {program} (log: {})", log.display()))
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(tied);
+    cmd.spawn().map_err(|source| ProcError::Spawn {
+        program,
+        log: log.to_path_buf(),
+        source,
+    })
 }
 
-fn open_log(path: &Path) -> anyhow::Result<File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening log {}", path.display()))
+fn open_log(path: &Path) -> Result<File, ProcError> {
+    let open = || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        OpenOptions::new().create(true).append(true).open(path)
+    };
+    open().map_err(|source| ProcError::OpenLog {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The kernel's start time of `pid` (clock ticks since boot), which together
@@ -132,7 +192,7 @@ fn open_log(path: &Path) -> anyhow::Result<File> {
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; starttime is field 22.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     if fields.first() == Some(&"Z") {
         return None; // a zombie is dead for our purposes
@@ -146,15 +206,41 @@ pub fn is_alive(pid: u32, started: u64) -> bool {
 }
 
 /// Sends `signal` to `pid` if it is still the recorded process.
-pub fn signal(pid: u32, started: u64, signal: Signal) -> anyhow::Result<()> {
+pub fn signal(pid: u32, started: u64, signal: Signal) -> Result<(), ProcError> {
     if !is_alive(pid, started) {
-        bail!("process {pid} is not running");
+        return Err(ProcError::NotRunning { pid });
     }
-    let pid = Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
-    kill(pid, signal).with_context(|| format!("sending {signal} to {pid}"))
+    let raw = i32::try_from(pid).map_err(|_| ProcError::PidOutOfRange { pid })?;
+    kill(Pid::from_raw(raw), signal).map_err(|source| ProcError::Signal {
+        signal,
+        pid,
+        source,
+    })
 }
 
-/// SIGTERM, wait up to `grace`, then SIGKILL. Returns true if SIGKILL was needed.
+/// How long SIGKILL may take before a process is given up on.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Stops a child of this labctl: SIGTERM, wait up to `grace`, then SIGKILL.
+/// Waits on the child itself (woken by SIGCHLD, and reaped), so no pid can
+/// be reused under it. Returns true if SIGKILL was needed.
+pub async fn terminate_child(child: &mut Child, grace: Duration) -> bool {
+    let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
+        return false; // already reaped
+    };
+    // Until it is reaped the pid stays ours, even as a zombie.
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+        return false;
+    }
+    // `kill` sends SIGKILL and waits for the exit.
+    let _ = tokio::time::timeout(KILL_WAIT, child.kill()).await;
+    true
+}
+
+/// Stops a process recorded by pid: SIGTERM, wait up to `grace`, then
+/// SIGKILL. Returns true if SIGKILL was needed. For processes another labctl
+/// started (`up --detach`, `scale`), which this one cannot wait on.
 pub async fn terminate(pid: u32, started: u64, grace: Duration) -> bool {
     if signal(pid, started, Signal::SIGTERM).is_err() {
         return false;
@@ -163,22 +249,23 @@ pub async fn terminate(pid: u32, started: u64, grace: Duration) -> bool {
         return false;
     }
     let _ = signal(pid, started, Signal::SIGKILL);
-    wait_exit(pid, started, Duration::from_secs(5)).await;
+    wait_exit(pid, started, KILL_WAIT).await;
     true
 }
 
-/// Polls until the process is gone, for at most `timeout`.
+/// Waits until a recorded process is gone, for at most `timeout`.
+///
+/// Polls `/proc` every 20 ms: only a parent can wait on a process (and a
+/// pidfd for a stranger would need an unsafe syscall). The poll reads one
+/// small file and runs only while `down`, `scale` or a restart waits.
 pub async fn wait_exit(pid: u32, started: u64, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if !is_alive(pid, started) {
-            return true;
+    let gone = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while is_alive(pid, started) {
+            tick.tick().await;
         }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    tokio::time::timeout(timeout, gone).await.is_ok()
 }
 
 /// The last `lines` lines of a log, for error messages.

@@ -3,9 +3,37 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use lab_common::config::{Faults, Mode};
 use serde::{Deserialize, Serialize};
+
+/// Why `state.json` could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encoding {}", path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("writing {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// One started process.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,30 +104,38 @@ impl LabState {
         state_dir.join("state.json")
     }
 
-    pub fn load(state_dir: &Path) -> anyhow::Result<Option<LabState>> {
+    /// The recorded stack, or `None` when nothing was started from `state_dir`.
+    pub fn load(state_dir: &Path) -> Result<Option<LabState>, StateError> {
         let path = Self::path(state_dir);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(
-                serde_json::from_str(&text)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| StateError::Parse { path, source })
     }
 
     /// Written atomically (temp file + rename) so readers never see half a file.
-    pub fn save(&self) -> anyhow::Result<()> {
+    pub fn save(&self) -> Result<(), StateError> {
         let path = Self::path(&self.state_dir);
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        let json = serde_json::to_vec_pretty(self).map_err(|source| StateError::Encode {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| StateError::Write { path, source })
     }
 
-    pub fn remove(state_dir: &Path) -> anyhow::Result<()> {
-        match std::fs::remove_file(Self::path(state_dir)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+    pub fn remove(state_dir: &Path) -> Result<(), StateError> {
+        let path = Self::path(state_dir);
+        match std::fs::remove_file(&path) {
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                Err(StateError::Write { path, source })
+            }
             _ => Ok(()),
         }
     }

@@ -1,0 +1,245 @@
+//! The command line: every subcommand, flag and help text of `labctl` (the
+//! README's "labctl" section lists them). Parsing only; `commands` does the
+//! work.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use lab_common::config::ConfigArgs;
+use labctl::ports::PortPolicy;
+use nix::sys::signal::Signal;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Run and load-test the gRPC incident lab natively")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Start MySQL/MariaDB, etcd, partner-api, HAProxy, N× service-b and service-a on loopback.
+    Up(UpArgs),
+    /// Show what is running (`--json` for scripts).
+    Status(StatusArgs),
+    /// Stop everything `up` started.
+    Down(DownArgs),
+    /// Send HTTP load and report latency percentiles, errors and backends.
+    Load(LoadArgs),
+    /// Insert jobs into the running stack's MySQL at a steady rate.
+    Jobs(JobsArgs),
+    /// Send a signal to one process of the running stack (watch failover).
+    Kill(KillArgs),
+    /// Compare configurations under identical load (fresh stacks, one run).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// Change the number of running instances (watch scale-out live).
+    Scale {
+        #[command(subcommand)]
+        what: ScaleCmd,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StateDir {
+    /// Where the stack keeps its state, data and logs.
+    #[arg(long, default_value = ".lab")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Number of service-b instances.
+    #[arg(long, default_value_t = 2)]
+    pub backends: usize,
+    /// `auto` picks free loopback ports (find them with `status --json`).
+    #[arg(long, default_value = "config", value_parser = parse_ports)]
+    pub ports: PortPolicy,
+    #[command(flatten)]
+    pub dir: StateDir,
+    /// Leave the stack running and return (stop it with `labctl down`).
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub dir: StateDir,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub dir: StateDir,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Base URL of service A, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: String,
+    /// Path to request; `{rand}` becomes a random item id.
+    #[arg(long, default_value = "/api/items/{rand}")]
+    pub path: String,
+    /// Number of requests to send.
+    #[arg(long, required_unless_present = "duration")]
+    pub requests: Option<u64>,
+    /// How long to send for, e.g. 30s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Concurrent connections (closed loop: requests in flight).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Open loop at this rate (latency counted from the intended send time).
+    #[arg(long)]
+    pub rps: Option<f64>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Largest item id for `{rand}`.
+    #[arg(long, default_value_t = 10_000)]
+    pub id_max: u64,
+    /// Seed for `{rand}`.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Per-request timeout.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub dir: StateDir,
+    /// Jobs per second. The defaults are the incident's inflow: the buggy
+    /// preset falls over under it, the fixed one keeps up.
+    #[arg(long, default_value_t = 12.0)]
+    pub rate: f64,
+    /// How long to produce.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Fraction of rows whose payload cannot be decoded (0–1), spread
+    /// evenly: 0.001 makes every 1 000th row poison.
+    #[arg(long, default_value_t = 0.001)]
+    pub poison_ratio: f64,
+    /// Size of each good payload (the handler's CPU work scales with it:
+    /// `worker.cpu_per_kib` per KiB).
+    #[arg(long, default_value_t = 16384)]
+    pub payload_bytes: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Process name from `labctl status`, e.g. service-b-2.
+    pub name: String,
+    /// TERM (graceful), KILL (crash), STOP (freeze) or CONT (thaw).
+    #[arg(long, default_value = "TERM", value_parser = parse_signal)]
+    pub signal: Signal,
+    #[command(flatten)]
+    pub dir: StateDir,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Throughput and p50/p99 through A for each `faults.lb` value.
+    Lb(BenchLbArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchLbArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Which lb values, in order.
+    #[arg(long, value_delimiter = ',', default_value = "l4,l7,etcd")]
+    pub lbs: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    pub backends: usize,
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Measured time per mode and round.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured load before each measurement.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Rounds (modes interleave within a round); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long, default_value = "/api/items/{rand}")]
+    pub path: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScaleCmd {
+    /// Run N service-b instances.
+    Backends(ScaleBackendsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleBackendsArgs {
+    pub n: usize,
+    #[command(flatten)]
+    pub dir: StateDir,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate a config file the way every service does (exit 2 if invalid).
+    Check { file: PathBuf },
+}
+
+/// A signal `labctl kill` can send.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown signal {0:?}: expected TERM, KILL, INT, STOP or CONT")]
+pub struct UnknownSignal(String);
+
+fn parse_signal(s: &str) -> Result<Signal, UnknownSignal> {
+    match s.trim_start_matches("SIG").to_ascii_uppercase().as_str() {
+        "TERM" => Ok(Signal::SIGTERM),
+        "KILL" => Ok(Signal::SIGKILL),
+        "INT" => Ok(Signal::SIGINT),
+        "STOP" => Ok(Signal::SIGSTOP),
+        "CONT" => Ok(Signal::SIGCONT),
+        other => Err(UnknownSignal(other.to_string())),
+    }
+}
+
+fn parse_ports(s: &str) -> Result<PortPolicy, labctl::ports::InvalidPortPolicy> {
+    s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn signals_parse_with_or_without_the_sig_prefix() {
+        assert_eq!(parse_signal("SIGKILL").ok(), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal("stop").ok(), Some(Signal::SIGSTOP));
+        let err = parse_signal("HUP").map(|_| ()).expect_err("not offered");
+        assert!(err.to_string().contains("expected TERM, KILL"), "{err}");
+    }
+}

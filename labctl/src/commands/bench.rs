@@ -1,0 +1,46 @@
+//! `labctl bench lb`: the lb remedies side by side on fresh stacks.
+
+use anyhow::Context;
+use lab_common::config;
+use labctl::bench::{self, BenchSpec};
+
+use crate::cli::BenchLbArgs;
+
+pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
+    let mut config = config::load_or_exit(&args.config);
+    // Quieter services: the benchmark measures, it does not debug.
+    config.telemetry.log_filter = "warn".into();
+    let modes = args
+        .lbs
+        .iter()
+        .map(|name| {
+            config::load(&config::Sources {
+                overrides: vec![format!("faults.lb={name}")],
+                ..config::Sources::default()
+            })
+            .map(|c| c.faults.lb)
+            .unwrap_or_else(|e| e.exit())
+        })
+        .collect();
+    let spec = BenchSpec {
+        config,
+        modes,
+        backends: args.backends,
+        concurrency: args.concurrency,
+        duration: args.duration,
+        warmup: args.warmup,
+        rounds: args.rounds,
+        path: args.path,
+    };
+    let results = bench::run(&spec, |line| eprintln!("{line}")).await?;
+    println!(
+        "\n{} B, concurrency {}, {} × {:?} per mode, medians:\n",
+        spec.backends, spec.concurrency, spec.rounds, spec.duration
+    );
+    print!("{}", bench::table(&results));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
