@@ -103,12 +103,12 @@ pub async fn run(
         .collect())
 }
 
-pub fn lb_name(mode: LbMode) -> &'static str {
-    match mode {
-        LbMode::L4 => "l4",
-        LbMode::L7 => "l7",
-        LbMode::Etcd => "etcd",
-    }
+/// The switch value as the config and the command line spell it.
+pub fn lb_name(mode: LbMode) -> String {
+    use clap::ValueEnum;
+    mode.to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_else(|| format!("{mode:?}"))
 }
 
 /// A Markdown table of the results.

@@ -5,7 +5,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use lab_common::config::ConfigArgs;
+use lab_common::config::{ConfigArgs, LbMode};
 use labctl::ports::PortPolicy;
 use nix::sys::signal::Signal;
 
@@ -164,8 +164,8 @@ pub struct BenchLbArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Which lb values, in order.
-    #[arg(long, value_delimiter = ',', default_value = "l4,l7,etcd")]
-    pub lbs: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "l4,l7,etcd")]
+    pub lbs: Vec<LbMode>,
     #[arg(long, default_value_t = 2)]
     pub backends: usize,
     #[arg(long, default_value_t = 32)]

@@ -10,21 +10,9 @@ pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
     let mut config = config::load_or_exit(&args.config);
     // Quieter services: the benchmark measures, it does not debug.
     config.telemetry.log_filter = "warn".into();
-    let modes = args
-        .lbs
-        .iter()
-        .map(|name| {
-            config::load(&config::Sources {
-                overrides: vec![format!("faults.lb={name}")],
-                ..config::Sources::default()
-            })
-            .map(|c| c.faults.lb)
-            .unwrap_or_else(|e| e.exit())
-        })
-        .collect();
     let spec = BenchSpec {
         config,
-        modes,
+        modes: args.lbs,
         backends: args.backends,
         concurrency: args.concurrency,
         duration: args.duration,
