@@ -8,13 +8,16 @@
 //! * `ignore` (the incident): the handler does its work in a detached task,
 //!   as the Go service did in a goroutine with a background context. The
 //!   caller gives up at its deadline; B keeps working, nothing is shed, and
-//!   requests queue behind each other on a starved runtime. Work finishing
-//!   after the caller's deadline is counted in `lab_work_after_deadline_total`.
+//!   requests queue behind each other on a starved runtime.
 //! * `propagate` (the fix): the work stays in the handler future, so it
 //!   stops when the deadline passes; at most `max_concurrent_requests` run
 //!   at once and the excess is shed at once with RESOURCE_EXHAUSTED (A
 //!   answers 503); a request whose deadline already passed while it waited
 //!   is skipped; and the remaining budget bounds every downstream call.
+//!
+//! In both modes, work that finishes after its caller's deadline is counted
+//! in `lab_work_after_deadline_total` by the work future itself, so the
+//! count shows late work however the work was run.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -122,17 +125,24 @@ impl DeadlinePolicy {
         T: Send + 'static,
     {
         let metrics = self.metrics.clone();
+        // Late work is counted by the work future itself, whichever way it
+        // runs: work that outlives its caller shows in both modes, and work
+        // stopped at the deadline never reaches the count.
+        let late = self.metrics.work_after_deadline.clone();
+        let work = move |honoured: Option<Instant>| async move {
+            let result = work(honoured).await;
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                late.inc();
+            }
+            result
+        };
         match self.mode {
             DeadlineMode::Ignore => {
                 // Detached: dropping this handler (caller gone, deadline
                 // passed) does not stop the task.
                 let task = tokio::spawn(async move {
                     metrics.queue.observe(arrived.elapsed().as_secs_f64());
-                    let result = work(None).await;
-                    if deadline.is_some_and(|d| Instant::now() > d) {
-                        metrics.work_after_deadline.inc();
-                    }
-                    result
+                    work(None).await
                 });
                 task.await
                     .map_err(|e| Status::internal(format!("request task failed: {e}")))?
@@ -152,11 +162,7 @@ impl DeadlinePolicy {
                         "the caller's deadline passed before work started; skipped",
                     ));
                 }
-                let result = work(deadline).await;
-                if deadline.is_some_and(|d| Instant::now() > d) {
-                    metrics.work_after_deadline.inc();
-                }
-                result
+                work(deadline).await
             }
         }
     }
@@ -230,6 +236,29 @@ mod tests {
         rx.await.expect("work ran to the end");
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(metrics.work_after_deadline.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn propagate_stops_the_work_at_the_callers_deadline() {
+        let (policy, metrics) = policy(DeadlineMode::Propagate, 1);
+        let now = Instant::now();
+        let deadline = Some(now + Duration::from_millis(20));
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let call = policy.run(now, deadline, move |_| async move {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let _ = tx.send(());
+            Ok(())
+        });
+        // The caller gives up at its deadline, as tonic does…
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), call)
+                .await
+                .is_err()
+        );
+        // …and the work went with it: it never reached its side effect.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(rx.try_recv().is_err(), "the work ran on");
+        assert_eq!(metrics.work_after_deadline.get(), 0);
     }
 
     #[tokio::test]

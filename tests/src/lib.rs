@@ -6,13 +6,13 @@
 //! `scripts/test.sh` does it): the launcher looks for them in
 //! `target/<profile>/`, next to the test executable's `deps/` folder.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use lab_common::config::{LabConfig, Sources};
 use labctl::{
     launcher::{Stack, UpOptions},
     ports::PortPolicy,
-    probe,
 };
 
 /// A running lab that is stopped (and its state dir removed) on drop.
@@ -59,10 +59,18 @@ impl TestLab {
     /// The `/metrics` text of a named service.
     pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
         let url = format!("{}/metrics", self.admin_url(name)?);
-        let (status, body) =
-            probe::get(&probe::http_client(), &url, Duration::from_secs(5)).await?;
-        anyhow::ensure!(status == 200, "GET {url} answered {status}");
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        let response = plain_client()?
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        anyhow::ensure!(status.is_success(), "GET {url} answered {status}");
+        response
+            .text()
+            .await
+            .with_context(|| format!("reading the body of GET {url}"))
     }
 }
 
@@ -150,56 +158,73 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
     found
 }
 
-/// A GET against the lab: status, `x-served-by`, body as JSON (if any), and
-/// how long it took.
-pub async fn get_json(
-    url: &str,
-) -> anyhow::Result<(u16, Option<String>, serde_json::Value, Duration)> {
+/// What one request to the lab came to: status, `x-served-by`, the body as
+/// JSON (`Null` when it is not JSON), and how long the exchange took.
+pub type JsonReply = (u16, Option<String>, serde_json::Value, Duration);
+
+/// A GET against the lab; see [`JsonReply`].
+pub async fn get_json(url: &str) -> anyhow::Result<JsonReply> {
     request_json("GET", url, None).await
 }
 
-/// Any request with an optional JSON body.
+/// Any request with an optional JSON body; see [`JsonReply`].
 pub async fn request_json(
     method: &str,
     url: &str,
     body: Option<String>,
-) -> anyhow::Result<(u16, Option<String>, serde_json::Value, Duration)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A raw HTTP/1.1 exchange keeps the harness free of client magic
-    // (no retries, no pooling): exactly one request, timed end to end.
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("not an http URL: {url}"))?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+) -> anyhow::Result<JsonReply> {
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .with_context(|| format!("{method:?} is not an HTTP method"))?;
+    let mut request = plain_client()?
+        .request(method.clone(), url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    if let Some(body) = body {
+        request = request.body(body);
+    }
     let started = std::time::Instant::now();
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    let body = body.unwrap_or_default();
-    let head = format!(
-        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("{method} {url}"))?;
+    let status = response.status().as_u16();
+    let served_by = response
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = response
+        .bytes()
+        .await
+        .with_context(|| format!("reading the body of {method} {url}"))?;
     let elapsed = started.elapsed();
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("malformed response: {text}"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no status line: {head}"))?;
-    let served_by = head.lines().find_map(|l| {
-        let (key, value) = l.split_once(':')?;
-        key.eq_ignore_ascii_case("x-served-by")
-            .then(|| value.trim().to_owned())
-    });
-    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     Ok((status, served_by, json, elapsed))
+}
+
+/// A client that adds nothing between a test and the service: no retries,
+/// no redirects, no proxy, and no idle connection kept, so every request
+/// is exactly one exchange on a connection of its own, timed end to end.
+/// The lab speaks plain HTTP, but reqwest's rustls backend (built without
+/// a default provider, see the workspace manifest) needs one to build at
+/// all: ring, trusting no root, so an `https` URL here fails loudly.
+fn plain_client() -> anyhow::Result<reqwest::Client> {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .retry(reqwest::retry::never())
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        // Far above any latency a test provokes: only a hung lab hits it.
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("building the test HTTP client")
 }
 
 #[cfg(test)]

@@ -51,7 +51,19 @@ async fn scenario(
         seed: 3,
     };
     let producer = tokio::spawn(async move { produce(&inflow).await });
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Measure under inflow, not before it: once the worker holds at least a
+    // bounded pool's worth of jobs (its default, 8), both forms are busy.
+    lab_tests::eventually(
+        Duration::from_secs(8),
+        "the worker to be busy with the inflow",
+        || async {
+            let alive = lab
+                .metric("service-b-1", "lab_worker_tasks_alive", &[])
+                .await?;
+            (alive >= 8.0).then_some(())
+        },
+    )
+    .await?;
     let loaded = run(&requests(lab.a_url(), Duration::from_secs(8)), None).await?;
     producer.await??;
     Ok((unloaded, loaded))

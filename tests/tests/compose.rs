@@ -3,15 +3,21 @@
 //! long-running service has a healthcheck and waits for healthy dependencies
 //! (or for one-shot ones to complete), the lab's environment variables are
 //! valid config, published ports agree with the config defaults, and the
-//! partner API's certificates reach partner-api and the Bs.
+//! partner API's certificates reach partner-api and the Bs. What Prometheus
+//! scrapes and the dashboard reads is checked against a running lab: every
+//! target answers `/metrics`, and every metric and label the dashboard
+//! queries is really served.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    time::Duration,
 };
 
 use lab_common::config::{LabConfig, Sources};
-use serde_yaml::Value;
+use lab_tests::{TestLab, eventually, get_json};
+use nix::sys::signal::Signal;
+use serde_norway::Value;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -20,7 +26,7 @@ fn repo() -> PathBuf {
 fn compose() -> Value {
     let text =
         std::fs::read_to_string(repo().join("docker-compose.yml")).expect("docker-compose.yml");
-    let mut value: Value = serde_yaml::from_str(&text).expect("valid YAML");
+    let mut value: Value = serde_norway::from_str(&text).expect("valid YAML");
     value.apply_merge().expect("YAML merge keys resolve");
     value
 }
@@ -37,7 +43,7 @@ fn dotenv() -> BTreeMap<String, String> {
         .collect()
 }
 
-fn services(c: &Value) -> &serde_yaml::Mapping {
+fn services(c: &Value) -> &serde_norway::Mapping {
     c["services"].as_mapping().expect("services map")
 }
 
@@ -87,7 +93,7 @@ fn interpolate(text: &str, env: &BTreeMap<String, String>) -> String {
 }
 
 /// Services others wait on to complete rather than to be healthy.
-fn one_shots(svcs: &serde_yaml::Mapping) -> BTreeSet<String> {
+fn one_shots(svcs: &serde_norway::Mapping) -> BTreeSet<String> {
     svcs.values()
         .filter_map(|svc| svc.get("depends_on")?.as_mapping())
         .flatten()
@@ -374,54 +380,237 @@ fn lab_environment_is_valid_config_and_ports_agree_with_defaults() {
     assert_eq!(etcd_ports, vec!["2379:2379"]);
 }
 
-#[test]
-fn every_metric_on_the_dashboard_is_exported_by_the_code() {
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("deploy/grafana/dashboards/lab.json"))
-            .expect("dashboard"),
+/// One sample line of a `/metrics` text: its name and labels.
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// The samples of a Prometheus text exposition (values are not needed).
+fn samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|line| {
+            let end = line.find(['{', ' '])?;
+            let name = line[..end].to_string();
+            let mut labels = BTreeMap::new();
+            if let Some(rest) = line[end..].strip_prefix('{') {
+                // k="v" pairs; values may hold `,`, `{`, `}` and `\"`.
+                let mut rest = rest;
+                while let Some((key, after)) = rest.split_once("=\"") {
+                    let mut value = String::new();
+                    let mut chars = after.char_indices();
+                    let mut close = after.len();
+                    while let Some((i, c)) = chars.next() {
+                        match c {
+                            '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                            '"' => {
+                                close = i;
+                                break;
+                            }
+                            c => value.push(c),
+                        }
+                    }
+                    labels.insert(key.trim_start_matches(',').to_string(), value);
+                    rest = after.get(close + 1..).unwrap_or("");
+                    if rest.starts_with('}') {
+                        break;
+                    }
+                }
+            }
+            Some(Sample { name, labels })
+        })
+        .collect()
+}
+
+/// The metric names an expression reads.
+fn metric_names(expr: &str) -> Vec<&str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| {
+            ["lab_", "tokio_", "process_", "partner_"]
+                .iter()
+                .any(|prefix| w.starts_with(prefix))
+        })
+        .collect()
+}
+
+/// The labels an expression groups by (`by (a, b)`) or selects on
+/// (`{a="v"}`), with the selected value when there is one.
+fn labels_used(expr: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("by (") {
+        let inner = &rest[at + 4..];
+        let close = inner.find(')').unwrap_or(inner.len());
+        out.extend(
+            inner[..close]
+                .split(',')
+                .map(|l| (l.trim().to_string(), None)),
+        );
+        rest = &inner[close..];
+    }
+    let mut rest = expr;
+    while let Some(at) = rest.find('{') {
+        let inner = &rest[at + 1..];
+        let close = inner.find('}').unwrap_or(inner.len());
+        for pair in inner[..close].split(',') {
+            if let Some((k, v)) = pair.split_once('=') {
+                out.push((
+                    k.trim().to_string(),
+                    Some(v.trim().trim_matches('"').to_string()),
+                ));
+            }
+        }
+        rest = &inner[close..];
+    }
+    out
+}
+
+/// Drives a running lab through what the dashboard shows — requests,
+/// jobs, shedding, a dead endpoint — so that every labelled metric has a
+/// sample: a metric family with no sample is not in `/metrics` at all.
+async fn exercised_lab() -> anyhow::Result<TestLab> {
+    let lab = TestLab::start(
+        2,
+        &[
+            "mode=fixed",
+            "service_b.max_concurrent_requests=1",
+            "service_b.handler_latency=200ms",
+            "worker.tick=100ms",
+            "worker.cpu_per_kib=0s",
+            "partner.latency=10ms",
+        ],
     )
-    .expect("dashboard is JSON");
-    let mut sources = String::new();
-    for dir in [
-        "common/src",
-        "service-a/src",
-        "service-b/src",
-        "partner-api/src",
-    ] {
-        for entry in std::fs::read_dir(repo().join(dir)).expect("source dir") {
-            let path = entry.expect("entry").path();
-            if path.extension().is_some_and(|e| e == "rs") {
-                sources.push_str(&std::fs::read_to_string(path).expect("source"));
+    .await?;
+    lab.insert_jobs(4, 0.0).await?;
+    eventually(Duration::from_secs(20), "a job done", || async {
+        let mut done = 0.0;
+        for b in ["service-b-1", "service-b-2"] {
+            done += lab
+                .metric(b, "lab_jobs_total", &[("outcome", "done")])
+                .await
+                .unwrap_or(0.0);
+        }
+        (done >= 1.0).then_some(())
+    })
+    .await?;
+    // One slot per B and 200 ms per request: a burst is partly shed.
+    eventually(Duration::from_secs(20), "a request shed", || async {
+        let burst = (1..=10).map(|id| get_json_ok(format!("{}/api/items/{id}", lab.a_url())));
+        futures::future::join_all(burst).await;
+        let mut shed = 0.0;
+        for b in ["service-b-1", "service-b-2"] {
+            shed += lab
+                .metric(b, "lab_requests_refused_total", &[])
+                .await
+                .unwrap_or(0.0);
+        }
+        (shed >= 1.0).then_some(())
+    })
+    .await?;
+    Ok(lab)
+}
+
+/// A GET whose outcome does not matter (it is there to move metrics).
+async fn get_json_ok(url: String) {
+    let _ = get_json(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_reads_is_served_by_a_running_lab() -> anyhow::Result<()> {
+    // What Prometheus scrapes: service → the labels its targets add.
+    let prometheus: Value = serde_norway::from_str(&std::fs::read_to_string(
+        repo().join("deploy/prometheus/prometheus.yml"),
+    )?)?;
+    let mut scraped: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for job in prometheus["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs")
+    {
+        for config in job["static_configs"].as_sequence().expect("static_configs") {
+            let labels: BTreeMap<String, String> = config
+                .get("labels")
+                .and_then(Value::as_mapping)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (str_of(k), str_of(v)))
+                .collect();
+            for target in strings(&config["targets"]) {
+                let (host, _) = target.rsplit_once(':').expect("host:port target");
+                scraped.insert(host.to_string(), labels.clone());
             }
         }
     }
+
+    let lab = exercised_lab().await?;
+    let mut exported: Vec<(String, Sample)> = Vec::new();
+    let mut scrape = async |service: &str| -> anyhow::Result<()> {
+        let text = lab.metrics(service).await?;
+        let extra = scraped.get(service).cloned().unwrap_or_default();
+        exported.retain(|(s, _)| s != service);
+        for mut sample in samples(&text) {
+            sample.labels.extend(extra.clone());
+            exported.push((service.to_string(), sample));
+        }
+        Ok(())
+    };
+    for service in scraped.keys() {
+        // Every target Prometheus is given answers /metrics in the lab.
+        scrape(service).await?;
+    }
+    // A dead endpoint is ejected by A: kill b-2 and read until A says so.
+    lab.stack.signal("service-b-2", Signal::SIGKILL)?;
+    eventually(Duration::from_secs(20), "A to eject the dead B", || async {
+        get_json_ok(format!("{}/api/items/1", lab.a_url())).await;
+        lab.metric("service-a", "lab_backend_ejections_total", &[])
+            .await
+            .filter(|n| *n >= 1.0)
+    })
+    .await?;
+    scrape("service-a").await?;
+
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        repo().join("deploy/grafana/dashboards/lab.json"),
+    )?)?;
     let panels = dashboard["panels"].as_array().expect("panels");
     assert!(!panels.is_empty());
+    let mut checked = BTreeSet::new();
     for panel in panels {
         for target in panel["targets"].as_array().expect("targets") {
             let expr = target["expr"].as_str().expect("expr");
-            let names: Vec<&str> = expr
-                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| {
-                    ["lab_", "tokio_", "process_", "partner_"]
-                        .iter()
-                        .any(|prefix| w.starts_with(prefix))
-                })
-                .collect();
+            let names = metric_names(expr);
             assert!(!names.is_empty(), "{expr}");
             for name in names {
-                let base = name.strip_suffix("_bucket").unwrap_or(name);
-                // process_* come from the prometheus crate's process collector.
-                if base.starts_with("process_") {
-                    continue;
-                }
+                let of_name: Vec<&(String, Sample)> =
+                    exported.iter().filter(|(_, s)| s.name == name).collect();
                 assert!(
-                    sources.contains(&format!("\"{base}\"")),
-                    "dashboard uses {name}, which no service exports"
+                    !of_name.is_empty(),
+                    "the dashboard reads {name} ({expr}); no service of the lab serves it"
                 );
+                for (label, value) in labels_used(expr) {
+                    if label == "le" && name.ends_with("_bucket") {
+                        continue;
+                    }
+                    assert!(
+                        of_name.iter().any(|(_, s)| match &value {
+                            Some(v) => s.labels.get(&label) == Some(v),
+                            None => s.labels.contains_key(&label),
+                        }),
+                        "the dashboard reads {name} by {label}{} ({expr}); served by {:?} without it",
+                        value.map(|v| format!("=\"{v}\"")).unwrap_or_default(),
+                        of_name.iter().map(|(svc, _)| svc).collect::<BTreeSet<_>>()
+                    );
+                }
+                checked.insert(name);
             }
         }
     }
+    println!(
+        "{} metrics the dashboard reads, all served by {:?}",
+        checked.len(),
+        scraped.keys().collect::<Vec<_>>()
+    );
+    Ok(())
 }
 
 #[test]
@@ -527,7 +716,7 @@ fn the_partner_api_gets_its_certificates_and_the_bs_trust_its_ca() {
     }
 
     // Prometheus scrapes the partner's admin port.
-    let prometheus: Value = serde_yaml::from_str(
+    let prometheus: Value = serde_norway::from_str(
         &std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml"))
             .expect("prometheus.yml"),
     )

@@ -76,12 +76,24 @@ async fn preset(mode: &str) -> anyhow::Result<Chain> {
                     peak = peak.max(v);
                 }
             }
+            // The sampling period of a measured window.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         peak
     };
     let requests = async {
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // Requests start once every B's worker is on the inflow.
+        for b in BS {
+            lab_tests::eventually(
+                Duration::from_secs(10),
+                "the worker to start on the inflow",
+                || async {
+                    let started = lab.metric(b, "lab_worker_tasks_spawned_total", &[]).await?;
+                    (started >= 1.0).then_some(())
+                },
+            )
+            .await?;
+        }
         let mut spec = LoadSpec::new(lab.a_url(), "/api/items/{rand}");
         spec.rps = Some(50.0);
         spec.duration = Some(Duration::from_secs(12));

@@ -189,7 +189,9 @@ async fn leak_on_error_pins_the_pool_and_items_fail_fast_naming_it() -> anyhow::
         },
     )
     .await?;
-    // Pinned: in use stays at the maximum, nothing comes back.
+    // Pinned: in use stays at the maximum, nothing comes back. The second
+    // of watching is the measurement (ten worker ticks of 100 ms, each of
+    // which would return a connection if any came back).
     for _ in 0..10 {
         assert_eq!(in_use(&lab).await, Some(4.0), "pool pinned at its maximum");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -321,6 +323,8 @@ async fn a_frozen_partner_fails_shared_calls_in_time_and_jobs_retry_with_backoff
     // partner that is slow without end.
     lab.stack.signal(PARTNER, Signal::SIGSTOP)?;
     lab.insert_jobs(4, 0.0).await?;
+    // The outage is the measurement: 3 s is ten partner.client_timeouts,
+    // enough for every job to time out and be retried several times.
     let frozen = Duration::from_secs(3);
     tokio::time::sleep(frozen).await;
     let timeouts = lab
