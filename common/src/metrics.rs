@@ -1,8 +1,10 @@
 //! Prometheus registry with the process and tokio runtime metrics every lab
-//! service exports (README, "Admin endpoints and metrics"), plus small helpers for the services' own.
+//! service exports (listed in docs/architecture.md, "Metrics"), and [`Registrar`],
+//! which the services declare their own metrics with.
 
 use prometheus::{
-    Gauge, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -81,6 +83,54 @@ impl Collector for TokioCollector {
             .flat_map(|g| g.collect())
             .collect()
     }
+}
+
+/// Declares and registers a service's metrics, one call each. (prometheus's
+/// `register_*_with_registry!` macros do the same but panic on a bad name
+/// instead of returning the error.) Histograms use the latency buckets of
+/// this module.
+#[derive(Clone, Copy)]
+pub struct Registrar<'a>(pub &'a Registry);
+
+impl Registrar<'_> {
+    fn add<M: Collector + Clone + 'static>(self, metric: M) -> prometheus::Result<M> {
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn int_gauge(self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+        self.add(IntGauge::new(name, help)?)
+    }
+
+    pub fn int_counter(self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.add(IntCounter::new(name, help)?)
+    }
+
+    pub fn int_counter_vec(
+        self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
+
+    pub fn latency_histogram(self, name: &str, help: &str) -> prometheus::Result<Histogram> {
+        self.add(Histogram::with_opts(latency_opts(name, help))?)
+    }
+
+    pub fn latency_histogram_vec(
+        self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<HistogramVec> {
+        self.add(HistogramVec::new(latency_opts(name, help), labels)?)
+    }
+}
+
+fn latency_opts(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())
 }
 
 #[cfg(test)]

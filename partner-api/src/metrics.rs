@@ -2,7 +2,8 @@
 //! clients and connections (cause 4) — a handshake per call, and
 //! connections that stay open because nobody reads their answers.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use lab_common::metrics::Registrar;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -15,41 +16,30 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let connections_accepted = IntCounter::new(
-            "partner_connections_accepted_total",
-            "TCP connections accepted on the HTTPS listener.",
-        )?;
-        let connections_open = IntGauge::new(
-            "partner_connections_open",
-            "TCP connections open now, from accept to close (idle, busy or mid-handshake).",
-        )?;
-        let tls_handshakes = IntCounter::new(
-            "partner_tls_handshakes_total",
-            "Completed TLS handshakes: one per connection, so a client that reuses \
-             connections makes few.",
-        )?;
-        let tls_handshake_failures = IntCounter::new(
-            "partner_tls_handshake_failures_total",
-            "TLS handshakes that failed or did not finish in time.",
-        )?;
-        let requests = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(registry);
+        Ok(Self {
+            connections_accepted: r.int_counter(
+                "partner_connections_accepted_total",
+                "TCP connections accepted on the HTTPS listener.",
+            )?,
+            connections_open: r.int_gauge(
+                "partner_connections_open",
+                "TCP connections open now, from accept to close (idle, busy or mid-handshake).",
+            )?,
+            tls_handshakes: r.int_counter(
+                "partner_tls_handshakes_total",
+                "Completed TLS handshakes: one per connection, so a client that reuses \
+                 connections makes few.",
+            )?,
+            tls_handshake_failures: r.int_counter(
+                "partner_tls_handshake_failures_total",
+                "TLS handshakes that failed or did not finish in time.",
+            )?,
+            requests: r.int_counter_vec(
                 "partner_requests_total",
                 "HTTP requests answered, by status code (counted when the answer's head is ready).",
-            ),
-            &["status"],
-        )?;
-        registry.register(Box::new(connections_accepted.clone()))?;
-        registry.register(Box::new(connections_open.clone()))?;
-        registry.register(Box::new(tls_handshakes.clone()))?;
-        registry.register(Box::new(tls_handshake_failures.clone()))?;
-        registry.register(Box::new(requests.clone()))?;
-        Ok(Self {
-            connections_accepted,
-            connections_open,
-            tls_handshakes,
-            tls_handshake_failures,
-            requests,
+                &["status"],
+            )?,
         })
     }
 

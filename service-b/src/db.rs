@@ -30,7 +30,7 @@ use sqlx::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Registrar;
+use lab_common::metrics::Registrar;
 
 /// How long a query waits for a free pooled connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,11 +21,11 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, Registry};
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Status, metadata::MetadataMap};
 
-use lab_common::config::DeadlineMode;
+use lab_common::{config::DeadlineMode, metrics::Registrar};
 
 /// When the request reached B's connection (stamped by a server layer
 /// before the handler task is scheduled, so runtime queueing shows).
@@ -42,31 +42,21 @@ pub struct DeadlineMetrics {
 
 impl DeadlineMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let work_after_deadline = IntCounter::with_opts(Opts::new(
-            "lab_work_after_deadline_total",
-            "Requests still being worked on after their caller's deadline passed.",
-        ))?;
-        let queue = Histogram::with_opts(
-            HistogramOpts::new(
+        let r = Registrar(registry);
+        Ok(Self {
+            work_after_deadline: r.int_counter(
+                "lab_work_after_deadline_total",
+                "Requests still being worked on after their caller's deadline passed.",
+            )?,
+            queue: r.latency_histogram(
                 "lab_request_queue_seconds",
                 "Time from a request reaching B to its work starting.",
-            )
-            .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
-        )?;
-        let refused = IntCounterVec::new(
-            Opts::new(
+            )?,
+            refused: r.int_counter_vec(
                 "lab_requests_refused_total",
                 "Requests not worked on: shed (over max_concurrent_requests) or stale (deadline passed while queued).",
-            ),
-            &["reason"],
-        )?;
-        registry.register(Box::new(work_after_deadline.clone()))?;
-        registry.register(Box::new(queue.clone()))?;
-        registry.register(Box::new(refused.clone()))?;
-        Ok(Self {
-            work_after_deadline,
-            queue,
-            refused,
+                &["reason"],
+            )?,
         })
     }
 }

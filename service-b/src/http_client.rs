@@ -41,7 +41,7 @@ use lab_common::config::{HttpClientMode, PartnerConfig};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::{sync::Semaphore, time::Instant};
 
-use crate::metrics::Registrar;
+use lab_common::metrics::Registrar;
 
 /// Outbound HTTP metrics.
 #[derive(Clone)]

@@ -4,61 +4,12 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
 
 use crate::db::Db;
-
-/// Declares and registers B's metrics, one call each. (prometheus's
-/// `register_*_with_registry!` macros do the same but panic on a bad name
-/// instead of returning the error.) Histograms use the latency buckets of
-/// `lab_common::metrics`.
-#[derive(Clone, Copy)]
-pub(crate) struct Registrar<'a>(pub &'a Registry);
-
-impl Registrar<'_> {
-    fn add<M: Collector + Clone + 'static>(self, metric: M) -> prometheus::Result<M> {
-        self.0.register(Box::new(metric.clone()))?;
-        Ok(metric)
-    }
-
-    pub fn int_gauge(self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-        self.add(IntGauge::new(name, help)?)
-    }
-
-    pub fn int_counter(self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
-        self.add(IntCounter::new(name, help)?)
-    }
-
-    pub fn int_counter_vec(
-        self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-    ) -> prometheus::Result<IntCounterVec> {
-        self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
-    }
-
-    pub fn latency_histogram(self, name: &str, help: &str) -> prometheus::Result<Histogram> {
-        self.add(Histogram::with_opts(latency_opts(name, help))?)
-    }
-
-    pub fn latency_histogram_vec(
-        self,
-        name: &str,
-        help: &str,
-        labels: &[&str],
-    ) -> prometheus::Result<HistogramVec> {
-        self.add(HistogramVec::new(latency_opts(name, help), labels)?)
-    }
-}
-
-fn latency_opts(name: &str, help: &str) -> HistogramOpts {
-    HistogramOpts::new(name, help).buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec())
-}
 
 /// gRPC traffic.
 #[derive(Clone)]
@@ -70,7 +21,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let r = Registrar(registry);
+        let r = lab_common::metrics::Registrar(registry);
         Ok(Self {
             grpc_requests: r.int_counter_vec(
                 "lab_grpc_requests_total",

@@ -24,7 +24,7 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Registrar;
+use lab_common::metrics::Registrar;
 
 /// Registration metrics.
 #[derive(Clone)]

@@ -39,10 +39,9 @@ use sqlx::{
     query::Query,
 };
 
-use crate::{
-    db::{Db, DbError, Failure},
-    metrics::Registrar,
-};
+use lab_common::metrics::Registrar;
+
+use crate::db::{Db, DbError, Failure};
 
 /// A job as the worker sees it, decoded from its row.
 #[derive(Debug, Clone)]

@@ -40,10 +40,11 @@ use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use lab_common::metrics::Registrar;
+
 use crate::{
     db::Db,
     http_client::PartnerClient,
-    metrics::Registrar,
     rows::{BadRow, Batch, JobRows, JobTask},
 };
 
