@@ -158,6 +158,7 @@ pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child, 
         // async-signal-safe system call (prctl). This is the module's only
         // unsafe code: the standard library and nix offer no safe way to set
         // a child's parent-death signal.
+        #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(|| {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)

@@ -1,6 +1,9 @@
 //! partner-api over real HTTPS on loopback: answers, errors, and the
 //! metrics that show handshakes and open connections.
 
+// Test code: its helpers may panic, which fails the test with the message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::{future::Future, sync::Arc, time::Duration};
 
 use lab_common::config::LabConfig;

@@ -482,7 +482,9 @@ fn low_priority_pool(config: &WorkerConfig) -> Option<rayon::ThreadPool> {
 /// Raises the calling thread's nice value (Linux: per thread).
 fn lower_thread_priority(nice: i32) {
     // SAFETY: setpriority only reads its integer arguments; `who = 0` is
-    // the calling thread on Linux.
+    // the calling thread on Linux. Neither nix nor the standard library
+    // wraps it, hence the one unsafe call in this crate.
+    #[allow(unsafe_code)]
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if rc != 0 {
         tracing::debug!("could not lower the CPU pool's priority");
