@@ -100,8 +100,9 @@ impl ApiError {
             }
             Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
             // A never cancels its own calls (a CANCELLED at A's deadline is
-            // sorted as the deadline in `crate::backend`), so CANCELLED here means the transport dropped the call before
-            // B answered — e.g. it was queued on a connection that got GOAWAY.
+            // sorted as the deadline in `crate::backend`), so CANCELLED here
+            // means the transport dropped the call before B answered — e.g.
+            // it was queued on a connection that got GOAWAY.
             Code::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::BAD_GATEWAY, "backend_error"),
         };

@@ -248,3 +248,54 @@ where
         Box::pin(async move { response.await.map_err(Into::into) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A balancer whose endpoints, if any, are all ejected.
+    struct NoneReady {
+        endpoints: usize,
+    }
+
+    impl Endpoints for NoneReady {
+        fn is_empty(&self) -> bool {
+            self.endpoints == 0
+        }
+    }
+
+    impl Service<()> for NoneReady {
+        type Response = ();
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<(), BoxError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Pending
+        }
+        fn call(&mut self, _: ()) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+
+    fn poll_ready(svc: &mut FailFast<NoneReady>) -> Poll<Result<(), BoxError>> {
+        svc.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn with_no_endpoint_the_call_fails_at_once_as_no_endpoint() {
+        let mut svc = FailFast::new(NoneReady { endpoints: 0 });
+        assert!(matches!(poll_ready(&mut svc), Poll::Ready(Ok(()))));
+        let error = svc.call(()).await.expect_err("fails");
+        let status = error.downcast::<tonic::Status>().expect("a Status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            std::error::Error::source(&*status).is_some_and(|s| s.is::<NoEndpoint>()),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn with_every_endpoint_ejected_the_call_waits() {
+        let mut svc = FailFast::new(NoneReady { endpoints: 2 });
+        assert!(poll_ready(&mut svc).is_pending());
+    }
+}

@@ -215,8 +215,9 @@ async fn follow(config: &EtcdConfig, mut session: Session) {
             (session, outcome)
         })
         .retry(SESSION_BACKOFF)
-        .context(session)
+        // backon requires the sleeper before the context.
         .sleep(tokio::time::sleep)
+        .context(session)
         .notify(|e: &DiscoveryError, retry_in: Duration| {
             watch_errors.with_label_values(&[e.stage()]).inc();
             tracing::warn!(stage = e.stage(), error = %chain(e), ?retry_in, endpoints = endpoints.get(), "etcd discovery interrupted; keeping the last known endpoints");
@@ -335,6 +336,48 @@ mod tests {
         );
         assert_eq!(parse_addr(br#"{"Addr":""}"#), None);
         assert_eq!(parse_addr(b"not json"), None);
+    }
+
+    /// A port nothing listens on.
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn a_failed_session_is_retried_with_backoff_until_shutdown() {
+        let config = EtcdConfig {
+            endpoints: vec![format!("http://127.0.0.1:{}", closed_port())],
+            ..EtcdConfig::default()
+        };
+        let registry = Registry::new();
+        let gauge = IntGauge::new("g", "g").expect("gauge");
+        let metrics = DiscoveryMetrics::register(&registry, gauge).expect("metrics");
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(config, tx, metrics.clone(), shutdown.clone()));
+        let failures = || {
+            ["connect", "get", "watch"]
+                .iter()
+                .map(|stage| metrics.watch_errors.with_label_values(&[stage]).get())
+                .sum::<u64>()
+        };
+        let started = tokio::time::Instant::now();
+        while failures() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{} connect failures",
+                failures()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // 100 ms, then 200 ms between the attempts.
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("stops at shutdown")
+            .expect("did not panic");
     }
 
     #[test]
