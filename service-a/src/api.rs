@@ -12,30 +12,21 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use lab_proto::v1::{
-    GetItemRequest, GetJobRequest, SubmitJobRequest, backend_client::BackendClient,
-};
+use lab_proto::v1::{GetItemRequest, GetJobRequest, SubmitJobRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{balancer::BackendChannel, metrics::Metrics};
+use crate::{
+    backend::{Backend, CallError, Served},
+    metrics::Metrics,
+};
 
 /// What every request handler needs.
 #[derive(Clone)]
 pub struct AppState {
-    pub backend: BackendClient<BackendChannel>,
-    pub deadline: std::time::Duration,
+    /// B, behind the resilience stack ([`crate::backend`]).
+    pub backend: Backend,
     pub metrics: Metrics,
-}
-
-/// How close to A's deadline a CANCELLED from B counts as the deadline.
-const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Whether a call may safely be sent twice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
-    Read,
-    Write,
 }
 
 /// The public router, with request metrics around every route.
@@ -108,9 +99,10 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
-            // A never cancels its own calls (its deadline is the branch above),
-            // so CANCELLED here means the transport dropped the call before
-            // B answered — e.g. it was queued on a connection that got GOAWAY.
+            // A never cancels its own calls (a CANCELLED at A's deadline is
+            // sorted as the deadline in `crate::backend`), so CANCELLED here
+            // means the transport dropped the call before B answered — e.g.
+            // it was queued on a connection that got GOAWAY.
             Code::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::BAD_GATEWAY, "backend_error"),
         };
@@ -119,6 +111,46 @@ impl ApiError {
             code,
             message: status.message().to_owned(),
             served_by,
+        }
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(error: CallError) -> Self {
+        match error {
+            CallError::NoEndpoint => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                error.to_string(),
+            ),
+            CallError::Deadline { ref served_by, .. } => Self {
+                served_by: served_by.clone(),
+                ..Self::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "deadline_exceeded",
+                    error.to_string(),
+                )
+            },
+            CallError::NotAnswered(status) => Self::from_status(&status, None),
+            CallError::Answered { status, served_by } => {
+                Self::from_status(&status, Some(served_by))
+            }
+        }
+    }
+}
+
+/// A request body that is not the JSON the route expects: 413 over
+/// `service_a.max_body_bytes`, else 400 with axum's reason.
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body exceeds service_a.max_body_bytes",
+            )
+        } else {
+            Self::bad_request(rejection.body_text())
         }
     }
 }
@@ -155,125 +187,12 @@ fn parse_id(field: &str, raw: &str) -> Result<i64, ApiError> {
     }
 }
 
-/// Sends one call to B with A's deadline: the deadline travels as
-/// `grpc-timeout`, and A also stops waiting itself when it passes. With no
-/// endpoint at all the call fails at once (503) instead of waiting for one.
-/// A read that no B answered (the call failed in the transport: connection
-/// refused or reset, queued on a connection that got GOAWAY) is retried once
-/// within the same deadline, like gRPC clients' transparent retry. With
-/// `lb = "etcd"` the balancer has ejected the failed endpoint, so the retry
-/// lands on another B. Writes are never retried: B may have applied them.
-async fn call_b<T, F, Fut>(state: &AppState, kind: Call, call: F) -> Result<(T, String), ApiError>
-where
-    F: Fn(BackendClient<BackendChannel>, std::time::Duration) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    if state.metrics.backend_endpoints.get() == 0 {
-        state
-            .metrics
-            .backend_calls
-            .with_label_values(&["none", lab_proto::code_name(tonic::Code::Unavailable)])
-            .inc();
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "no B instance is registered",
-        ));
-    }
-    let deadline = state.deadline;
-    let started = tokio::time::Instant::now();
-    let mut attempts_left = if kind == Call::Read { 2 } else { 1 };
-    loop {
-        attempts_left -= 1;
-        let remaining = deadline.saturating_sub(started.elapsed());
-        let outcome = tokio::time::timeout(remaining, call(state.backend.clone(), remaining)).await;
-        let (served_by, code, result) = match outcome {
-            Err(_) => (
-                None,
-                tonic::Code::DeadlineExceeded,
-                Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "deadline_exceeded",
-                    format!("B did not answer within {deadline:?}"),
-                )),
-            ),
-            Ok(Ok(response)) => {
-                let served_by = metadata_served_by(response.metadata());
-                (
-                    served_by.clone(),
-                    tonic::Code::Ok,
-                    Ok((response.into_inner(), served_by.unwrap_or_default())),
-                )
-            }
-            Ok(Err(status)) => {
-                let served_by = metadata_served_by(status.metadata());
-                // tonic's server answers CANCELLED when the grpc-timeout A
-                // sent runs out: at A's deadline that is a deadline, not an
-                // outage.
-                let code = match status.code() {
-                    tonic::Code::Cancelled if started.elapsed() + DEADLINE_SLACK >= deadline => {
-                        tonic::Code::DeadlineExceeded
-                    }
-                    code => code,
-                };
-                let error = if code == tonic::Code::DeadlineExceeded {
-                    ApiError {
-                        served_by: served_by.clone(),
-                        ..ApiError::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "deadline_exceeded",
-                            format!("B did not answer within {deadline:?}: {}", status.message()),
-                        )
-                    }
-                } else {
-                    ApiError::from_status(&status, served_by.clone())
-                };
-                (served_by, code, Err(error))
-            }
-        };
-        state
-            .metrics
-            .backend_calls
-            .with_label_values(&[
-                served_by.as_deref().unwrap_or("unknown"),
-                lab_proto::code_name(code),
-            ])
-            .inc();
-        if let (None, Err(e)) = (&served_by, &result) {
-            tracing::debug!(?code, error = %e.message, "no B answered");
-        }
-        let nobody_answered = served_by.is_none() && code != tonic::Code::DeadlineExceeded;
-        if nobody_answered && attempts_left > 0 && started.elapsed() < deadline {
-            state.metrics.backend_retries.inc();
-            continue;
-        }
-        return result;
-    }
-}
-
-fn metadata_served_by(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
-    metadata
-        .get(lab_proto::SERVED_BY_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
-fn with_deadline<T>(message: T, deadline: std::time::Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(deadline);
-    request
-}
-
 async fn get_item(
     State(state): State<Arc<AppState>>,
     Path(raw_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id("id", &raw_id)?;
-    let (reply, served_by) = call_b(&state, Call::Read, |mut b, deadline| async move {
-        b.get_item(with_deadline(GetItemRequest { id }, deadline))
-            .await
-    })
-    .await?;
+    let Served { reply, served_by } = state.backend.call(GetItemRequest { id }).await?;
     let item = reply.item.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -304,29 +223,9 @@ pub struct NewJob {
 }
 
 /// JSON extractor whose rejections use the API's error shape.
+#[derive(FromRequest)]
+#[from_request(via(Json), rejection(ApiError))]
 pub struct JsonBody<T>(T);
-
-impl<S, T> FromRequest<S> for JsonBody<T>
-where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(JsonBody(value)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "request body exceeds service_a.max_body_bytes",
-                ))
-            }
-            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
-        }
-    }
-}
 
 async fn submit_job(
     State(state): State<Arc<AppState>>,
@@ -335,15 +234,12 @@ async fn submit_job(
     if job.payload.is_empty() {
         return Err(ApiError::bad_request("payload must not be empty"));
     }
-    let payload = job.payload;
-    let (reply, served_by) = call_b(&state, Call::Write, |mut b, deadline| {
-        let payload = payload.clone();
-        async move {
-            b.submit_job(with_deadline(SubmitJobRequest { payload }, deadline))
-                .await
-        }
-    })
-    .await?;
+    let Served { reply, served_by } = state
+        .backend
+        .call(SubmitJobRequest {
+            payload: job.payload,
+        })
+        .await?;
     Ok(served(
         StatusCode::ACCEPTED,
         &served_by,
@@ -356,11 +252,7 @@ async fn get_job(
     Path(raw_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job_id = parse_id("id", &raw_id)?;
-    let (reply, served_by) = call_b(&state, Call::Read, |mut b, deadline| async move {
-        b.get_job(with_deadline(GetJobRequest { job_id }, deadline))
-            .await
-    })
-    .await?;
+    let Served { reply, served_by } = state.backend.call(GetJobRequest { job_id }).await?;
     let job = reply.job.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,

@@ -11,17 +11,29 @@
 //!   balances each request itself with power-of-two-choices over requests in
 //!   flight (tower's `p2c::Balance` over [`crate::endpoint`] stacks). No
 //!   proxy hop, and the load measure is real — tonic's own `balance_channel`
-//!   reports a constant load of 0, which makes its P2C a random pick.
+//!   reports a constant load of 0, which makes its P2C a random pick. The
+//!   stack is `Buffer<FailFast<Balance<…>>>`: [`FailFast`] answers at once
+//!   when the balancer holds no endpoint at all.
 
-use std::time::Duration;
+use std::{
+    future::Future,
+    hash::Hash,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use lab_common::config::{LabConfig, LbMode};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{Opts, Registry, register_int_counter_vec_with_registry};
 use tokio_stream::{StreamExt, wrappers::UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, transport::Endpoint};
 use tower::{
-    BoxError, ServiceExt, balance::p2c::Balance, buffer::Buffer, discover::Change,
+    BoxError, Service, ServiceExt,
+    balance::p2c::Balance,
+    buffer::Buffer,
+    discover::{Change, Discover},
     util::BoxCloneSyncService,
 };
 
@@ -46,10 +58,11 @@ const BALANCER_QUEUE: usize = 1024;
 
 /// Why no channel could be built.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid backend URL {url:?}: {reason}")]
+#[error("invalid backend URL {url:?}")]
 pub struct BadUrl {
     url: String,
-    reason: String,
+    #[source]
+    source: tonic::transport::Error,
 }
 
 /// The channel requests to B travel on.
@@ -81,9 +94,9 @@ fn proxy(
     endpoints: prometheus::IntGauge,
 ) -> anyhow::Result<Backends> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| BadUrl {
+        .map_err(|source| BadUrl {
             url: url.to_string(),
-            reason: e.to_string(),
+            source,
         })?
         .connect_timeout(config.service_a.connect_timeout)
         .tcp_nodelay(true)
@@ -107,14 +120,14 @@ fn client_side(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Backends> {
     let metrics = DiscoveryMetrics::register(registry, endpoints)?;
-    let ejections = IntCounterVec::new(
+    let ejections = register_int_counter_vec_with_registry!(
         Opts::new(
             "lab_backend_ejections_total",
-            "Times an endpoint was taken out of A's balancer after a transport failure.",
+            "Times an endpoint was taken out of A's balancer after transport failures.",
         ),
         &["backend"],
+        registry
     )?;
-    registry.register(Box::new(ejections.clone()))?;
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(discovery::run(
@@ -136,7 +149,7 @@ fn client_side(
         }
         Change::Remove(id) => Some(Ok(Change::Remove(id))),
     });
-    let balance = Balance::new(changes);
+    let balance = FailFast::new(Balance::new(changes));
     let channel = Buffer::new(balance, BALANCER_QUEUE).map_err(tonic::Status::from_error);
     Ok(Backends {
         channel: BoxCloneSyncService::new(channel),
@@ -146,4 +159,143 @@ fn client_side(
             config.etcd.prefix
         ),
     })
+}
+
+/// The balancer has no endpoint at all. Travels as the source of the
+/// UNAVAILABLE status [`FailFast`] answers, so the caller can tell it from
+/// an endpoint that failed ([`crate::backend`] counts it as `backend="none"`).
+#[derive(Debug, thiserror::Error)]
+#[error("no B instance is registered")]
+pub struct NoEndpoint;
+
+impl NoEndpoint {
+    fn status() -> tonic::Status {
+        let mut status = tonic::Status::unavailable(NoEndpoint.to_string());
+        status.set_source(Arc::new(NoEndpoint));
+        status
+    }
+}
+
+/// A balancer that can say whether it holds any endpoint.
+pub trait Endpoints {
+    fn is_empty(&self) -> bool;
+}
+
+impl<D, Req> Endpoints for Balance<D, Req>
+where
+    D: Discover,
+    D::Key: Hash,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+{
+    fn is_empty(&self) -> bool {
+        Balance::is_empty(self)
+    }
+}
+
+/// Fails a call at once when the balancer holds no endpoint at all, instead
+/// of letting it wait out A's deadline for a B that is not coming. It asks
+/// the balancer after the balancer applied the pending discovery changes
+/// (its `poll_ready` does that), so a B that just registered is not missed.
+/// When every endpoint is only ejected the call waits: one will be probed
+/// again within the backoff.
+pub struct FailFast<S> {
+    inner: S,
+    fail_next: bool,
+}
+
+impl<S> FailFast<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            fail_next: false,
+        }
+    }
+}
+
+impl<S, Req> Service<Req> for FailFast<S>
+where
+    S: Service<Req> + Endpoints,
+    S::Response: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Pending if self.inner.is_empty() => {
+                self.fail_next = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(ready) => {
+                self.fail_next = false;
+                Poll::Ready(ready.map_err(Into::into))
+            }
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        if std::mem::take(&mut self.fail_next) {
+            return Box::pin(std::future::ready(Err(
+                Box::new(NoEndpoint::status()) as BoxError
+            )));
+        }
+        let response = self.inner.call(request);
+        Box::pin(async move { response.await.map_err(Into::into) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A balancer whose endpoints, if any, are all ejected.
+    struct NoneReady {
+        endpoints: usize,
+    }
+
+    impl Endpoints for NoneReady {
+        fn is_empty(&self) -> bool {
+            self.endpoints == 0
+        }
+    }
+
+    impl Service<()> for NoneReady {
+        type Response = ();
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<(), BoxError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Pending
+        }
+        fn call(&mut self, _: ()) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+
+    fn poll_ready(svc: &mut FailFast<NoneReady>) -> Poll<Result<(), BoxError>> {
+        svc.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn with_no_endpoint_the_call_fails_at_once_as_no_endpoint() {
+        let mut svc = FailFast::new(NoneReady { endpoints: 0 });
+        assert!(matches!(poll_ready(&mut svc), Poll::Ready(Ok(()))));
+        let error = svc.call(()).await.expect_err("fails");
+        let status = error.downcast::<tonic::Status>().expect("a Status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            std::error::Error::source(&*status).is_some_and(|s| s.is::<NoEndpoint>()),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn with_every_endpoint_ejected_the_call_waits() {
+        let mut svc = FailFast::new(NoneReady { endpoints: 2 });
+        assert!(poll_ready(&mut svc).is_pending());
+    }
 }

@@ -6,13 +6,14 @@
 //! revision was compacted it re-reads everything and sends the difference.
 //! While etcd is unreachable nothing is removed: A keeps balancing over the
 //! last endpoints it knew (a B that really died is still ejected by the
-//! balancer on its first failed call).
+//! balancer, [`crate::endpoint`], on its first refused call).
 
 use std::{collections::HashMap, time::Duration};
 
+use backon::{ExponentialBuilder, RetryableWithContext};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use lab_common::config::EtcdConfig;
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry, register_int_counter_vec_with_registry};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tower::discover::Change;
@@ -31,26 +32,24 @@ pub struct DiscoveryMetrics {
 
 impl DiscoveryMetrics {
     pub fn register(registry: &Registry, endpoints: IntGauge) -> prometheus::Result<Self> {
-        let events = IntCounterVec::new(
-            Opts::new(
-                "lab_discovery_events_total",
-                "Registry changes applied to A's balancer (insert, remove, resync).",
-            ),
-            &["kind"],
-        )?;
-        let watch_errors = IntCounterVec::new(
-            Opts::new(
-                "lab_discovery_watch_errors_total",
-                "etcd connection, get or watch failures seen by discovery.",
-            ),
-            &["stage"],
-        )?;
-        registry.register(Box::new(events.clone()))?;
-        registry.register(Box::new(watch_errors.clone()))?;
         Ok(Self {
             endpoints,
-            events,
-            watch_errors,
+            events: register_int_counter_vec_with_registry!(
+                Opts::new(
+                    "lab_discovery_events_total",
+                    "Registry changes applied to A's balancer (insert, remove, resync).",
+                ),
+                &["kind"],
+                registry
+            )?,
+            watch_errors: register_int_counter_vec_with_registry!(
+                Opts::new(
+                    "lab_discovery_watch_errors_total",
+                    "etcd connection, get or watch failures seen by discovery.",
+                ),
+                &["stage"],
+                registry
+            )?,
         })
     }
 }
@@ -118,6 +117,69 @@ impl View {
     }
 }
 
+/// Retries of a failed discovery session: quick at first (a restarted etcd
+/// is back in moments), capped so a long outage costs one attempt every 2 s.
+/// Forever: A never gives up on its registry.
+const SESSION_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(2))
+    .with_factor(2.0)
+    .without_max_times();
+/// How long the prefix Get may take.
+const GET_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a discovery session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("connecting to etcd failed")]
+    Connect(#[source] etcd_client::Error),
+    #[error("reading the registry failed")]
+    Get(#[source] etcd_client::Error),
+    #[error("reading the registry timed out after {0:?}")]
+    GetTimedOut(Duration),
+    #[error("opening the watch failed")]
+    Watch(#[source] etcd_client::Error),
+    #[error("the watch stream failed")]
+    Stream(#[source] etcd_client::Error),
+    #[error("the watch stream ended")]
+    StreamEnded,
+    #[error("etcd canceled the watch: {reason}")]
+    Canceled { reason: String },
+}
+
+impl DiscoveryError {
+    /// The `stage` label of `lab_discovery_watch_errors_total`.
+    fn stage(&self) -> &'static str {
+        match self {
+            DiscoveryError::Connect(_) => "connect",
+            DiscoveryError::Get(_) | DiscoveryError::GetTimedOut(_) => "get",
+            DiscoveryError::Watch(_)
+            | DiscoveryError::Stream(_)
+            | DiscoveryError::StreamEnded
+            | DiscoveryError::Canceled { .. } => "watch",
+        }
+    }
+}
+
+/// An error and its sources on one line, for logs.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// What discovery carries from one session to the next: the view, and the
+/// revision it reflects (`None` = must (re)read everything).
+struct Session {
+    view: View,
+    revision: Option<i64>,
+}
+
 /// Runs discovery until `shutdown`, sending every change to `tx`.
 pub async fn run(
     config: EtcdConfig,
@@ -125,32 +187,43 @@ pub async fn run(
     metrics: DiscoveryMetrics,
     shutdown: CancellationToken,
 ) {
-    let mut view = View {
-        prefix: config.prefix.clone(),
-        known: HashMap::new(),
-        tx,
-        metrics,
+    metrics.endpoints.set(0);
+    let session = Session {
+        view: View {
+            prefix: config.prefix.clone(),
+            known: HashMap::new(),
+            tx,
+            metrics,
+        },
+        revision: None,
     };
-    view.metrics.endpoints.set(0);
-    // The revision the view reflects; None = must (re)read everything.
-    let mut revision: Option<i64> = None;
-    let mut backoff = Duration::from_millis(100);
+    tokio::select! {
+        _ = follow(&config, session) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Follows the registry forever. A failed session is retried with
+/// [`SESSION_BACKOFF`]; one that ends asking for a resync starts over at
+/// once, with the backoff reset.
+async fn follow(config: &EtcdConfig, mut session: Session) {
+    let watch_errors = session.view.metrics.watch_errors.clone();
+    let endpoints = session.view.metrics.endpoints.clone();
     loop {
-        let outcome = tokio::select! {
-            r = watch_once(&config, &mut view, &mut revision) => r,
-            _ = shutdown.cancelled() => return,
-        };
-        if let Err((stage, e)) = outcome {
-            view.metrics.watch_errors.with_label_values(&[stage]).inc();
-            tracing::warn!(stage, error = %e, retry_in = ?backoff, endpoints = view.known.len(), "etcd discovery interrupted; keeping the last known endpoints");
-        } else {
-            backoff = Duration::from_millis(100);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        let (returned, _) = (|mut session: Session| async move {
+            let outcome = watch_once(config, &mut session.view, &mut session.revision).await;
+            (session, outcome)
+        })
+        .retry(SESSION_BACKOFF)
+        // backon requires the sleeper before the context.
+        .sleep(tokio::time::sleep)
+        .context(session)
+        .notify(|e: &DiscoveryError, retry_in: Duration| {
+            watch_errors.with_label_values(&[e.stage()]).inc();
+            tracing::warn!(stage = e.stage(), error = %chain(e), ?retry_in, endpoints = endpoints.get(), "etcd discovery interrupted; keeping the last known endpoints");
+        })
+        .await;
+        session = returned;
     }
 }
 
@@ -160,23 +233,23 @@ async fn watch_once(
     config: &EtcdConfig,
     view: &mut View,
     revision: &mut Option<i64>,
-) -> Result<(), (&'static str, String)> {
+) -> Result<(), DiscoveryError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(1))
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
     let mut client = Client::connect(&config.endpoints, Some(options))
         .await
-        .map_err(|e| ("connect", e.to_string()))?;
+        .map_err(DiscoveryError::Connect)?;
 
     if revision.is_none() {
         let get = client.get(
             config.prefix.as_bytes(),
             Some(GetOptions::new().with_prefix()),
         );
-        let response = tokio::time::timeout(Duration::from_secs(2), get)
+        let response = tokio::time::timeout(GET_TIMEOUT, get)
             .await
-            .map_err(|_| ("get", "timed out".to_string()))?
-            .map_err(|e| ("get", e.to_string()))?;
+            .map_err(|_| DiscoveryError::GetTimedOut(GET_TIMEOUT))?
+            .map_err(DiscoveryError::Get)?;
         let mut current = HashMap::new();
         for kv in response.kvs() {
             if let (Some(id), Some(addr)) = (view.id_of(kv.key()), parse_addr(kv.value())) {
@@ -193,14 +266,10 @@ async fn watch_once(
             Some(WatchOptions::new().with_prefix().with_start_revision(start)),
         )
         .await
-        .map_err(|e| ("watch", e.to_string()))?;
+        .map_err(DiscoveryError::Watch)?;
     loop {
-        let Some(response) = stream
-            .message()
-            .await
-            .map_err(|e| ("watch", e.to_string()))?
-        else {
-            return Err(("watch", "watch stream ended".into()));
+        let Some(response) = stream.message().await.map_err(DiscoveryError::Stream)? else {
+            return Err(DiscoveryError::StreamEnded);
         };
         if response.compact_revision() > 0 {
             tracing::warn!(
@@ -211,10 +280,9 @@ async fn watch_once(
             return Ok(());
         }
         if response.canceled() {
-            return Err((
-                "watch",
-                format!("watch canceled: {}", response.cancel_reason()),
-            ));
+            return Err(DiscoveryError::Canceled {
+                reason: response.cancel_reason().to_owned(),
+            });
         }
         // An etcd behind our revision is a different store (restored or
         // wiped): what we know may be gone, so read everything again.
@@ -268,6 +336,48 @@ mod tests {
         );
         assert_eq!(parse_addr(br#"{"Addr":""}"#), None);
         assert_eq!(parse_addr(b"not json"), None);
+    }
+
+    /// A port nothing listens on.
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn a_failed_session_is_retried_with_backoff_until_shutdown() {
+        let config = EtcdConfig {
+            endpoints: vec![format!("http://127.0.0.1:{}", closed_port())],
+            ..EtcdConfig::default()
+        };
+        let registry = Registry::new();
+        let gauge = IntGauge::new("g", "g").expect("gauge");
+        let metrics = DiscoveryMetrics::register(&registry, gauge).expect("metrics");
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(config, tx, metrics.clone(), shutdown.clone()));
+        let failures = || {
+            ["connect", "get", "watch"]
+                .iter()
+                .map(|stage| metrics.watch_errors.with_label_values(&[stage]).get())
+                .sum::<u64>()
+        };
+        let started = tokio::time::Instant::now();
+        while failures() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{} connect failures",
+                failures()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // 100 ms, then 200 ms between the attempts.
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("stops at shutdown")
+            .expect("did not panic");
     }
 
     #[test]

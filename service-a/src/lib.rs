@@ -2,11 +2,15 @@
 //! request becomes a gRPC call to a B, with A's deadline (default 5 s).
 //!
 //! * [`api`] — routes, error mapping, request metrics;
+//! * [`backend`] — every call to B: A's deadline and the transparent read
+//!   retry, as tower layers around the balancer;
 //! * [`balancer`] — cause 1: which connection(s) the calls ride on, with
-//!   [`discovery`] (etcd) and [`endpoint`] (one B in the balancer) for the fix;
+//!   [`discovery`] (etcd) and [`endpoint`] (one B in the balancer, ejected
+//!   after transport failures) for the fix;
 //! * [`metrics`] — A's Prometheus metrics.
 
 pub mod api;
+pub mod backend;
 pub mod balancer;
 pub mod discovery;
 pub mod endpoint;
@@ -16,7 +20,6 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use lab_common::{admin, config::LabConfig};
-use lab_proto::v1::backend_client::BackendClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -71,8 +74,11 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
 
     let app = api::router(
         api::AppState {
-            backend: BackendClient::new(backends.channel),
-            deadline: config.service_a.backend_timeout,
+            backend: backend::Backend::new(
+                backends.channel,
+                config.service_a.backend_timeout,
+                &metrics,
+            ),
             metrics,
         },
         config.service_a.max_body_bytes,
