@@ -25,7 +25,8 @@ use std::{
 };
 
 use lab_common::config::{LabConfig, LbMode};
-use prometheus::{Opts, Registry, register_int_counter_vec_with_registry};
+use lab_common::metrics::Registrar;
+use prometheus::Registry;
 use tokio_stream::{StreamExt, wrappers::UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, transport::Endpoint};
@@ -120,13 +121,10 @@ fn client_side(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Backends> {
     let metrics = DiscoveryMetrics::register(registry, endpoints)?;
-    let ejections = register_int_counter_vec_with_registry!(
-        Opts::new(
-            "lab_backend_ejections_total",
-            "Times an endpoint was taken out of A's balancer after transport failures.",
-        ),
+    let ejections = Registrar(registry).int_counter_vec(
+        "lab_backend_ejections_total",
+        "Times an endpoint was taken out of A's balancer after transport failures.",
         &["backend"],
-        registry
     )?;
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

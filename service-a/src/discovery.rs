@@ -13,7 +13,8 @@ use std::{collections::HashMap, time::Duration};
 use backon::{ExponentialBuilder, RetryableWithContext};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use lab_common::config::EtcdConfig;
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry, register_int_counter_vec_with_registry};
+use lab_common::metrics::Registrar;
+use prometheus::{IntCounterVec, IntGauge, Registry};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tower::discover::Change;
@@ -34,21 +35,15 @@ impl DiscoveryMetrics {
     pub fn register(registry: &Registry, endpoints: IntGauge) -> prometheus::Result<Self> {
         Ok(Self {
             endpoints,
-            events: register_int_counter_vec_with_registry!(
-                Opts::new(
-                    "lab_discovery_events_total",
-                    "Registry changes applied to A's balancer (insert, remove, resync).",
-                ),
+            events: Registrar(registry).int_counter_vec(
+                "lab_discovery_events_total",
+                "Registry changes applied to A's balancer (insert, remove, resync).",
                 &["kind"],
-                registry
             )?,
-            watch_errors: register_int_counter_vec_with_registry!(
-                Opts::new(
-                    "lab_discovery_watch_errors_total",
-                    "etcd connection, get or watch failures seen by discovery.",
-                ),
+            watch_errors: Registrar(registry).int_counter_vec(
+                "lab_discovery_watch_errors_total",
+                "etcd connection, get or watch failures seen by discovery.",
                 &["stage"],
-                registry
             )?,
         })
     }

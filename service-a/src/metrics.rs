@@ -1,10 +1,7 @@
-//! Service A's metrics (listed in the README, "Admin endpoints and metrics").
+//! Service A's metrics (listed in docs/architecture.md, "Metrics").
 
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry,
-    register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    register_int_counter_with_registry, register_int_gauge_with_registry,
-};
+use lab_common::metrics::Registrar;
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -22,38 +19,31 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let r = Registrar(registry);
         Ok(Self {
-            backend_retries: register_int_counter_with_registry!(
+            backend_retries: r.int_counter(
                 "lab_backend_retries_total",
                 "Reads A sent a second time because no B answered the first.",
-                registry
             )?,
-            http_requests: register_int_counter_vec_with_registry!(
+            http_requests: r.int_counter_vec(
                 "lab_http_requests_total",
                 "HTTP requests served by A.",
                 &["route", "status"],
-                registry
             )?,
-            http_duration: register_histogram_vec_with_registry!(
-                HistogramOpts::new(
-                    "lab_http_request_duration_seconds",
-                    "Time from receiving an HTTP request to sending its response.",
-                )
-                .buckets(lab_common::metrics::LATENCY_BUCKETS.to_vec()),
+            http_duration: r.latency_histogram_vec(
+                "lab_http_request_duration_seconds",
+                "Time from receiving an HTTP request to sending its response.",
                 &["route"],
-                registry
             )?,
-            backend_calls: register_int_counter_vec_with_registry!(
+            backend_calls: r.int_counter_vec(
                 "lab_backend_calls_total",
                 "gRPC calls from A to B, by answering B instance and status code \
                  (backend=\"unknown\" when no B answered).",
                 &["backend", "code"],
-                registry
             )?,
-            backend_endpoints: register_int_gauge_with_registry!(
+            backend_endpoints: r.int_gauge(
                 "lab_backend_endpoints",
                 "Endpoints currently in A's balancer.",
-                registry
             )?,
         })
     }
