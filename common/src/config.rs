@@ -4,7 +4,7 @@
 //! and uses its own section), so a single `lab.toml` drives `labctl up`,
 //! `docker compose up` and each process. Values are layered, later wins:
 //!
-//! 1. built-in defaults (the native ports in the README's "Architecture" table),
+//! 1. built-in defaults (the native ports in docs/architecture.md, "Processes"),
 //! 2. a TOML file (`--config FILE` or `LAB_CONFIG`),
 //! 3. environment variables: `LAB_` + the upper-snake key path
 //!    (`faults.http_client` → `LAB_FAULTS_HTTP_CLIENT`); an empty variable
@@ -29,7 +29,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-/// Exit status for invalid configuration (README, "Configuration").
+/// Exit status for invalid configuration (docs/architecture.md, "Configuration").
 pub const CONFIG_ERROR_EXIT_CODE: i32 = 2;
 
 /// The preset that sets every switch at once.

@@ -1,5 +1,5 @@
 //! The command line: every subcommand, flag and help text of `labctl` (the
-//! README's "labctl" section lists them). Parsing only; `commands` does the
+//! "labctl" section of docs/architecture.md lists them). Parsing only; `commands` does the
 //! work.
 
 use std::{path::PathBuf, time::Duration};

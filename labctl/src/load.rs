@@ -79,7 +79,7 @@ pub struct Percentiles {
     pub max: f64,
 }
 
-/// The `--json` report (README, "labctl").
+/// The `--json` report (docs/architecture.md, "labctl").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoadReport {
     pub requests: u64,

@@ -1,5 +1,5 @@
 //! `labctl`: run the lab natively, drive load at it, check config files.
-//! The command line is listed in the README, "labctl"; `cli` defines it and
+//! The command line is listed in docs/architecture.md, "labctl"; `cli` defines it and
 //! `commands` holds one module per subcommand.
 
 mod cli;

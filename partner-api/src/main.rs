@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use lab_common::config::{ConfigArgs, load_or_exit};
 
-/// partner-api: the HTTPS partner service B calls once per job (README, "Cause 4").
+/// partner-api: the HTTPS partner service B calls once per job (docs/architecture.md; the README's "Cause 4" tells its story).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {

@@ -1,4 +1,4 @@
-//! A's public HTTP/JSON API (README, "A's API"): each route validates its input,
+//! A's public HTTP/JSON API (docs/architecture.md, "A's HTTP API"): each route validates its input,
 //! calls B with A's deadline, and answers with `served_by` in the body and
 //! the `x-served-by` header.
 

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use lab_common::config::{ConfigArgs, load_or_exit};
 
-/// Service A: HTTP/JSON front and gRPC client of B. Ports and roles: README, "Architecture".
+/// Service A: HTTP/JSON front and gRPC client of B. Ports and roles: docs/architecture.md, "Processes".
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {

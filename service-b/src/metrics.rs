@@ -1,4 +1,4 @@
-//! Service B's own metrics (README, "Admin endpoints and metrics"), registered next to the process
+//! Service B's own metrics (docs/architecture.md, "Metrics"), registered next to the process
 //! and tokio metrics of `lab_common::metrics`.
 
 use std::sync::{Arc, OnceLock};

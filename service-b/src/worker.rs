@@ -48,7 +48,7 @@ use crate::{
     rows::{BadRow, Batch, JobRows, JobTask},
 };
 
-/// Worker metrics (README, "Admin endpoints and metrics").
+/// Worker metrics (docs/architecture.md, "Metrics").
 #[derive(Clone)]
 pub struct WorkerMetrics {
     pub tasks_alive: IntGauge,
