@@ -133,6 +133,25 @@ fn latency_opts(name: &str, help: &str) -> HistogramOpts {
     HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())
 }
 
+/// Holds one unit of a gauge from creation until it is dropped: on every
+/// exit path, including a future dropped at its caller's deadline or a task
+/// aborted at shutdown. For gauges that count things in progress.
+#[must_use = "the gauge goes back down as soon as the guard is dropped"]
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,3 +30,17 @@ pub fn init(service: &'static str, config: &TelemetryConfig) {
         tracing::debug!(service, "logging initialised");
     }
 }
+
+/// An error and its sources on one line, for logs: `outer: inner: root`.
+/// (Errors here keep their causes as sources rather than in their own
+/// message, so printing only the top one would lose them.)
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

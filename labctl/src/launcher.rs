@@ -263,8 +263,9 @@ impl Stack {
         .await
     }
 
-    /// Every B, side by side. Ready means serving gRPC with MySQL answering,
-    /// so HAProxy's first health checks and A's first calls find them up.
+    /// Every B, side by side. Ready means serving gRPC with MySQL answering
+    /// (and, under `lb = "etcd"`, registered), so HAProxy's first health
+    /// checks and A's first calls find them up.
     async fn start_backends(&mut self, launch: &Launch) -> Result<(), LaunchError> {
         let mut waits = Vec::new();
         for (i, (grpc, admin)) in self.ports.b.clone().into_iter().enumerate() {
@@ -678,14 +679,16 @@ const DROP_GRACE: Duration = Duration::from_secs(5);
 /// The fallback when a stack is dropped without [`Stack::down`] (a test that
 /// failed or panicked, `up` failing half-way).
 ///
-/// It stays synchronous and blocks the dropping thread for up to
-/// [`DROP_GRACE`], on purpose: `Drop` cannot await, and the caller needs the
+/// It stays synchronous and blocks the dropping thread, on purpose (up to
+/// [`DROP_GRACE`] for SIGTERM, and as long again after SIGKILL): `Drop` cannot await, and the caller needs the
 /// processes gone when it returns (the test harness deletes the state dir,
 /// with MySQL's data, right after). tokio's `kill_on_drop` alone would only
 /// SIGKILL our own children, without letting them shut down, and would not
 /// reach processes another labctl added (`scale`). So: SIGTERM to every
 /// recorded process, wait on our children with `try_wait` (which needs no
-/// runtime), then SIGKILL the stragglers and wait for them to go.
+/// runtime), then SIGKILL our children that are still there and wait for
+/// them to go. Processes another labctl added only get the SIGTERM: they
+/// are not our children, so they can be neither waited on nor reaped here.
 impl Drop for Stack {
     fn drop(&mut self) {
         if self.stopped {

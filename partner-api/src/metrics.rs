@@ -2,7 +2,7 @@
 //! clients and connections (cause 4) — a handshake per call, and
 //! connections that stay open because nobody reads their answers.
 
-use lab_common::metrics::Registrar;
+use lab_common::metrics::{GaugeGuard, Registrar};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Clone)]
@@ -45,17 +45,7 @@ impl Metrics {
 
     /// Counts one open connection until the guard is dropped — on every
     /// exit path, including a task aborted at shutdown.
-    pub fn open_connection(&self) -> OpenConnection {
-        self.connections_open.inc();
-        OpenConnection(self.connections_open.clone())
-    }
-}
-
-/// Holds one unit of `partner_connections_open`.
-pub struct OpenConnection(IntGauge);
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
+    pub fn open_connection(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.connections_open)
     }
 }

@@ -20,7 +20,9 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Metrics, OpenConnection};
+use lab_common::metrics::GaugeGuard;
+
+use crate::metrics::Metrics;
 
 /// A client that opens TCP but never finishes the handshake is cut off
 /// after this, so it cannot hold a connection forever.
@@ -128,7 +130,7 @@ async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     settings: ConnectionSettings,
-    _open: OpenConnection,
+    _open: GaugeGuard,
 ) {
     let metrics = &settings.metrics;
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, settings.acceptor.accept(tcp)).await {

@@ -156,18 +156,6 @@ impl DiscoveryError {
     }
 }
 
-/// An error and its sources on one line, for logs.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
 /// What discovery carries from one session to the next: the view, and the
 /// revision it reflects (`None` = must (re)read everything).
 struct Session {
@@ -215,7 +203,7 @@ async fn follow(config: &EtcdConfig, mut session: Session) {
         .context(session)
         .notify(|e: &DiscoveryError, retry_in: Duration| {
             watch_errors.with_label_values(&[e.stage()]).inc();
-            tracing::warn!(stage = e.stage(), error = %chain(e), ?retry_in, endpoints = endpoints.get(), "etcd discovery interrupted; keeping the last known endpoints");
+            tracing::warn!(stage = e.stage(), error = %lab_common::telemetry::error_chain(e), ?retry_in, endpoints = endpoints.get(), "etcd discovery interrupted; keeping the last known endpoints");
         })
         .await;
         session = returned;

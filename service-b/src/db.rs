@@ -30,7 +30,7 @@ use sqlx::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use lab_common::metrics::Registrar;
+use lab_common::metrics::{GaugeGuard, Registrar};
 
 /// How long a query waits for a free pooled connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,22 +65,6 @@ impl PoolMetrics {
             "Queries waiting for a free MySQL pool connection right now.",
         )?;
         Ok(Self { waiting })
-    }
-}
-
-/// Decrements the waiting gauge however the wait ends.
-struct Waiting<'a>(&'a IntGauge);
-
-impl<'a> Waiting<'a> {
-    fn start(gauge: &'a IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -334,7 +318,7 @@ impl Db {
         &self,
         deadline: Option<Instant>,
     ) -> Result<PoolConnection<MySql>, DbError> {
-        let _waiting = Waiting::start(&self.metrics.waiting);
+        let _waiting = GaugeGuard::new(&self.metrics.waiting);
         match self.wait {
             PoolWait::Bounded => {
                 let budget = crate::deadline::remaining(deadline, self.acquire_timeout);

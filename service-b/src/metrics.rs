@@ -9,6 +9,8 @@ use prometheus::{
     proto::MetricFamily,
 };
 
+use lab_common::metrics::GaugeGuard;
+
 use crate::db::Db;
 
 /// gRPC traffic.
@@ -42,18 +44,8 @@ impl Metrics {
 
     /// Counts one request as in flight until the guard drops — when the
     /// handler returns, or when tonic drops it because the caller gave up.
-    pub fn in_flight(&self) -> InFlight {
-        self.grpc_in_flight.inc();
-        InFlight(self.grpc_in_flight.clone())
-    }
-}
-
-/// One unit of `lab_grpc_requests_in_flight`.
-pub struct InFlight(IntGauge);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
+    pub fn in_flight(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.grpc_in_flight)
     }
 }
 

@@ -102,17 +102,17 @@ impl Registration {
 /// B registers again after a backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationLost {
-    #[error("connect: {0}")]
+    #[error("connect")]
     Connect(#[source] etcd_client::Error),
-    #[error("lease grant: {0}")]
+    #[error("lease grant")]
     LeaseGrant(#[source] etcd_client::Error),
-    #[error("put: {0}")]
+    #[error("put")]
     Put(#[source] etcd_client::Error),
-    #[error("keepalive stream: {0}")]
+    #[error("keepalive stream")]
     KeepAliveStream(#[source] etcd_client::Error),
-    #[error("keepalive send: {0}")]
+    #[error("keepalive send")]
     KeepAliveSend(#[source] etcd_client::Error),
-    #[error("keepalive: {0}")]
+    #[error("keepalive")]
     KeepAlive(#[source] etcd_client::Error),
     #[error("lease expired (keepalive TTL 0)")]
     LeaseExpired,
@@ -142,7 +142,7 @@ pub async fn maintain(
     let lost = |why: &RegistrationLost, retry_in: Option<Duration>| {
         status.set(&metrics, false);
         metrics.failures.inc();
-        tracing::warn!(reason = %why, ?retry_in, "etcd registration lost");
+        tracing::warn!(reason = %lab_common::telemetry::error_chain(why), ?retry_in, "etcd registration lost");
     };
     // The backoff sleep ends early on stop; the next session then sees it.
     let sleep_stop = stop.clone();

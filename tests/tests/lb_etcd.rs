@@ -72,9 +72,9 @@ async fn until_load_reaches(lab: &TestLab, backends: &[&str]) -> anyhow::Result<
     Ok(())
 }
 
-/// Waits until A's balancer holds `count` endpoints. B's readiness may or
-/// may not include its registration in etcd, and A's watch takes a moment
-/// after it: tests that count on A's view wait for A's view.
+/// Waits until A's balancer holds `count` endpoints. B is ready once it is
+/// registered in etcd, but A's watch takes a moment after that: tests that
+/// count on A's view wait for A's view.
 async fn until_a_sees(lab: &TestLab, count: usize) -> anyhow::Result<()> {
     eventually(
         Duration::from_secs(5),
@@ -116,8 +116,8 @@ async fn a_backend_started_during_load_takes_its_share_within_3s() -> anyhow::Re
 
     let added = lab.stack.scale_backends(3).await?;
     assert_eq!(added, ["service-b-3"]);
-    // The clock starts when A's balancer holds b-3, whether or not B's
-    // readiness already waited for its registration.
+    // The clock starts when A's balancer holds b-3 (a moment after B's
+    // registration made it ready).
     until_a_sees(&lab, 3).await?;
     let mut spec = closed_loop(lab.a_url(), u64::MAX);
     spec.requests = None;
@@ -177,6 +177,9 @@ async fn sigterm_to_a_backend_under_load_fails_no_request() -> anyhow::Result<()
 async fn sigkill_to_a_backend_under_load_fails_no_read() -> anyhow::Result<()> {
     let lab = TestLab::start(2, &["faults.lb=etcd"]).await?;
     until_a_sees(&lab, 2).await?;
+    // At 400 req/s and a few ms per call, far fewer than this many calls
+    // are inside b-2 at any moment.
+    const IN_FLIGHT_AT_KILL: f64 = 16.0;
     let load = spawn_load(open_loop(lab.a_url(), 400.0, Duration::from_secs(6)));
     until_load_reaches(&lab, &["b-1", "b-2"]).await?;
     lab.stack.signal("service-b-2", Signal::SIGKILL)?;
@@ -215,6 +218,15 @@ async fn sigkill_to_a_backend_under_load_fails_no_read() -> anyhow::Result<()> {
     assert!(
         retries <= unanswered,
         "{retries} retries for {unanswered} unanswered attempts"
+    );
+    // And the other way round: after the crash only one call at a time may
+    // try the dead endpoint (the half-open probe), so the unanswered
+    // attempts are the calls in flight on b-2 when it died plus one per
+    // ejection. A half-open endpoint that let p2c send it many calls would
+    // show up here as far more unanswered attempts than ejections.
+    assert!(
+        unanswered <= ejections + IN_FLIGHT_AT_KILL,
+        "{unanswered} unanswered attempts for {ejections} ejections"
     );
     Ok(())
 }

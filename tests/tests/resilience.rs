@@ -29,12 +29,12 @@ async fn graceful_shutdown_finishes_in_flight_requests() -> anyhow::Result<()> {
     let (status, busy, _, _) = get_json(&format!("{a}/api/items/1")).await?;
     assert_eq!(status, 200);
     let busy = busy.ok_or_else(|| anyhow::anyhow!("no x-served-by"))?;
-    let name = lab
+    let (name, grpc_addr) = lab
         .stack
         .state
         .backends()
         .find(|b| b.instance_id.as_deref() == Some(busy.as_str()))
-        .map(|b| b.name.clone())
+        .and_then(|b| Some((b.name.clone(), b.grpc_addr.clone()?)))
         .ok_or_else(|| anyhow::anyhow!("unknown backend {busy}"))?;
 
     let in_flight: Vec<_> = (1..=REQUESTS)
@@ -70,6 +70,24 @@ async fn graceful_shutdown_finishes_in_flight_requests() -> anyhow::Result<()> {
         inside,
         (REQUESTS as f64, 1.0),
         "(in flight, finished) in {name} before SIGTERM"
+    );
+    // B has stopped accepting (its listener is closed) while every request
+    // is still inside a handler: from here on only the drain can finish them.
+    eventually(
+        Duration::from_secs(5),
+        "B's gRPC listener to close",
+        || async {
+            tokio::net::TcpStream::connect(&grpc_addr)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await?;
+    let done_before_close = in_flight.iter().filter(|h| h.is_finished()).count();
+    assert_eq!(
+        done_before_close, 0,
+        "requests finished before B stopped accepting: the drain was not tested"
     );
     for handle in in_flight {
         let ((status, served_by, body, elapsed), finished) = {
