@@ -55,39 +55,27 @@ pub trait Rpc: Clone + Send + Sync + 'static {
     ) -> BoxFuture<Result<tonic::Response<Self::Reply>, Status>>;
 }
 
-impl Rpc for GetItemRequest {
-    type Reply = GetItemReply;
-    const IDEMPOTENT: bool = true;
-    fn send(
-        mut client: BackendClient<BackendChannel>,
-        request: tonic::Request<Self>,
-    ) -> BoxFuture<Result<tonic::Response<GetItemReply>, Status>> {
-        Box::pin(async move { client.get_item(request).await })
-    }
+/// `impl Rpc` for one request type: its reply, whether it is idempotent,
+/// and the client method that sends it.
+macro_rules! rpc {
+    ($request:ty => $reply:ty, idempotent: $idempotent:expr, $method:ident) => {
+        impl Rpc for $request {
+            type Reply = $reply;
+            const IDEMPOTENT: bool = $idempotent;
+            fn send(
+                mut client: BackendClient<BackendChannel>,
+                request: tonic::Request<Self>,
+            ) -> BoxFuture<Result<tonic::Response<$reply>, Status>> {
+                Box::pin(async move { client.$method(request).await })
+            }
+        }
+    };
 }
 
-impl Rpc for GetJobRequest {
-    type Reply = GetJobReply;
-    const IDEMPOTENT: bool = true;
-    fn send(
-        mut client: BackendClient<BackendChannel>,
-        request: tonic::Request<Self>,
-    ) -> BoxFuture<Result<tonic::Response<GetJobReply>, Status>> {
-        Box::pin(async move { client.get_job(request).await })
-    }
-}
-
-/// A write: B may have applied it even when the answer was lost.
-impl Rpc for SubmitJobRequest {
-    type Reply = SubmitJobReply;
-    const IDEMPOTENT: bool = false;
-    fn send(
-        mut client: BackendClient<BackendChannel>,
-        request: tonic::Request<Self>,
-    ) -> BoxFuture<Result<tonic::Response<SubmitJobReply>, Status>> {
-        Box::pin(async move { client.submit_job(request).await })
-    }
-}
+rpc!(GetItemRequest => GetItemReply, idempotent: true, get_item);
+rpc!(GetJobRequest => GetJobReply, idempotent: true, get_job);
+// A write: B may have applied it even when the answer was lost.
+rpc!(SubmitJobRequest => SubmitJobReply, idempotent: false, submit_job);
 
 /// One call to B: the message and the instant A stops waiting, which every
 /// attempt shares.
