@@ -81,7 +81,7 @@ fn print_table(stack: &Stack) {
     );
     println!();
     println!(
-        "{:<14} {:>7}  {:<34} {:<24} LOG",
+        "{:<14} {:>7}  {:<38} {:<24} LOG",
         "NAME", "PID", "ADDRESS", "ADMIN"
     );
     for s in &stack.state.services {
