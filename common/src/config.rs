@@ -177,6 +177,19 @@ pub struct ServiceAConfig {
     pub connect_timeout: Duration,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// `lb = "etcd"`: guard A's balancer against the registry dropping many
+    /// Bs at once (a frozen or partitioned etcd expiring every lease); see
+    /// `service-a/src/discovery.rs`. `false` honours every removal at once.
+    pub registry_guard: bool,
+    /// The share of A's endpoints the registry may remove within
+    /// `registry_guard_window` before the guard keeps the rest (and those
+    /// just removed) as stale. Removing the last endpoint always trips it.
+    pub registry_guard_max_loss: f64,
+    #[serde(with = "humantime_serde")]
+    pub registry_guard_window: Duration,
+    /// How long a stale endpoint may stay without its key coming back.
+    #[serde(with = "humantime_serde")]
+    pub registry_stale_grace: Duration,
 }
 
 impl Default for ServiceAConfig {
@@ -189,6 +202,10 @@ impl Default for ServiceAConfig {
             backend_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             max_body_bytes: 64 * 1024,
+            registry_guard: true,
+            registry_guard_max_loss: 0.5,
+            registry_guard_window: Duration::from_secs(5),
+            registry_stale_grace: Duration::from_secs(60),
         }
     }
 }

@@ -128,16 +128,25 @@ fn client_side(
     )?;
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ejected_tx, ejected_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(discovery::run(
         config.etcd.clone(),
+        discovery::Guard::from_config(&config.service_a),
         tx,
+        ejected_rx,
         metrics,
         shutdown.clone(),
     ));
     let connect_timeout = config.service_a.connect_timeout;
     let changes = UnboundedReceiverStream::new(rx).filter_map(move |change| match change {
         Change::Insert(id, addr) => {
-            match crate::endpoint::service(&id, &addr, connect_timeout, ejections.clone()) {
+            match crate::endpoint::service(
+                &id,
+                &addr,
+                connect_timeout,
+                ejections.clone(),
+                ejected_tx.clone(),
+            ) {
                 Ok(svc) => Some(Ok::<_, BoxError>(Change::Insert(id, svc))),
                 Err(e) => {
                     tracing::warn!(%id, %addr, error = %e, "unusable backend address; skipped");

@@ -7,15 +7,34 @@
 //! While etcd is unreachable nothing is removed: A keeps balancing over the
 //! last endpoints it knew (a B that really died is still ejected by the
 //! balancer, [`crate::endpoint`], on its first refused call).
+//!
+//! **The registry guard** (`service_a.registry_guard`). A registry that
+//! drops many Bs at once is more likely broken than the Bs: a frozen or
+//! partitioned etcd, on its return, revokes every lease whose keepalives it
+//! missed, and an operator can delete the prefix. So when removals within
+//! `registry_guard_window` exceed `registry_guard_max_loss` of the
+//! endpoints, or would remove the last one, A keeps those endpoints (and the
+//! ones removed just before, in the same window) as *stale*: still in the
+//! balancer, counted in `lab_discovery_stale_endpoints`. A stale endpoint
+//! leaves when it fails (its first ejection), when `registry_stale_grace`
+//! passes without its key coming back, or never, if its key comes back. A
+//! single B leaving (SIGTERM revokes its lease) is still honoured at once —
+//! the same idea as Eureka's self-preservation and Envoy's panic threshold.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Duration,
+};
 
 use backon::{ExponentialBuilder, RetryableWithContext};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
-use lab_common::config::EtcdConfig;
+use lab_common::config::{EtcdConfig, ServiceAConfig};
 use lab_common::metrics::Registrar;
 use prometheus::{IntCounterVec, IntGauge, Registry};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::{
+    sync::mpsc::{UnboundedReceiver, UnboundedSender},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use tower::discover::Change;
 
@@ -29,6 +48,8 @@ pub struct DiscoveryMetrics {
     pub endpoints: IntGauge,
     pub events: IntCounterVec,
     pub watch_errors: IntCounterVec,
+    /// Endpoints the registry dropped but the guard keeps.
+    pub stale: IntGauge,
 }
 
 impl DiscoveryMetrics {
@@ -37,13 +58,17 @@ impl DiscoveryMetrics {
             endpoints,
             events: Registrar(registry).int_counter_vec(
                 "lab_discovery_events_total",
-                "Registry changes applied to A's balancer (insert, remove, resync).",
+                "Registry changes applied to A's balancer (insert, remove, resync, stale, back).",
                 &["kind"],
             )?,
             watch_errors: Registrar(registry).int_counter_vec(
                 "lab_discovery_watch_errors_total",
                 "etcd connection, get or watch failures seen by discovery.",
                 &["stage"],
+            )?,
+            stale: Registrar(registry).int_gauge(
+                "lab_discovery_stale_endpoints",
+                "Endpoints the registry removed in bulk that A's registry guard keeps routing to.",
             )?,
         })
     }
@@ -57,15 +82,59 @@ pub fn parse_addr(value: &[u8]) -> Option<String> {
     (!addr.is_empty()).then(|| addr.to_string())
 }
 
-/// Applies registry changes to the balancer and keeps the gauge true.
+/// The registry guard's settings (`service_a.registry_guard*`).
+#[derive(Debug, Clone)]
+pub struct Guard {
+    pub enabled: bool,
+    pub max_loss: f64,
+    pub window: Duration,
+    pub stale_grace: Duration,
+}
+
+impl Guard {
+    pub fn from_config(config: &ServiceAConfig) -> Self {
+        Self {
+            enabled: config.registry_guard,
+            max_loss: config.registry_guard_max_loss,
+            window: config.registry_guard_window,
+            stale_grace: config.registry_stale_grace,
+        }
+    }
+}
+
+/// Applies registry changes to the balancer, through the guard, and keeps
+/// the gauges true.
 struct View {
     prefix: String,
+    /// Every endpoint in the balancer, live or stale: id → address.
     known: HashMap<String, String>,
+    /// The stale ones, since when.
+    stale: HashMap<String, Instant>,
+    /// Removals honoured within the guard's window: (when, id, address).
+    recent: VecDeque<(Instant, String, String)>,
+    guard: Guard,
     tx: UnboundedSender<EndpointChange>,
     metrics: DiscoveryMetrics,
 }
 
 impl View {
+    fn new(
+        prefix: String,
+        guard: Guard,
+        tx: UnboundedSender<EndpointChange>,
+        metrics: DiscoveryMetrics,
+    ) -> Self {
+        Self {
+            prefix,
+            known: HashMap::new(),
+            stale: HashMap::new(),
+            recent: VecDeque::new(),
+            guard,
+            tx,
+            metrics,
+        }
+    }
+
     fn id_of(&self, key: &[u8]) -> Option<String> {
         std::str::from_utf8(key)
             .ok()?
@@ -74,28 +143,122 @@ impl View {
             .map(str::to_owned)
     }
 
+    fn count(&self, kind: &str) {
+        self.metrics.events.with_label_values(&[kind]).inc();
+        self.metrics.endpoints.set(self.known.len() as i64);
+        self.metrics.stale.set(self.stale.len() as i64);
+    }
+
+    /// The registry has `id` at `addr`.
     fn upsert(&mut self, id: String, addr: String) {
+        if self.stale.remove(&id).is_some() {
+            tracing::info!(%id, %addr, "backend back in the registry; no longer stale");
+            self.count("back");
+        }
         if self.known.get(&id) == Some(&addr) {
             return;
         }
         tracing::info!(%id, %addr, "backend discovered");
         self.known.insert(id.clone(), addr.clone());
         let _ = self.tx.send(Change::Insert(id, addr));
-        self.metrics.events.with_label_values(&["insert"]).inc();
-        self.metrics.endpoints.set(self.known.len() as i64);
+        self.count("insert");
     }
 
-    fn remove(&mut self, id: &str) {
+    /// The registry no longer has `id`: drop it, unless the guard trips.
+    fn remove(&mut self, id: &str, now: Instant) {
+        let Some(addr) = self.known.get(id).cloned() else {
+            return;
+        };
+        if self.stale.contains_key(id) {
+            return;
+        }
+        if let Some(why) = self.guard_trips(now) {
+            self.keep_stale(id, &addr, now, &why);
+            // The endpoints removed just before were the start of the same
+            // loss: put them back, stale too.
+            for (_, id, addr) in std::mem::take(&mut self.recent) {
+                self.known.insert(id.clone(), addr.clone());
+                let _ = self.tx.send(Change::Insert(id.clone(), addr.clone()));
+                self.keep_stale(&id, &addr, now, &why);
+            }
+            return;
+        }
+        if self.guard.enabled {
+            self.recent.push_back((now, id.to_owned(), addr));
+        }
+        self.drop_endpoint(id, "backend removed");
+    }
+
+    /// Why removing one more endpoint now would be a bulk loss, if it is.
+    fn guard_trips(&mut self, now: Instant) -> Option<String> {
+        if !self.guard.enabled {
+            return None;
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _, _)| now.duration_since(*at) > self.guard.window)
+        {
+            self.recent.pop_front();
+        }
+        let live = self.known.len() - self.stale.len();
+        if live <= 1 {
+            return Some("the registry would remove A's last live endpoint".into());
+        }
+        let removed = self.recent.len() + 1;
+        let before = live + self.recent.len();
+        (removed as f64 > self.guard.max_loss * before as f64).then(|| {
+            format!(
+                "the registry removed {removed} of {before} endpoints within {:?} \
+                 (registry_guard_max_loss {})",
+                self.guard.window, self.guard.max_loss
+            )
+        })
+    }
+
+    fn keep_stale(&mut self, id: &str, addr: &str, now: Instant, why: &str) {
+        tracing::warn!(%id, %addr, reason = why, grace = ?self.guard.stale_grace,
+            "registry guard: keeping a removed backend as stale while it answers");
+        self.stale.insert(id.to_owned(), now);
+        self.count("stale");
+    }
+
+    /// Takes `id` out of the balancer.
+    fn drop_endpoint(&mut self, id: &str, why: &str) {
         if self.known.remove(id).is_some() {
-            tracing::info!(%id, "backend removed");
+            self.stale.remove(id);
+            tracing::info!(%id, "{why}");
             let _ = self.tx.send(Change::Remove(id.to_string()));
-            self.metrics.events.with_label_values(&["remove"]).inc();
-            self.metrics.endpoints.set(self.known.len() as i64);
+            self.count("remove");
+        }
+    }
+
+    /// A stale endpoint that failed, or outstayed its grace, leaves.
+    fn expire_stale(&mut self, now: Instant, ejected: &[String]) {
+        let grace = self.guard.stale_grace;
+        let leaving: Vec<(String, &str)> = self
+            .stale
+            .iter()
+            .filter_map(|(id, since)| {
+                if ejected.contains(id) {
+                    Some((id.clone(), "stale backend failed; removed"))
+                } else if now.duration_since(*since) >= grace {
+                    Some((
+                        id.clone(),
+                        "stale backend still not in the registry after the grace period; removed",
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, why) in leaving {
+            self.drop_endpoint(&id, why);
         }
     }
 
     /// Replaces the whole view with `current`, sending only the difference.
-    fn resync(&mut self, current: HashMap<String, String>) {
+    fn resync(&mut self, current: HashMap<String, String>, now: Instant) {
         self.metrics.events.with_label_values(&["resync"]).inc();
         let gone: Vec<String> = self
             .known
@@ -103,11 +266,11 @@ impl View {
             .filter(|id| !current.contains_key(*id))
             .cloned()
             .collect();
-        for id in gone {
-            self.remove(&id);
-        }
         for (id, addr) in current {
             self.upsert(id, addr);
+        }
+        for id in gone {
+            self.remove(&id, now);
         }
     }
 }
@@ -156,29 +319,32 @@ impl DiscoveryError {
     }
 }
 
-/// What discovery carries from one session to the next: the view, and the
-/// revision it reflects (`None` = must (re)read everything).
+/// What discovery carries from one session to the next: the view, the
+/// revision it reflects (`None` = must (re)read everything), and the
+/// balancer's reports of ejected endpoints (ids).
 struct Session {
     view: View,
     revision: Option<i64>,
+    ejected: UnboundedReceiver<String>,
 }
+
+/// How often stale endpoints are checked against their grace period.
+const STALE_SWEEP: Duration = Duration::from_secs(1);
 
 /// Runs discovery until `shutdown`, sending every change to `tx`.
 pub async fn run(
     config: EtcdConfig,
+    guard: Guard,
     tx: UnboundedSender<EndpointChange>,
+    ejected: UnboundedReceiver<String>,
     metrics: DiscoveryMetrics,
     shutdown: CancellationToken,
 ) {
     metrics.endpoints.set(0);
     let session = Session {
-        view: View {
-            prefix: config.prefix.clone(),
-            known: HashMap::new(),
-            tx,
-            metrics,
-        },
+        view: View::new(config.prefix.clone(), guard, tx, metrics),
         revision: None,
+        ejected,
     };
     tokio::select! {
         _ = follow(&config, session) => {}
@@ -194,7 +360,13 @@ async fn follow(config: &EtcdConfig, mut session: Session) {
     let endpoints = session.view.metrics.endpoints.clone();
     loop {
         let (returned, _) = (|mut session: Session| async move {
-            let outcome = watch_once(config, &mut session.view, &mut session.revision).await;
+            let outcome = watch_once(
+                config,
+                &mut session.view,
+                &mut session.revision,
+                &mut session.ejected,
+            )
+            .await;
             (session, outcome)
         })
         .retry(SESSION_BACKOFF)
@@ -216,6 +388,7 @@ async fn watch_once(
     config: &EtcdConfig,
     view: &mut View,
     revision: &mut Option<i64>,
+    ejected: &mut UnboundedReceiver<String>,
 ) -> Result<(), DiscoveryError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(1))
@@ -239,7 +412,7 @@ async fn watch_once(
                 current.insert(id, addr);
             }
         }
-        view.resync(current);
+        view.resync(current, Instant::now());
         *revision = response.header().map(|h| h.revision());
     }
     let start = revision.map(|r| r + 1).unwrap_or(0);
@@ -250,8 +423,20 @@ async fn watch_once(
         )
         .await
         .map_err(DiscoveryError::Watch)?;
+    let mut sweep = tokio::time::interval(STALE_SWEEP);
     loop {
-        let Some(response) = stream.message().await.map_err(DiscoveryError::Stream)? else {
+        let message = tokio::select! {
+            message = stream.message() => message.map_err(DiscoveryError::Stream)?,
+            Some(id) = ejected.recv() => {
+                view.expire_stale(Instant::now(), &[id]);
+                continue;
+            }
+            _ = sweep.tick() => {
+                view.expire_stale(Instant::now(), &[]);
+                continue;
+            }
+        };
+        let Some(response) = message else {
             return Err(DiscoveryError::StreamEnded);
         };
         if response.compact_revision() > 0 {
@@ -290,10 +475,10 @@ async fn watch_once(
                     Some(addr) => view.upsert(id, addr),
                     None => {
                         tracing::warn!(%id, "registry value without an Addr; ignoring it");
-                        view.remove(&id);
+                        view.remove(&id, Instant::now());
                     }
                 },
-                EventType::Delete => view.remove(&id),
+                EventType::Delete => view.remove(&id, Instant::now()),
             }
             // Resume point = the last event applied. (Not the header's
             // revision: etcd may split a catch-up over several responses,
@@ -338,7 +523,15 @@ mod tests {
         let metrics = DiscoveryMetrics::register(&registry, gauge).expect("metrics");
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(config, tx, metrics.clone(), shutdown.clone()));
+        let (_ejected_tx, ejected_rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(run(
+            config,
+            guard(true),
+            tx,
+            ejected_rx,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         let failures = || {
             ["connect", "get", "watch"]
                 .iter()
@@ -363,23 +556,25 @@ mod tests {
             .expect("did not panic");
     }
 
-    #[test]
-    fn resync_sends_only_the_difference() {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    fn guard(enabled: bool) -> Guard {
+        Guard {
+            enabled,
+            max_loss: 0.5,
+            window: Duration::from_secs(5),
+            stale_grace: Duration::from_secs(60),
+        }
+    }
+
+    /// A view over a fresh registry, and what it sent the balancer.
+    fn view(guard: Guard) -> (View, UnboundedReceiver<EndpointChange>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let registry = Registry::new();
         let gauge = IntGauge::new("g", "g").expect("gauge");
-        let mut view = View {
-            prefix: "/p/".into(),
-            known: HashMap::new(),
-            tx,
-            metrics: DiscoveryMetrics::register(&registry, gauge.clone()).expect("metrics"),
-        };
-        view.upsert("a".into(), "h:1".into());
-        view.upsert("b".into(), "h:2".into());
-        view.resync(HashMap::from([
-            ("b".into(), "h:2".into()),
-            ("c".into(), "h:3".into()),
-        ]));
+        let metrics = DiscoveryMetrics::register(&registry, gauge).expect("metrics");
+        (View::new("/p/".into(), guard, tx, metrics), rx)
+    }
+
+    fn sent(rx: &mut UnboundedReceiver<EndpointChange>) -> Vec<String> {
         let mut changes = Vec::new();
         while let Ok(change) = rx.try_recv() {
             changes.push(match change {
@@ -387,9 +582,112 @@ mod tests {
                 Change::Remove(k) => format!("-{k}"),
             });
         }
-        assert_eq!(changes, ["+a=h:1", "+b=h:2", "-a", "+c=h:3"]);
-        assert_eq!(gauge.get(), 2);
+        changes
+    }
+
+    #[test]
+    fn resync_sends_only_the_difference() {
+        let (mut view, mut rx) = view(guard(true));
+        let now = Instant::now();
+        view.upsert("a".into(), "h:1".into());
+        view.upsert("b".into(), "h:2".into());
+        view.resync(
+            HashMap::from([("b".into(), "h:2".into()), ("c".into(), "h:3".into())]),
+            now,
+        );
+        // New endpoints go in before old ones leave: the balancer is never
+        // emptier than it has to be.
+        assert_eq!(sent(&mut rx), ["+a=h:1", "+b=h:2", "+c=h:3", "-a"]);
+        assert_eq!(view.metrics.endpoints.get(), 2);
         assert_eq!(view.id_of(b"/p/x"), Some("x".into()));
         assert_eq!(view.id_of(b"/other/x"), None);
+    }
+
+    #[test]
+    fn one_backend_leaving_is_honoured_at_once() {
+        let (mut view, mut rx) = view(guard(true));
+        view.upsert("a".into(), "h:1".into());
+        view.upsert("b".into(), "h:2".into());
+        sent(&mut rx);
+        view.remove("a", Instant::now());
+        assert_eq!(sent(&mut rx), ["-a"]);
+        assert_eq!(view.metrics.stale.get(), 0);
+    }
+
+    #[test]
+    fn a_bulk_removal_keeps_every_endpoint_as_stale() {
+        let (mut view, mut rx) = view(guard(true));
+        for (id, addr) in [("a", "h:1"), ("b", "h:2"), ("c", "h:3"), ("d", "h:4")] {
+            view.upsert(id.into(), addr.into());
+        }
+        sent(&mut rx);
+        let now = Instant::now();
+        // A thawed etcd revokes every lease: the deletes come one by one.
+        for id in ["a", "b", "c", "d"] {
+            view.remove(id, now);
+        }
+        // Two of four may go (max_loss 0.5); the third trips the guard, and
+        // the two removed just before come back, stale.
+        assert_eq!(sent(&mut rx), ["-a", "-b", "+a=h:1", "+b=h:2"]);
+        assert_eq!(view.metrics.endpoints.get(), 4);
+        assert_eq!(view.metrics.stale.get(), 4);
+        // The Bs register again: fresh, nothing sent (same addresses).
+        for (id, addr) in [("a", "h:1"), ("b", "h:2"), ("c", "h:3"), ("d", "h:4")] {
+            view.upsert(id.into(), addr.into());
+        }
+        assert_eq!(sent(&mut rx), Vec::<String>::new());
+        assert_eq!(view.metrics.stale.get(), 0);
+    }
+
+    #[test]
+    fn removals_outside_the_window_do_not_add_up() {
+        let (mut view, mut rx) = view(guard(true));
+        for (id, addr) in [("a", "h:1"), ("b", "h:2"), ("c", "h:3"), ("d", "h:4")] {
+            view.upsert(id.into(), addr.into());
+        }
+        sent(&mut rx);
+        let now = Instant::now();
+        view.remove("a", now);
+        view.remove("b", now + Duration::from_secs(6));
+        assert_eq!(sent(&mut rx), ["-a", "-b"]);
+        assert_eq!(view.metrics.stale.get(), 0);
+    }
+
+    #[test]
+    fn stale_endpoints_leave_when_they_fail_or_their_grace_ends() {
+        let (mut view, mut rx) = view(guard(true));
+        view.upsert("a".into(), "h:1".into());
+        view.upsert("b".into(), "h:2".into());
+        sent(&mut rx);
+        let now = Instant::now();
+        view.remove("a", now);
+        view.remove("b", now);
+        assert_eq!(
+            sent(&mut rx),
+            ["-a", "+a=h:1"],
+            "the last one trips the guard"
+        );
+        assert_eq!(view.metrics.stale.get(), 2);
+        view.expire_stale(now + Duration::from_secs(1), &["b".into()]);
+        assert_eq!(sent(&mut rx), ["-b"], "a stale endpoint that failed leaves");
+        view.expire_stale(now + Duration::from_secs(59), &[]);
+        assert_eq!(sent(&mut rx), Vec::<String>::new());
+        view.expire_stale(now + Duration::from_secs(60), &[]);
+        assert_eq!(sent(&mut rx), ["-a"], "the grace period ended");
+        assert_eq!(view.metrics.endpoints.get(), 0);
+        assert_eq!(view.metrics.stale.get(), 0);
+    }
+
+    #[test]
+    fn without_the_guard_every_removal_is_honoured() {
+        let (mut view, mut rx) = view(guard(false));
+        view.upsert("a".into(), "h:1".into());
+        view.upsert("b".into(), "h:2".into());
+        sent(&mut rx);
+        let now = Instant::now();
+        view.remove("a", now);
+        view.remove("b", now);
+        assert_eq!(sent(&mut rx), ["-a", "-b"]);
+        assert_eq!(view.metrics.endpoints.get(), 0);
     }
 }

@@ -24,7 +24,10 @@ use std::{
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use prometheus::IntCounterVec;
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    sync::mpsc::UnboundedSender,
+    time::{Instant, Sleep},
+};
 use tonic::transport::{Channel, Endpoint};
 use tower::{
     BoxError, Service,
@@ -65,6 +68,7 @@ pub fn service(
     addr: &str,
     connect_timeout: Duration,
     ejections: IntCounterVec,
+    report: UnboundedSender<String>,
 ) -> Result<EndpointService, tonic::transport::Error> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(connect_timeout)
@@ -74,7 +78,7 @@ pub fn service(
         .keep_alive_while_idle(true)
         .connect_lazy();
     Ok(PendingRequests::new(
-        Ejection::new(id, channel, ejections),
+        Ejection::new(id, channel, ejections).reporting_to(report),
         CompleteOnResponse::default(),
     ))
 }
@@ -247,6 +251,9 @@ pub struct Ejection<S> {
     health: Arc<Mutex<Health>>,
     wait: Option<Pin<Box<Sleep>>>,
     ejections: IntCounterVec,
+    /// Who else hears of each ejection (discovery: a stale endpoint that
+    /// fails leaves the balancer).
+    report: Option<UnboundedSender<String>>,
 }
 
 impl<S> Ejection<S> {
@@ -257,7 +264,14 @@ impl<S> Ejection<S> {
             health: Arc::default(),
             wait: None,
             ejections,
+            report: None,
         }
+    }
+
+    /// Sends this endpoint's id to `report` on every ejection.
+    pub fn reporting_to(mut self, report: UnboundedSender<String>) -> Self {
+        self.report = Some(report);
+        self
     }
 }
 
@@ -311,6 +325,7 @@ where
         let response = self.inner.call(request);
         let id = self.id.clone();
         let ejections = self.ejections.clone();
+        let report = self.report.clone();
         Box::pin(async move {
             let error: BoxError = match response.await {
                 Ok(response) => {
@@ -326,6 +341,9 @@ where
             }
             if let Some(backoff) = ejected {
                 ejections.with_label_values(&[&id]).inc();
+                if let Some(report) = &report {
+                    let _ = report.send(id.to_string());
+                }
                 tracing::warn!(backend = %id, error = %error, ?verdict, ?backoff, probe, "backend ejected");
             }
             Err(Box::new(tonic::Status::unavailable(format!(

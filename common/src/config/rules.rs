@@ -16,7 +16,7 @@ struct Broken {
 type Rule = fn(&LabConfig) -> Result<(), Broken>;
 
 /// Every rule, in the order they are checked.
-const RULES: [Rule; 13] = [
+const RULES: [Rule; 14] = [
     listeners_are_ip_port,
     backend_urls_are_http,
     mysql_url_is_mysql,
@@ -30,6 +30,7 @@ const RULES: [Rule; 13] = [
     partner_url_is_https,
     partner_answers_may_have_a_body,
     lease_ttl_is_whole_seconds,
+    registry_guard_loss_is_a_share,
 ];
 
 /// Checks every rule; `origin_of` says where a rejected key's value came from.
@@ -109,6 +110,14 @@ fn timeouts_are_positive(c: &LabConfig) -> Result<(), Broken> {
     all_positive(&[
         ("service_a.backend_timeout", c.service_a.backend_timeout),
         ("service_a.connect_timeout", c.service_a.connect_timeout),
+        (
+            "service_a.registry_guard_window",
+            c.service_a.registry_guard_window,
+        ),
+        (
+            "service_a.registry_stale_grace",
+            c.service_a.registry_stale_grace,
+        ),
         ("mysql.acquire_timeout", c.mysql.acquire_timeout),
         ("mysql.query_timeout", c.mysql.query_timeout),
         ("etcd.lease_ttl", c.etcd.lease_ttl),
@@ -119,6 +128,20 @@ fn timeouts_are_positive(c: &LabConfig) -> Result<(), Broken> {
             c.partner.client_connect_timeout,
         ),
     ])
+}
+
+/// The guard compares a share of A's endpoints: 0 would trip on any
+/// removal, above 1 never.
+fn registry_guard_loss_is_a_share(c: &LabConfig) -> Result<(), Broken> {
+    let loss = c.service_a.registry_guard_max_loss;
+    if loss > 0.0 && loss <= 1.0 {
+        return Ok(());
+    }
+    Err(broken(
+        "service_a.registry_guard_max_loss",
+        loss.to_string(),
+        "expected a fraction above 0 and at most 1",
+    ))
 }
 
 /// Each B scales its connection age once by a random factor in 1 ± jitter:
