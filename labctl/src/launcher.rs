@@ -50,6 +50,10 @@ pub struct UpOptions {
     pub bin_dir: Option<PathBuf>,
     /// How long each step may take to become ready.
     pub ready_timeout: Duration,
+    /// Extra `--set KEY=VALUE` for every B this stack starts, after the
+    /// shared config: for tests that give the Bs a different view than A
+    /// (e.g. reaching etcd through a relay the test can cut).
+    pub backend_overrides: Vec<String>,
 }
 
 impl UpOptions {
@@ -62,6 +66,7 @@ impl UpOptions {
             lifetime: Lifetime::TiedToLabctl,
             bin_dir: None,
             ready_timeout: Duration::from_secs(30),
+            backend_overrides: Vec::new(),
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct Stack {
     /// Set when the processes must outlive this value (`down` done,
     /// `--detach`, or attached from another labctl).
     stopped: bool,
+    /// [`UpOptions::backend_overrides`], for Bs added later by `scale`.
+    backend_overrides: Vec<String>,
 }
 
 /// A readiness check for one process.
@@ -230,6 +237,7 @@ impl Stack {
             children: HashMap::new(),
             lifetime: options.lifetime,
             stopped: false,
+            backend_overrides: options.backend_overrides.clone(),
         })
     }
 
@@ -463,6 +471,8 @@ impl Stack {
             children: HashMap::new(),
             lifetime: Lifetime::Detached,
             stopped: true,
+            // Not recorded in the state file: a test-only knob.
+            backend_overrides: Vec::new(),
         })
     }
 
@@ -482,7 +492,10 @@ impl Stack {
             format!("service_b.instance_id={instance_id}"),
             format!("service_b.listen={}", addr(grpc)),
             format!("service_b.admin_listen={}", addr(admin)),
-        ] {
+        ]
+        .iter()
+        .chain(&self.backend_overrides)
+        {
             cmd.arg("--set").arg(set);
         }
         self.start(&name, cmd, |r| {

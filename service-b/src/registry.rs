@@ -5,7 +5,8 @@
 //! client with etcd's resolver finds the same instances) under a lease of
 //! `etcd.lease_ttl`, kept alive every TTL/3. If the lease is lost — a
 //! keepalive answers TTL ≤ 0, etcd restarts, the network drops — B grants a
-//! new lease and puts the key again, with backoff, without restarting.
+//! new lease and puts the key again, with backoff, without restarting; if
+//! only the key is deleted, B puts it back under the same lease at once.
 //! On shutdown it revokes the lease first, so A stops sending before B stops
 //! serving.
 
@@ -17,8 +18,8 @@ use std::{
     time::Duration,
 };
 
-use backon::{ExponentialBuilder, Retryable};
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use etcd_client::{Client, ConnectOptions, EventType, PutOptions};
 use lab_common::config::EtcdConfig;
 use prometheus::{IntCounter, IntGauge, Registry};
 use serde_json::json;
@@ -120,13 +121,17 @@ pub enum RegistrationLost {
     StreamClosed,
     #[error("keepalive unanswered")]
     Unanswered,
+    #[error("watching our own key")]
+    Watch(#[source] etcd_client::Error),
 }
 
 /// Keeps `registration` in etcd until `stop` is cancelled, then revokes it.
 ///
-/// A lost session is retried 100 ms later, doubling up to a third of the
-/// lease TTL, and never given up: B keeps serving while etcd is away and
-/// comes back into A's view within about one TTL of etcd's return.
+/// A lost session is retried 100 ms later, doubling up to a sixth of the
+/// lease TTL, and never given up: B keeps serving while etcd is away. A
+/// session that had registered resets the backoff, so an outage leaves no
+/// long delay behind: with each attempt bounded by its 1 s connect timeout,
+/// B is registered again within about TTL/3 of etcd answering.
 pub async fn maintain(
     config: EtcdConfig,
     registration: Registration,
@@ -137,32 +142,35 @@ pub async fn maintain(
     let min_delay = Duration::from_millis(100);
     let backoff = ExponentialBuilder::new()
         .with_min_delay(min_delay)
-        .with_max_delay((config.lease_ttl / 3).max(min_delay))
+        .with_max_delay((config.lease_ttl / 6).max(min_delay))
         .without_max_times();
-    let lost = |why: &RegistrationLost, retry_in: Option<Duration>| {
+    let mut delays = backoff.build();
+    loop {
+        let mut registered = false;
+        let why = match session(
+            &config,
+            &registration,
+            &metrics,
+            &status,
+            &stop,
+            &mut registered,
+        )
+        .await
+        {
+            Ok(()) => return,
+            Err(why) => why,
+        };
+        if registered {
+            delays = backoff.build();
+        }
+        let retry_in = delays.next().unwrap_or(min_delay);
         status.set(&metrics, false);
         metrics.failures.inc();
-        tracing::warn!(reason = %lab_common::telemetry::error_chain(why), ?retry_in, "etcd registration lost");
-    };
-    // The backoff sleep ends early on stop; the next session then sees it.
-    let sleep_stop = stop.clone();
-    let sessions = || session(&config, &registration, &metrics, &status, &stop);
-    let outcome = sessions
-        .retry(backoff)
-        .sleep(move |delay| {
-            let stop = sleep_stop.clone();
-            async move {
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => {}
-                }
-            }
-        })
-        .when(|_| !stop.is_cancelled())
-        .notify(|why, delay| lost(why, Some(delay)))
-        .await;
-    if let Err(why) = outcome {
-        lost(&why, None);
+        tracing::warn!(reason = %lab_common::telemetry::error_chain(&why), ?retry_in, "etcd registration lost");
+        tokio::select! {
+            () = tokio::time::sleep(retry_in) => {}
+            () = stop.cancelled() => return,
+        }
     }
 }
 
@@ -174,6 +182,7 @@ async fn session(
     metrics: &RegistryMetrics,
     status: &RegistrationStatus,
     stop: &CancellationToken,
+    registered: &mut bool,
 ) -> Result<(), RegistrationLost> {
     // A stop during the backoff sleep ends it early: no new lease then.
     if stop.is_cancelled() {
@@ -202,8 +211,17 @@ async fn session(
         .await
         .map_err(RegistrationLost::Put)?;
     status.set(metrics, true);
+    *registered = true;
     metrics.registrations.inc();
     tracing::info!(key = %registration.key, lease, ?ttl, "registered in etcd");
+
+    // Our own key, watched: deleted while the lease lives (an operator
+    // removing the prefix, a restore) means put it back now, not at the
+    // next lost lease.
+    let mut own_key = client
+        .watch(registration.key.as_bytes(), None)
+        .await
+        .map_err(RegistrationLost::Watch)?;
 
     let (mut keeper, mut answers) = client
         .lease_keep_alive(lease)
@@ -222,6 +240,26 @@ async fn session(
                     Err(_) => tracing::warn!("lease revoke timed out; the key expires with the TTL"),
                 }
                 return Ok(());
+            }
+            event = own_key.message() => {
+                let deleted = event
+                    .map_err(RegistrationLost::Watch)?
+                    .ok_or(RegistrationLost::StreamClosed)?
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete);
+                if deleted {
+                    tracing::warn!(key = %registration.key, "our key was deleted while the lease lives; putting it back");
+                    client
+                        .put(
+                            registration.key.as_bytes(),
+                            registration.value.as_bytes(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await
+                        .map_err(RegistrationLost::Put)?;
+                    metrics.registrations.inc();
+                }
             }
             _ = tick.tick() => {
                 keeper.keep_alive().await.map_err(RegistrationLost::KeepAliveSend)?;

@@ -6,7 +6,11 @@
 //! `scripts/test.sh` does it): the launcher looks for them in
 //! `target/<profile>/`, next to the test executable's `deps/` folder.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use lab_common::config::{LabConfig, Sources};
@@ -34,10 +38,22 @@ impl TestLab {
     }
 
     pub async fn start_with(backends: usize, config: LabConfig) -> anyhow::Result<TestLab> {
+        Self::start_customised(backends, config, |_, _| {}).await
+    }
+
+    /// Like [`TestLab::start_with`], letting the test adjust the launch
+    /// options; `customise` also gets the state dir the lab will use.
+    pub async fn start_customised(
+        backends: usize,
+        config: LabConfig,
+        customise: impl FnOnce(&mut UpOptions, &Path),
+    ) -> anyhow::Result<TestLab> {
         let dir = tempfile::Builder::new().prefix("lab-e2e-").tempdir()?;
-        let mut options = UpOptions::new(config, dir.path().join("state"));
+        let state_dir = dir.path().join("state");
+        let mut options = UpOptions::new(config, &state_dir);
         options.backends = backends;
         options.ports = PortPolicy::Auto;
+        customise(&mut options, &state_dir);
         let stack = Stack::up(options).await?;
         Ok(TestLab { stack, _dir: dir })
     }
@@ -225,6 +241,103 @@ fn plain_client() -> anyhow::Result<reqwest::Client> {
         .timeout(Duration::from_secs(60))
         .build()
         .context("building the test HTTP client")
+}
+
+/// A TCP relay to the lab's etcd that a test can cut: while cut, it
+/// forwards nothing in either direction and holds new connections, without
+/// closing anything — a network partition, not a refused connection.
+///
+/// The etcd it forwards to is read, per connection, from the lab's config
+/// file, which the launcher writes before it starts any process.
+pub struct EtcdRelay {
+    pub addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EtcdRelay {
+    /// Listens at once (synchronous, so it can be set up while the lab's
+    /// launch options are being prepared); must run inside a tokio runtime.
+    pub fn start(lab_config_file: PathBuf) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let file = lab_config_file.clone();
+                let cut = cut_rx.clone();
+                tokio::spawn(async move {
+                    let _ = relay_connection(client, &file, cut).await;
+                });
+            }
+        });
+        Ok(Self { addr, cut, task })
+    }
+
+    /// `http://addr`, as an `etcd.endpoints` value.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts (`true`) or ends (`false`) the partition.
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for EtcdRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay_connection(
+    client: tokio::net::TcpStream,
+    lab_config_file: &Path,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    cut.wait_for(|cut| !cut).await?;
+    let config = lab_common::config::check_file(lab_config_file)?;
+    let etcd = config
+        .etcd
+        .endpoints
+        .first()
+        .and_then(|u| u.strip_prefix("http://"))
+        .ok_or_else(|| anyhow::anyhow!("no http etcd endpoint in the lab's config"))?
+        .to_owned();
+    let upstream = tokio::net::TcpStream::connect(etcd).await?;
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    tokio::select! {
+        _ = pump(client_read, upstream_write, cut.clone()) => {}
+        _ = pump(upstream_read, client_write, cut) => {}
+    }
+    Ok(())
+}
+
+/// Copies bytes one way, holding them (not dropping them) while cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        cut.wait_for(|cut| !cut).await?;
+        let n = tokio::select! {
+            n = from.read(&mut buf) => n?,
+            // Stop reading the moment the cut starts.
+            _ = cut.wait_for(|cut| *cut) => continue,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        cut.wait_for(|cut| !cut).await?;
+        to.write_all(&buf[..n]).await?;
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,291 @@
+//! The registry's failure modes under `lb = "etcd"`: etcd frozen for longer
+//! than the lease TTL (on its return it revokes every lease it missed
+//! keepalives for), the Bs cut off from etcd while A still reaches it (their
+//! leases expire while they are healthy), and the registry's keys deleted
+//! while every B is healthy. A's registry guard keeps the endpoints the
+//! registry dropped in bulk while they answer; B puts itself back as soon as
+//! etcd answers.
+
+use std::time::Duration;
+
+use lab_common::config::{Sources, load};
+use lab_tests::{EtcdRelay, TestLab, eventually};
+use labctl::load::{LoadReport, LoadSpec, run};
+use nix::sys::signal::Signal;
+
+const BS: [&str; 2] = ["service-b-1", "service-b-2"];
+
+fn open_loop(url: String, rps: f64, duration: Duration) -> LoadSpec {
+    let mut spec = LoadSpec::new(url, "/api/items/{rand}");
+    spec.rps = Some(rps);
+    spec.duration = Some(duration);
+    spec.concurrency = 64;
+    spec
+}
+
+fn failed(report: &LoadReport) -> u64 {
+    report.errors.values().sum()
+}
+
+async fn a_metric(lab: &TestLab, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    lab.metric("service-a", metric, labels).await.unwrap_or(0.0)
+}
+
+/// Waits until A's balancer holds both Bs, none of them stale.
+async fn until_a_sees_both_fresh(lab: &TestLab, within: Duration) -> anyhow::Result<()> {
+    eventually(within, "A to hold both Bs, none stale", || async {
+        let endpoints = a_metric(lab, "lab_backend_endpoints", &[]).await;
+        let stale = a_metric(lab, "lab_discovery_stale_endpoints", &[]).await;
+        (endpoints == 2.0 && stale == 0.0).then_some(())
+    })
+    .await
+}
+
+/// What one frozen-etcd run did.
+struct Freeze {
+    report: LoadReport,
+    /// Times A's guard kept a dropped endpoint.
+    kept_stale: f64,
+    /// Endpoints A removed.
+    removed: f64,
+    /// From SIGCONT until both Bs were registered again.
+    reregistered_in: Duration,
+}
+
+/// etcd stopped (SIGSTOP) for twice the lease TTL under 300 req/s, then
+/// continued.
+async fn freeze_etcd(guard: bool) -> anyhow::Result<Freeze> {
+    let ttl = Duration::from_secs(3);
+    let guard = format!("service_a.registry_guard={guard}");
+    let lab = TestLab::start(2, &["faults.lb=etcd", "etcd.lease_ttl=3s", &guard]).await?;
+    until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
+    let spec = open_loop(lab.a_url(), 300.0, Duration::from_secs(14));
+    let load = tokio::spawn(async move { run(&spec, None).await });
+    eventually(Duration::from_secs(5), "the load to flow", || async {
+        (a_metric(&lab, "lab_http_requests_total", &[]).await >= 100.0).then_some(())
+    })
+    .await?;
+    lab.stack.signal("etcd", Signal::SIGSTOP)?;
+    // Not a synchronisation: the freeze, past the TTL, is what is tested.
+    tokio::time::sleep(2 * ttl).await;
+    lab.stack.signal("etcd", Signal::SIGCONT)?;
+    let thawed = tokio::time::Instant::now();
+    for b in BS {
+        eventually(Duration::from_secs(10), "B registered again", || async {
+            (lab.metric(b, "lab_registry_registered", &[]).await == Some(1.0)).then_some(())
+        })
+        .await?;
+    }
+    let reregistered_in = thawed.elapsed();
+    let report = load.await??;
+    let kept_stale = a_metric(&lab, "lab_discovery_events_total", &[("kind", "stale")]).await;
+    let removed = a_metric(&lab, "lab_discovery_events_total", &[("kind", "remove")]).await;
+    if guard.ends_with("true") {
+        until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
+    }
+    Ok(Freeze {
+        report,
+        kept_stale,
+        removed,
+        reregistered_in,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_revoking_every_lease_fails_no_request() -> anyhow::Result<()> {
+    let unguarded = freeze_etcd(false).await?;
+    println!(
+        "etcd frozen 6 s, guard off: {} of {} failed ({:?}), A removed {} endpoints, \
+         Bs registered again {:?} after SIGCONT",
+        failed(&unguarded.report),
+        unguarded.report.requests,
+        unguarded.report.errors,
+        unguarded.removed,
+        unguarded.reregistered_in
+    );
+    // The freeze really cost the Bs their leases: without the guard, A
+    // dropped them.
+    assert!(
+        unguarded.removed >= 2.0,
+        "etcd revoked both leases on its return"
+    );
+
+    let guarded = freeze_etcd(true).await?;
+    println!(
+        "etcd frozen 6 s, guard on: {} of {} failed, A kept {} endpoints stale and removed {}, \
+         Bs registered again {:?} after SIGCONT",
+        failed(&guarded.report),
+        guarded.report.requests,
+        guarded.kept_stale,
+        guarded.removed,
+        guarded.reregistered_in
+    );
+    assert!(guarded.kept_stale >= 1.0, "the guard kept the dropped Bs");
+    assert_eq!(
+        failed(&guarded.report),
+        0,
+        "no request failed: {:?}",
+        guarded.report
+    );
+    // B retries every TTL/6 at most, each attempt bounded by its 1 s
+    // connect timeout: back within about TTL/3 (1 s) plus that attempt.
+    assert!(
+        guarded.reregistered_in <= Duration::from_millis(2500),
+        "Bs registered again {:?} after etcd came back",
+        guarded.reregistered_in
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_registry_is_put_back_by_the_backends_and_fails_no_request() -> anyhow::Result<()>
+{
+    let lab = TestLab::start(2, &["faults.lb=etcd"]).await?;
+    until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
+    let mut registrations = Vec::new();
+    for b in BS {
+        let n = lab.metric(b, "lab_registry_registrations_total", &[]).await;
+        registrations.push(n.unwrap_or(0.0));
+    }
+    let spec = open_loop(lab.a_url(), 300.0, Duration::from_secs(6));
+    let load = tokio::spawn(async move { run(&spec, None).await });
+    eventually(Duration::from_secs(5), "the load to flow", || async {
+        (a_metric(&lab, "lab_http_requests_total", &[]).await >= 100.0).then_some(())
+    })
+    .await?;
+
+    // An operator deletes the whole prefix.
+    let config = &lab.stack.config.etcd;
+    let mut etcd = etcd_client::Client::connect(&config.endpoints, None).await?;
+    let deleted = etcd
+        .delete(
+            config.prefix.as_bytes(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?
+        .deleted();
+    assert_eq!(deleted, 2, "both Bs' keys were deleted");
+
+    for (b, before) in BS.iter().zip(&registrations) {
+        eventually(Duration::from_secs(2), "B to put its key back", || async {
+            let now = lab
+                .metric(b, "lab_registry_registrations_total", &[])
+                .await?;
+            (now > *before).then_some(())
+        })
+        .await?;
+    }
+    until_a_sees_both_fresh(&lab, Duration::from_secs(2)).await?;
+    let report = load.await??;
+    let kept_stale = a_metric(&lab, "lab_discovery_events_total", &[("kind", "stale")]).await;
+    println!(
+        "registry deleted: {} of {} failed, A kept {kept_stale} endpoints stale until the Bs put \
+         their keys back",
+        failed(&report),
+        report.requests
+    );
+    assert!(kept_stale >= 1.0, "the guard kept the deleted Bs");
+    assert_eq!(failed(&report), 0, "no request failed: {report:?}");
+    Ok(())
+}
+
+/// What one partition run did.
+struct Partition {
+    report: LoadReport,
+    kept_stale: f64,
+    /// From the end of the partition until both Bs were registered again.
+    reregistered_in: Duration,
+}
+
+/// The Bs reach etcd through a relay that is cut for twice the lease TTL
+/// under 300 req/s; A reaches etcd directly and sees both leases expire.
+async fn partition_bs_from_etcd(guard: bool) -> anyhow::Result<Partition> {
+    let ttl = Duration::from_secs(3);
+    let config = load(&Sources {
+        overrides: vec![
+            "faults.lb=etcd".into(),
+            "etcd.lease_ttl=3s".into(),
+            format!("service_a.registry_guard={guard}"),
+        ],
+        ..Sources::default()
+    })?;
+    let mut relay = None;
+    let lab = TestLab::start_customised(2, config, |options, state_dir| {
+        // The relay reads the planned etcd address from the lab's config
+        // file when a B connects; the launcher writes it before any B runs.
+        if let Ok(r) = EtcdRelay::start(state_dir.join("lab.toml")) {
+            options
+                .backend_overrides
+                .push(format!("etcd.endpoints={}", r.url()));
+            relay = Some(r);
+        }
+    })
+    .await?;
+    let relay = relay.ok_or_else(|| anyhow::anyhow!("the relay did not start"))?;
+    until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
+    let spec = open_loop(lab.a_url(), 300.0, Duration::from_secs(14));
+    let load = tokio::spawn(async move { run(&spec, None).await });
+    eventually(Duration::from_secs(5), "the load to flow", || async {
+        (a_metric(&lab, "lab_http_requests_total", &[]).await >= 100.0).then_some(())
+    })
+    .await?;
+    relay.set_cut(true);
+    // Not a synchronisation: the partition, past the TTL, is what is tested.
+    tokio::time::sleep(2 * ttl).await;
+    relay.set_cut(false);
+    let healed = tokio::time::Instant::now();
+    for b in BS {
+        eventually(Duration::from_secs(10), "B registered again", || async {
+            (lab.metric(b, "lab_registry_registered", &[]).await == Some(1.0)).then_some(())
+        })
+        .await?;
+    }
+    let reregistered_in = healed.elapsed();
+    let report = load.await??;
+    let kept_stale = a_metric(&lab, "lab_discovery_events_total", &[("kind", "stale")]).await;
+    Ok(Partition {
+        report,
+        kept_stale,
+        reregistered_in,
+    })
+}
+
+/// What A should do when every B's lease expires because the Bs lost etcd
+/// while A did not: keep routing to the Bs that still answer (for up to
+/// `service_a.registry_stale_grace`), since a registry that drops every
+/// healthy B at once is the failure, not the Bs. Without the guard A drops
+/// them all and fails every request until they are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_cut_off_from_etcd_keep_serving_through_the_guard() -> anyhow::Result<()> {
+    let unguarded = partition_bs_from_etcd(false).await?;
+    println!(
+        "Bs cut off from etcd 6 s, guard off: {} of {} failed ({:?}), Bs registered again {:?} \
+         after the partition",
+        failed(&unguarded.report),
+        unguarded.report.requests,
+        unguarded.report.errors,
+        unguarded.reregistered_in
+    );
+    assert!(
+        failed(&unguarded.report) > 0,
+        "without the guard A drops both Bs when their leases expire"
+    );
+
+    let guarded = partition_bs_from_etcd(true).await?;
+    println!(
+        "Bs cut off from etcd 6 s, guard on: {} of {} failed, A kept {} endpoints stale, \
+         Bs registered again {:?} after the partition",
+        failed(&guarded.report),
+        guarded.report.requests,
+        guarded.kept_stale,
+        guarded.reregistered_in
+    );
+    assert!(guarded.kept_stale >= 1.0, "the guard kept the dropped Bs");
+    assert_eq!(
+        failed(&guarded.report),
+        0,
+        "no request failed: {:?}",
+        guarded.report
+    );
+    Ok(())
+}
