@@ -230,8 +230,17 @@ async fn partition_bs_from_etcd(guard: bool) -> anyhow::Result<Partition> {
     })
     .await?;
     relay.set_cut(true);
+    let cut_at = tokio::time::Instant::now();
+    // B's gauge follows its lease: it reads 0 once a keepalive goes
+    // unanswered, before the lease runs out.
+    for b in BS {
+        eventually(ttl, "B to report its registration lost", || async {
+            (lab.metric(b, "lab_registry_registered", &[]).await == Some(0.0)).then_some(())
+        })
+        .await?;
+    }
     // Not a synchronisation: the partition, past the TTL, is what is tested.
-    tokio::time::sleep(2 * ttl).await;
+    tokio::time::sleep_until(cut_at + 2 * ttl).await;
     relay.set_cut(false);
     let healed = tokio::time::Instant::now();
     for b in BS {
