@@ -17,9 +17,14 @@
 //! ones removed just before, in the same window) as *stale*: still in the
 //! balancer, counted in `lab_discovery_stale_endpoints`. A stale endpoint
 //! leaves when it fails (its first ejection), when `registry_stale_grace`
-//! passes without its key coming back, or never, if its key comes back. A
-//! single B leaving (SIGTERM revokes its lease) is still honoured at once —
-//! the same idea as Eureka's self-preservation and Envoy's panic threshold.
+//! passes without its key coming back, or never, if its key comes back. A B
+//! that leaves on purpose says so first (on SIGTERM it puts its entry with
+//! `"Op": 1`, then revokes its lease): that is honoured at once and never
+//! counted as a loss, so scaling down or restarting every B is not mistaken
+//! for a broken registry — the same distinction Eureka draws between a
+//! cancel and an expiry in its self-preservation, and close to Envoy's
+//! panic threshold. Stale endpoints are swept while the watch runs; during
+//! an etcd outage nothing is removed anyway.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -82,6 +87,15 @@ pub fn parse_addr(value: &[u8]) -> Option<String> {
     (!addr.is_empty()).then(|| addr.to_string())
 }
 
+/// Whether the value is a B announcing it is leaving: `"Op": 1`, the naming
+/// package's Delete, which B puts right before revoking its lease.
+pub fn is_leaving(value: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(value)
+        .ok()
+        .and_then(|v| v.get("Op")?.as_u64())
+        == Some(1)
+}
+
 /// The registry guard's settings (`service_a.registry_guard*`).
 #[derive(Debug, Clone)]
 pub struct Guard {
@@ -112,6 +126,9 @@ struct View {
     stale: HashMap<String, Instant>,
     /// Removals honoured within the guard's window: (when, id, address).
     recent: VecDeque<(Instant, String, String)>,
+    /// Once tripped, the guard holds for a window: the rest of a bulk
+    /// loss is kept too, instead of the count starting over.
+    tripped_until: Option<Instant>,
     guard: Guard,
     tx: UnboundedSender<EndpointChange>,
     metrics: DiscoveryMetrics,
@@ -129,6 +146,7 @@ impl View {
             known: HashMap::new(),
             stale: HashMap::new(),
             recent: VecDeque::new(),
+            tripped_until: None,
             guard,
             tx,
             metrics,
@@ -151,6 +169,8 @@ impl View {
 
     /// The registry has `id` at `addr`.
     fn upsert(&mut self, id: String, addr: String) {
+        // Back in the registry: no longer part of a recent loss.
+        self.recent.retain(|(_, gone, _)| *gone != id);
         if self.stale.remove(&id).is_some() {
             tracing::info!(%id, %addr, "backend back in the registry; no longer stale");
             self.count("back");
@@ -177,6 +197,9 @@ impl View {
             // The endpoints removed just before were the start of the same
             // loss: put them back, stale too.
             for (_, id, addr) in std::mem::take(&mut self.recent) {
+                if self.known.contains_key(&id) {
+                    continue;
+                }
                 self.known.insert(id.clone(), addr.clone());
                 let _ = self.tx.send(Change::Insert(id.clone(), addr.clone()));
                 self.keep_stale(&id, &addr, now, &why);
@@ -194,6 +217,10 @@ impl View {
         if !self.guard.enabled {
             return None;
         }
+        if self.tripped_until.is_some_and(|until| now < until) {
+            self.tripped_until = Some(now + self.guard.window);
+            return Some("the registry is still removing endpoints in bulk".into());
+        }
         while self
             .recent
             .front()
@@ -201,19 +228,24 @@ impl View {
         {
             self.recent.pop_front();
         }
-        let live = self.known.len() - self.stale.len();
-        if live <= 1 {
-            return Some("the registry would remove A's last live endpoint".into());
-        }
+        let live = self.known.len().saturating_sub(self.stale.len());
         let removed = self.recent.len() + 1;
         let before = live + self.recent.len();
-        (removed as f64 > self.guard.max_loss * before as f64).then(|| {
-            format!(
-                "the registry removed {removed} of {before} endpoints within {:?} \
-                 (registry_guard_max_loss {})",
-                self.guard.window, self.guard.max_loss
-            )
-        })
+        let why = if live <= 1 {
+            Some("the registry would remove A's last live endpoint".to_owned())
+        } else {
+            (removed as f64 > self.guard.max_loss * before as f64).then(|| {
+                format!(
+                    "the registry removed {removed} of {before} endpoints within {:?} \
+                     (registry_guard_max_loss {})",
+                    self.guard.window, self.guard.max_loss
+                )
+            })
+        };
+        if why.is_some() {
+            self.tripped_until = Some(now + self.guard.window);
+        }
+        why
     }
 
     fn keep_stale(&mut self, id: &str, addr: &str, now: Instant, why: &str) {
@@ -221,6 +253,13 @@ impl View {
             "registry guard: keeping a removed backend as stale while it answers");
         self.stale.insert(id.to_owned(), now);
         self.count("stale");
+    }
+
+    /// `id` announced it is leaving (SIGTERM): honoured at once, and not
+    /// a loss the guard counts.
+    fn leave(&mut self, id: &str) {
+        self.recent.retain(|(_, gone, _)| gone != id);
+        self.drop_endpoint(id, "backend left the registry");
     }
 
     /// Takes `id` out of the balancer.
@@ -408,6 +447,9 @@ async fn watch_once(
             .map_err(DiscoveryError::Get)?;
         let mut current = HashMap::new();
         for kv in response.kvs() {
+            if is_leaving(kv.value()) {
+                continue;
+            }
             if let (Some(id), Some(addr)) = (view.id_of(kv.key()), parse_addr(kv.value())) {
                 current.insert(id, addr);
             }
@@ -471,6 +513,7 @@ async fn watch_once(
                 continue;
             };
             match event.event_type() {
+                EventType::Put if is_leaving(kv.value()) => view.leave(&id),
                 EventType::Put => match parse_addr(kv.value()) {
                     Some(addr) => view.upsert(id, addr),
                     None => {
@@ -676,6 +719,44 @@ mod tests {
         assert_eq!(sent(&mut rx), ["-a"], "the grace period ended");
         assert_eq!(view.metrics.endpoints.get(), 0);
         assert_eq!(view.metrics.stale.get(), 0);
+    }
+
+    #[test]
+    fn backends_that_say_they_leave_are_dropped_and_never_trip_the_guard() {
+        assert!(is_leaving(br#"{"Op":1,"Addr":"h:1"}"#));
+        assert!(!is_leaving(br#"{"Op":0,"Addr":"h:1"}"#));
+        assert!(!is_leaving(br#"{"Addr":"h:1"}"#));
+        let (mut view, mut rx) = view(guard(true));
+        view.upsert("a".into(), "h:1".into());
+        view.upsert("b".into(), "h:2".into());
+        sent(&mut rx);
+        // Both Bs scaled down one after the other: no bulk loss.
+        view.leave("a");
+        view.remove("a", Instant::now());
+        view.leave("b");
+        view.remove("b", Instant::now());
+        assert_eq!(sent(&mut rx), ["-a", "-b"]);
+        assert_eq!(view.metrics.stale.get(), 0);
+    }
+
+    #[test]
+    fn a_backend_back_in_the_registry_is_not_part_of_a_later_loss() {
+        let (mut view, mut rx) = view(guard(true));
+        for (id, addr) in [("a", "h:1"), ("b", "h:2"), ("c", "h:3")] {
+            view.upsert(id.into(), addr.into());
+        }
+        sent(&mut rx);
+        let now = Instant::now();
+        view.remove("a", now);
+        view.upsert("a".into(), "h:9".into());
+        view.remove("b", now);
+        view.remove("c", now);
+        // a re-registered at a new address: it is neither re-sent with its
+        // old one nor marked stale when the guard trips on b and c.
+        assert_eq!(sent(&mut rx), ["-a", "+a=h:9", "-b", "+b=h:2"]);
+        assert_eq!(view.known.get("a").map(String::as_str), Some("h:9"));
+        assert!(!view.stale.contains_key("a"));
+        assert_eq!(view.metrics.stale.get(), 2);
     }
 
     #[test]

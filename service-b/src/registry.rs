@@ -82,19 +82,28 @@ impl RegistrationStatus {
 pub struct Registration {
     pub key: String,
     pub value: String,
+    /// The value B puts right before revoking its lease on shutdown: the
+    /// same entry with `"Op": 1`, the naming package's Delete. It tells A
+    /// this B is leaving on purpose, so A's registry guard never mistakes a
+    /// graceful leave for a registry that lost its Bs.
+    pub leaving: String,
 }
 
 impl Registration {
     /// The key and value for one B instance.
     pub fn new(config: &EtcdConfig, instance_id: &str, addr: &str, admin: &str) -> Self {
-        let value = json!({
-            "Op": 0,
-            "Addr": addr,
-            "Metadata": {"instance_id": instance_id, "admin": admin},
-        });
+        let entry = |op: u8| {
+            json!({
+                "Op": op,
+                "Addr": addr,
+                "Metadata": {"instance_id": instance_id, "admin": admin},
+            })
+            .to_string()
+        };
         Self {
             key: format!("{}{instance_id}", config.prefix),
-            value: value.to_string(),
+            value: entry(0),
+            leaving: entry(1),
         }
     }
 }
@@ -123,6 +132,8 @@ pub enum RegistrationLost {
     Unanswered,
     #[error("watching our own key")]
     Watch(#[source] etcd_client::Error),
+    #[error("the watch on our own key closed")]
+    WatchClosed,
 }
 
 /// Keeps `registration` in etcd until `stop` is cancelled, then revokes it.
@@ -211,7 +222,6 @@ async fn session(
         .await
         .map_err(RegistrationLost::Put)?;
     status.set(metrics, true);
-    *registered = true;
     metrics.registrations.inc();
     tracing::info!(key = %registration.key, lease, ?ttl, "registered in etcd");
 
@@ -233,6 +243,17 @@ async fn session(
         tokio::select! {
             _ = stop.cancelled() => {
                 status.set(metrics, false);
+                // Say we are leaving, then revoke: A drops us on the first.
+                let leaving = client.put(
+                    registration.key.as_bytes(),
+                    registration.leaving.as_bytes(),
+                    Some(PutOptions::new().with_lease(lease)),
+                );
+                match tokio::time::timeout(Duration::from_secs(1), leaving).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not mark the registration as leaving"),
+                    Err(_) => tracing::warn!("marking the registration as leaving timed out"),
+                }
                 let revoke = client.lease_revoke(lease);
                 match tokio::time::timeout(Duration::from_secs(1), revoke).await {
                     Ok(Ok(_)) => tracing::info!(key = %registration.key, "lease revoked"),
@@ -244,7 +265,7 @@ async fn session(
             event = own_key.message() => {
                 let deleted = event
                     .map_err(RegistrationLost::Watch)?
-                    .ok_or(RegistrationLost::StreamClosed)?
+                    .ok_or(RegistrationLost::WatchClosed)?
                     .events()
                     .iter()
                     .any(|e| e.event_type() == EventType::Delete);
@@ -264,7 +285,13 @@ async fn session(
             _ = tick.tick() => {
                 keeper.keep_alive().await.map_err(RegistrationLost::KeepAliveSend)?;
                 match tokio::time::timeout(ttl / 3, answers.message()).await {
-                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => metrics.keepalives.inc(),
+                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                        metrics.keepalives.inc();
+                        // A session that kept its lease alive at least once
+                        // resets the backoff (not one that fails right after
+                        // its put, which would retry every 100 ms).
+                        *registered = true;
+                    }
                     Ok(Ok(Some(_))) => return Err(RegistrationLost::LeaseExpired),
                     Ok(Ok(None)) => return Err(RegistrationLost::StreamClosed),
                     Ok(Err(e)) => return Err(RegistrationLost::KeepAlive(e)),
@@ -292,5 +319,8 @@ mod tests {
         assert_eq!(v["Op"], 0);
         assert_eq!(v["Addr"], "10.0.0.5:50051");
         assert_eq!(v["Metadata"]["instance_id"], "b-1");
+        let leaving: serde_json::Value = serde_json::from_str(&r.leaving).expect("json");
+        assert_eq!(leaving["Op"], 1);
+        assert_eq!(leaving["Addr"], "10.0.0.5:50051");
     }
 }

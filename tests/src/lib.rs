@@ -248,7 +248,10 @@ fn plain_client() -> anyhow::Result<reqwest::Client> {
 /// closing anything — a network partition, not a refused connection.
 ///
 /// The etcd it forwards to is read, per connection, from the lab's config
-/// file, which the launcher writes before it starts any process.
+/// file, which the launcher writes before it starts any process. (Unlike a
+/// real partition it still accepts TCP connections while cut, so a client
+/// sees its HTTP/2 handshake stall rather than its connect time out; the
+/// effect on the lease is the same.)
 pub struct EtcdRelay {
     pub addr: std::net::SocketAddr,
     cut: tokio::sync::watch::Sender<bool>,

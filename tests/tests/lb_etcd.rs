@@ -353,17 +353,9 @@ async fn connection_recycling_spreads_l4_traffic_over_time() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_backend_registered_a_fails_fast_with_503() -> anyhow::Result<()> {
-    // Without the registry guard, which would keep the last B as stale
-    // until it failed (tests/tests/registry.rs covers the guard).
-    let lab = TestLab::start(
-        1,
-        &[
-            "faults.lb=etcd",
-            "service_b.drain_period=5s",
-            "service_a.registry_guard=false",
-        ],
-    )
-    .await?;
+    // With A's registry guard on (the default): B says it is leaving before
+    // it revokes its lease, so even the last B's removal is honoured.
+    let lab = TestLab::start(1, &["faults.lb=etcd", "service_b.drain_period=5s"]).await?;
     until_a_sees(&lab, 1).await?;
     lab.stack.signal("service-b-1", Signal::SIGTERM)?;
     // B revokes its lease at once; the watch brings the removal to A.

@@ -91,48 +91,36 @@ async fn freeze_etcd(guard: bool) -> anyhow::Result<Freeze> {
     })
 }
 
+/// Whether the thawed etcd's lease revocations reach A as deletes depends
+/// on a race (a B that re-registers first overwrites its key under a new
+/// lease), so this test does not count on the guard: it holds A to no
+/// failed request and B to registering again within about TTL/3. The guard
+/// is measured where it matters, in the partition test below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_etcd_revoking_every_lease_fails_no_request() -> anyhow::Result<()> {
-    let unguarded = freeze_etcd(false).await?;
+    let frozen = freeze_etcd(true).await?;
     println!(
-        "etcd frozen 6 s, guard off: {} of {} failed ({:?}), A removed {} endpoints, \
+        "etcd frozen 6 s: {} of {} failed, A removed {} endpoints and kept {} stale, \
          Bs registered again {:?} after SIGCONT",
-        failed(&unguarded.report),
-        unguarded.report.requests,
-        unguarded.report.errors,
-        unguarded.removed,
-        unguarded.reregistered_in
+        failed(&frozen.report),
+        frozen.report.requests,
+        frozen.removed,
+        frozen.kept_stale,
+        frozen.reregistered_in
     );
-    // The freeze really cost the Bs their leases: without the guard, A
-    // dropped them.
-    assert!(
-        unguarded.removed >= 2.0,
-        "etcd revoked both leases on its return"
-    );
-
-    let guarded = freeze_etcd(true).await?;
-    println!(
-        "etcd frozen 6 s, guard on: {} of {} failed, A kept {} endpoints stale and removed {}, \
-         Bs registered again {:?} after SIGCONT",
-        failed(&guarded.report),
-        guarded.report.requests,
-        guarded.kept_stale,
-        guarded.removed,
-        guarded.reregistered_in
-    );
-    assert!(guarded.kept_stale >= 1.0, "the guard kept the dropped Bs");
     assert_eq!(
-        failed(&guarded.report),
+        failed(&frozen.report),
         0,
         "no request failed: {:?}",
-        guarded.report
+        frozen.report
     );
-    // B retries every TTL/6 at most, each attempt bounded by its 1 s
-    // connect timeout: back within about TTL/3 (1 s) plus that attempt.
+    // B's retries come at most TTL/6 (0.5 s) apart, each bounded by a 1 s
+    // connect timeout, and a session that kept its lease alive starts the
+    // backoff over: TTL/3 (1 s) and half a second of slack.
     assert!(
-        guarded.reregistered_in <= Duration::from_millis(2500),
+        frozen.reregistered_in <= Duration::from_millis(1500),
         "Bs registered again {:?} after etcd came back",
-        guarded.reregistered_in
+        frozen.reregistered_in
     );
     Ok(())
 }
