@@ -213,12 +213,7 @@ async fn session(
         .await
         .map_err(RegistrationLost::LeaseGrant)?
         .id();
-    client
-        .put(
-            registration.key.as_bytes(),
-            registration.value.as_bytes(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
+    put_under(&mut client, &registration.key, &registration.value, lease)
         .await
         .map_err(RegistrationLost::Put)?;
     status.set(metrics, true);
@@ -244,11 +239,7 @@ async fn session(
             _ = stop.cancelled() => {
                 status.set(metrics, false);
                 // Say we are leaving, then revoke: A drops us on the first.
-                let leaving = client.put(
-                    registration.key.as_bytes(),
-                    registration.leaving.as_bytes(),
-                    Some(PutOptions::new().with_lease(lease)),
-                );
+                let leaving = put_under(&mut client, &registration.key, &registration.leaving, lease);
                 match tokio::time::timeout(Duration::from_secs(1), leaving).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "could not mark the registration as leaving"),
@@ -271,12 +262,7 @@ async fn session(
                     .any(|e| e.event_type() == EventType::Delete);
                 if deleted {
                     tracing::warn!(key = %registration.key, "our key was deleted while the lease lives; putting it back");
-                    client
-                        .put(
-                            registration.key.as_bytes(),
-                            registration.value.as_bytes(),
-                            Some(PutOptions::new().with_lease(lease)),
-                        )
+                    put_under(&mut client, &registration.key, &registration.value, lease)
                         .await
                         .map_err(RegistrationLost::Put)?;
                     metrics.registrations.inc();
@@ -300,6 +286,19 @@ async fn session(
             }
         }
     }
+}
+
+/// Puts `key` → `value` attached to `lease`, so it goes when the lease does.
+async fn put_under(
+    client: &mut Client,
+    key: &str,
+    value: &str,
+    lease: i64,
+) -> Result<(), etcd_client::Error> {
+    client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]

@@ -41,6 +41,30 @@ async fn until_a_sees_both_fresh(lab: &TestLab, within: Duration) -> anyhow::Res
     .await
 }
 
+type LoadTask = tokio::task::JoinHandle<anyhow::Result<LoadReport>>;
+
+/// Starts `seconds` of 300 req/s open-loop load at A and waits until it flows.
+async fn start_load(lab: &TestLab, seconds: u64) -> anyhow::Result<LoadTask> {
+    let spec = open_loop(lab.a_url(), 300.0, Duration::from_secs(seconds));
+    let load = tokio::spawn(async move { run(&spec, None).await });
+    eventually(Duration::from_secs(5), "the load to flow", || async {
+        (a_metric(lab, "lab_http_requests_total", &[]).await >= 100.0).then_some(())
+    })
+    .await?;
+    Ok(load)
+}
+
+/// Waits until every B's `lab_registry_registered` reads `value`.
+async fn until_bs_registered(lab: &TestLab, value: f64, within: Duration) -> anyhow::Result<()> {
+    for b in BS {
+        eventually(within, "B's registration gauge", || async {
+            (lab.metric(b, "lab_registry_registered", &[]).await == Some(value)).then_some(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// What one frozen-etcd run did.
 struct Freeze {
     report: LoadReport,
@@ -54,35 +78,22 @@ struct Freeze {
 
 /// etcd stopped (SIGSTOP) for twice the lease TTL under 300 req/s, then
 /// continued.
-async fn freeze_etcd(guard: bool) -> anyhow::Result<Freeze> {
+async fn freeze_etcd() -> anyhow::Result<Freeze> {
     let ttl = Duration::from_secs(3);
-    let guard = format!("service_a.registry_guard={guard}");
-    let lab = TestLab::start(2, &["faults.lb=etcd", "etcd.lease_ttl=3s", &guard]).await?;
+    let lab = TestLab::start(2, &["faults.lb=etcd", "etcd.lease_ttl=3s"]).await?;
     until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
-    let spec = open_loop(lab.a_url(), 300.0, Duration::from_secs(14));
-    let load = tokio::spawn(async move { run(&spec, None).await });
-    eventually(Duration::from_secs(5), "the load to flow", || async {
-        (a_metric(&lab, "lab_http_requests_total", &[]).await >= 100.0).then_some(())
-    })
-    .await?;
+    let load = start_load(&lab, 14).await?;
     lab.stack.signal("etcd", Signal::SIGSTOP)?;
     // Not a synchronisation: the freeze, past the TTL, is what is tested.
     tokio::time::sleep(2 * ttl).await;
     lab.stack.signal("etcd", Signal::SIGCONT)?;
     let thawed = tokio::time::Instant::now();
-    for b in BS {
-        eventually(Duration::from_secs(10), "B registered again", || async {
-            (lab.metric(b, "lab_registry_registered", &[]).await == Some(1.0)).then_some(())
-        })
-        .await?;
-    }
+    until_bs_registered(&lab, 1.0, Duration::from_secs(10)).await?;
     let reregistered_in = thawed.elapsed();
     let report = load.await??;
     let kept_stale = a_metric(&lab, "lab_discovery_events_total", &[("kind", "stale")]).await;
     let removed = a_metric(&lab, "lab_discovery_events_total", &[("kind", "remove")]).await;
-    if guard.ends_with("true") {
-        until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
-    }
+    until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
     Ok(Freeze {
         report,
         kept_stale,
@@ -98,7 +109,7 @@ async fn freeze_etcd(guard: bool) -> anyhow::Result<Freeze> {
 /// is measured where it matters, in the partition test below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_etcd_revoking_every_lease_fails_no_request() -> anyhow::Result<()> {
-    let frozen = freeze_etcd(true).await?;
+    let frozen = freeze_etcd().await?;
     println!(
         "etcd frozen 6 s: {} of {} failed, A removed {} endpoints and kept {} stale, \
          Bs registered again {:?} after SIGCONT",
@@ -135,12 +146,7 @@ async fn a_deleted_registry_is_put_back_by_the_backends_and_fails_no_request() -
         let n = lab.metric(b, "lab_registry_registrations_total", &[]).await;
         registrations.push(n.unwrap_or(0.0));
     }
-    let spec = open_loop(lab.a_url(), 300.0, Duration::from_secs(6));
-    let load = tokio::spawn(async move { run(&spec, None).await });
-    eventually(Duration::from_secs(5), "the load to flow", || async {
-        (a_metric(&lab, "lab_http_requests_total", &[]).await >= 100.0).then_some(())
-    })
-    .await?;
+    let load = start_load(&lab, 6).await?;
 
     // An operator deletes the whole prefix.
     let config = &lab.stack.config.etcd;
@@ -211,32 +217,17 @@ async fn partition_bs_from_etcd(guard: bool) -> anyhow::Result<Partition> {
     .await?;
     let relay = relay.ok_or_else(|| anyhow::anyhow!("the relay did not start"))?;
     until_a_sees_both_fresh(&lab, Duration::from_secs(5)).await?;
-    let spec = open_loop(lab.a_url(), 300.0, Duration::from_secs(14));
-    let load = tokio::spawn(async move { run(&spec, None).await });
-    eventually(Duration::from_secs(5), "the load to flow", || async {
-        (a_metric(&lab, "lab_http_requests_total", &[]).await >= 100.0).then_some(())
-    })
-    .await?;
+    let load = start_load(&lab, 14).await?;
     relay.set_cut(true);
     let cut_at = tokio::time::Instant::now();
     // B's gauge follows its lease: it reads 0 once a keepalive goes
     // unanswered, before the lease runs out.
-    for b in BS {
-        eventually(ttl, "B to report its registration lost", || async {
-            (lab.metric(b, "lab_registry_registered", &[]).await == Some(0.0)).then_some(())
-        })
-        .await?;
-    }
+    until_bs_registered(&lab, 0.0, ttl).await?;
     // Not a synchronisation: the partition, past the TTL, is what is tested.
     tokio::time::sleep_until(cut_at + 2 * ttl).await;
     relay.set_cut(false);
     let healed = tokio::time::Instant::now();
-    for b in BS {
-        eventually(Duration::from_secs(10), "B registered again", || async {
-            (lab.metric(b, "lab_registry_registered", &[]).await == Some(1.0)).then_some(())
-        })
-        .await?;
-    }
+    until_bs_registered(&lab, 1.0, Duration::from_secs(10)).await?;
     let reregistered_in = healed.elapsed();
     let report = load.await??;
     let kept_stale = a_metric(&lab, "lab_discovery_events_total", &[("kind", "stale")]).await;
