@@ -465,6 +465,48 @@ impl Default for SlbConfig {
     }
 }
 
+/// The admin listeners' operator endpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for what changes state or costs CPU (`PUT /faults`,
+    /// profiles, task dumps). Empty: those endpoints are off. `labctl up`
+    /// generates one into `<state-dir>/admin.token`.
+    pub token: AdminToken,
+}
+
+/// The operator token. Its `Debug` never shows it, so a logged config or
+/// error cannot leak it; it serialises as written only so that the config
+/// file labctl hands to each process carries it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token, to compare or to send; never to print.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_set() {
+            "AdminToken(<set>)"
+        } else {
+            "AdminToken(<unset>)"
+        })
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -507,6 +549,7 @@ pub struct LabConfig {
     pub etcd: EtcdConfig,
     pub slb: SlbConfig,
     pub telemetry: TelemetryConfig,
+    pub admin: AdminConfig,
 }
 
 impl Default for LabConfig {
@@ -537,6 +580,7 @@ struct RawConfig {
     etcd: EtcdConfig,
     slb: SlbConfig,
     telemetry: TelemetryConfig,
+    admin: AdminConfig,
 }
 
 impl RawConfig {
@@ -560,6 +604,7 @@ impl RawConfig {
             etcd: self.etcd,
             slb: self.slb,
             telemetry: self.telemetry,
+            admin: self.admin,
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::{
     probe::{self, HttpClient},
     procs::{self, Lifetime},
     state::{LabState, ServiceRecord},
+    token,
 };
 
 /// The HAProxy frontends, shared with docker compose.
@@ -218,9 +219,12 @@ impl Stack {
             dir: tls_dir.clone(),
             source: source.into(),
         })?;
-        let config = with_ports(&options.config, &ports, &tls);
+        let mut config = with_ports(&options.config, &ports, &tls);
+        config.admin.token = token::ensure(&state_dir, &config.admin.token)
+            .doing(|| format!("writing {}", token::path(&state_dir).display()))?;
+        // Private: it carries the operator token.
         let config_file = state_dir.join("lab.toml");
-        std::fs::write(&config_file, config.to_toml()?)
+        token::write_private(&config_file, config.to_toml()?.as_bytes())
             .doing(|| format!("writing {}", config_file.display()))?;
         Ok(Stack {
             state: LabState {
@@ -441,6 +445,12 @@ impl Stack {
             return std::future::pending().await;
         }
         futures::future::select_all(waits).await.0
+    }
+
+    /// The lab's effective configuration (ports, TLS paths and operator
+    /// token filled in), as every process reads it.
+    pub fn config(&self) -> &LabConfig {
+        &self.config
     }
 
     /// A's public base URL.

@@ -10,3 +10,4 @@ pub mod ports;
 pub mod probe;
 pub mod procs;
 pub mod state;
+pub mod token;

@@ -72,6 +72,37 @@ impl TestLab {
             .ok_or_else(|| anyhow::anyhow!("{name} has no admin URL"))
     }
 
+    /// The operator token `labctl up` generated for this lab.
+    pub fn admin_token(&self) -> String {
+        self.stack.config().admin.token.expose().to_string()
+    }
+
+    /// `method path` on a named service's admin listener with the lab's
+    /// operator token; the response as it came.
+    pub async fn operator(
+        &self,
+        name: &str,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.admin_url(name)?);
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .with_context(|| format!("{method:?} is not an HTTP method"))?;
+        let mut request = plain_client()?
+            .request(method.clone(), &url)
+            .bearer_auth(self.admin_token());
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        request
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))
+    }
+
     /// The `/metrics` text of a named service.
     pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
         let url = format!("{}/metrics", self.admin_url(name)?);
@@ -223,7 +254,7 @@ pub async fn request_json(
 /// The lab speaks plain HTTP, but reqwest's rustls backend (built without
 /// a default provider, see the workspace manifest) needs one to build at
 /// all: ring, trusting no root, so an `https` URL here fails loudly.
-fn plain_client() -> anyhow::Result<reqwest::Client> {
+pub fn plain_client() -> anyhow::Result<reqwest::Client> {
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

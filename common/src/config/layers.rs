@@ -184,8 +184,12 @@ pub(super) fn origin_of(figment: &Figment, key: &str) -> Origin {
         .map_or(Origin::Default, Origin::from_metadata)
 }
 
-/// The value at `key` as TOML writes it, or `?` when there is none.
+/// The value at `key` as TOML writes it, or `?` when there is none. The
+/// operator token is never quoted.
 fn value_text(figment: &Figment, key: &str) -> String {
+    if key == "admin.token" {
+        return "(not shown)".into();
+    }
     figment
         .extract_inner::<toml::Value>(key)
         .map_or_else(|_| "?".into(), |value| value.to_string())

@@ -16,7 +16,7 @@ struct Broken {
 type Rule = fn(&LabConfig) -> Result<(), Broken>;
 
 /// Every rule, in the order they are checked.
-const RULES: [Rule; 14] = [
+const RULES: [Rule; 15] = [
     listeners_are_ip_port,
     backend_urls_are_http,
     mysql_url_is_mysql,
@@ -31,6 +31,7 @@ const RULES: [Rule; 14] = [
     partner_answers_may_have_a_body,
     lease_ttl_is_whole_seconds,
     registry_guard_loss_is_a_share,
+    admin_token_is_strong,
 ];
 
 /// Checks every rule; `origin_of` says where a rejected key's value came from.
@@ -141,6 +142,21 @@ fn registry_guard_loss_is_a_share(c: &LabConfig) -> Result<(), Broken> {
         "service_a.registry_guard_max_loss",
         loss.to_string(),
         "expected a fraction above 0 and at most 1",
+    ))
+}
+
+/// The operator token guards live switches and profiles: a short one is
+/// guessed, and whitespace would not survive an `Authorization` header. The
+/// message never quotes the value.
+fn admin_token_is_strong(c: &LabConfig) -> Result<(), Broken> {
+    let token = c.admin.token.expose();
+    if token.is_empty() || (token.len() >= 16 && token.chars().all(|ch| ch.is_ascii_graphic())) {
+        return Ok(());
+    }
+    Err(broken(
+        "admin.token",
+        "(not shown)".into(),
+        "expected empty (operator endpoints off) or at least 16 visible ASCII characters without spaces",
     ))
 }
 

@@ -3,18 +3,24 @@
 //! * `GET /metrics` — Prometheus text format;
 //! * `GET /healthz` — the process is alive (always 200 once listening);
 //! * `GET /readyz`  — dependencies reachable (200, or 503 with the reason);
-//! * `GET /faults`  — the effective mode and switches, as JSON.
+//! * `GET /faults`  — the effective mode and switches, as JSON;
+//!
+//! and, for operators only (bearer `admin.token`, see [`auth`]), the routes
+//! that change state or cost CPU, in [`operator_routes`].
 //!
 //! Every service serves exactly these routes, each with its own
 //! [`AdminState`]: what differs between services is the readiness probe and
 //! the metrics in the registry, not the routes.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+pub mod auth;
+
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use axum::{
     Json, Router,
     extract::State,
     http::{StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -40,25 +46,41 @@ pub struct AdminState {
     pub readiness: ReadinessProbe,
 }
 
-/// The admin routes for `state`.
+/// The admin routes for `state`: the open ones, and the operator ones
+/// behind the token check.
 pub fn router(state: AdminState) -> Router {
+    let operator = operator_routes().route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_operator,
+    ));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/faults", get(faults))
+        .merge(operator)
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled.
+/// Routes that change state or cost CPU; [`router`] puts them behind
+/// [`auth::require_operator`].
+fn operator_routes() -> Router<AdminState> {
+    Router::new()
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled. Handlers
+/// see the caller's address (`ConnectInfo`), which operator actions log.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
