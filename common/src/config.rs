@@ -108,6 +108,32 @@ pub enum RowsMode {
     Close,
 }
 
+/// The names a switch's values are written with (config, env, JSON,
+/// metric labels), without allocating: `lab_fault_info` and `/faults` use
+/// them on every flip and scrape. A unit test keeps them equal to serde's.
+pub trait SwitchValue: Copy + Sized + 'static {
+    /// Every value, in declaration order.
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+}
+
+macro_rules! switch_values {
+    ($ty:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl SwitchValue for $ty {
+            const ALL: &'static [Self] = &[$(<$ty>::$variant),+];
+            fn as_str(self) -> &'static str {
+                match self { $(<$ty>::$variant => $name),+ }
+            }
+        }
+    };
+}
+
+switch_values!(LbMode { L4 => "l4", L7 => "l7", Etcd => "etcd" });
+switch_values!(WorkerMode { Unbounded => "unbounded", Capped => "capped", Bounded => "bounded" });
+switch_values!(DeadlineMode { Ignore => "ignore", Propagate => "propagate" });
+switch_values!(HttpClientMode { PerRequest => "per-request", Shared => "shared" });
+switch_values!(RowsMode { LeakOnError => "leak-on-error", Close => "close" });
+
 /// The effective fault switches (preset plus per-switch overrides).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -766,6 +792,22 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");
         f.write_all(text.as_bytes()).expect("write temp file");
         f
+    }
+
+    #[test]
+    fn switch_value_names_are_the_serde_names() {
+        fn check<E: SwitchValue + Serialize + clap::ValueEnum>() {
+            assert_eq!(E::ALL.len(), E::value_variants().len());
+            for value in E::ALL {
+                let json = serde_json::to_value(value).expect("serialises");
+                assert_eq!(json.as_str(), Some(value.as_str()));
+            }
+        }
+        check::<LbMode>();
+        check::<WorkerMode>();
+        check::<DeadlineMode>();
+        check::<HttpClientMode>();
+        check::<RowsMode>();
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod faults;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;

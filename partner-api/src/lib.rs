@@ -47,10 +47,12 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     // The admin listener starts after the HTTPS one is bound, and the
     // partner has no dependency of its own: answering at all means ready.
     let readiness: admin::ReadinessProbe = Arc::new(|| Box::pin(async { Ok(()) }));
+    let faults = lab_common::faults::LiveFaults::new("partner-api", config.faults, &[], &registry)?;
     let admin_router = admin::router(admin::AdminState {
         service: "partner-api",
         registry,
         config: config.clone(),
+        faults,
         readiness,
     });
     let mut admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));

@@ -64,10 +64,17 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let admin_listener = TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("binding admin listener {admin_addr}"))?;
+    let faults = lab_common::faults::LiveFaults::new(
+        "service-a",
+        config.faults,
+        lab_common::faults::Switch::SERVICE_A,
+        &registry,
+    )?;
     let admin_router = admin::router(admin::AdminState {
         service: "service-a",
         registry,
         config: config.clone(),
+        faults,
         readiness,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));

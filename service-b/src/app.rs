@@ -16,6 +16,7 @@ use anyhow::Context;
 use lab_common::{
     admin,
     config::{LabConfig, LbMode},
+    faults::{LiveFaults, Switch},
 };
 use lab_proto::v1::{FILE_DESCRIPTOR_SET, backend_server::BackendServer};
 use prometheus::Registry;
@@ -42,6 +43,8 @@ const MAX_DECODED_MESSAGE_BYTES: usize = 1024 * 1024;
 /// about to serve.
 pub struct Application {
     config: Arc<LabConfig>,
+    /// B's switches, live: `PUT /faults` changes them while B runs.
+    faults: LiveFaults,
     instance_id: Arc<str>,
     metrics: ServiceMetrics,
     partner: Option<Arc<http_client::PartnerClient>>,
@@ -62,15 +65,17 @@ impl Application {
         let instance_id: Arc<str> = crate::instance_id(&config).into();
         let registry = lab_common::metrics::registry()?;
         let metrics = ServiceMetrics::register(&config, &registry)?;
+        let faults = LiveFaults::new("service-b", config.faults, Switch::SERVICE_B, &registry)?;
         let partner = partner_client(&config, &metrics)?;
         let readiness = Readiness::new(config.faults.lb);
         metrics::PoolCollector::register(&registry, readiness.db.clone())?;
-        let admin = start_admin(&config, registry, &readiness, &shutdown).await?;
+        let admin = start_admin(&config, registry, &faults, &readiness, &shutdown).await?;
         let db = connect_database(&config, &metrics, &shutdown).await?;
         readiness.database_connected(&db);
         let grpc_listener = bind_grpc(&config).await?;
         Ok(Self {
             config,
+            faults,
             instance_id,
             metrics,
             partner,
@@ -87,6 +92,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Self {
             config,
+            faults: _faults,
             instance_id,
             metrics,
             partner,
@@ -358,6 +364,7 @@ impl Readiness {
 async fn start_admin(
     config: &Arc<LabConfig>,
     registry: Registry,
+    faults: &LiveFaults,
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
@@ -369,6 +376,7 @@ async fn start_admin(
         service: "service-b",
         registry,
         config: config.clone(),
+        faults: faults.clone(),
         readiness: readiness.probe(),
     });
     Ok(tokio::spawn(admin::serve(

@@ -3,10 +3,13 @@
 //! * `GET /metrics` — Prometheus text format;
 //! * `GET /healthz` — the process is alive (always 200 once listening);
 //! * `GET /readyz`  — dependencies reachable (200, or 503 with the reason);
-//! * `GET /faults`  — the effective mode and switches, as JSON;
+//! * `GET /faults`  — the mode the process started with and the switches
+//!   it owns, as in force now, as JSON;
 //!
 //! and, for operators only (bearer `admin.token`, see [`auth`]), the routes
-//! that change state or cost CPU, in [`operator_routes`].
+//! that change state or cost CPU, in [`operator_routes`]:
+//!
+//! * `PUT /faults`  — a partial JSON patch of owned switches, applied live.
 //!
 //! Every service serves exactly these routes, each with its own
 //! [`AdminState`]: what differs between services is the readiness probe and
@@ -17,19 +20,19 @@ pub mod auth;
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use axum::{
-    Json, Router,
-    extract::State,
+    Extension, Json, Router,
+    extract::{DefaultBodyLimit, State, rejection::JsonRejection},
     http::{StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, put},
 };
 use prometheus::Registry;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LabConfig;
+use crate::{config::LabConfig, faults::LiveFaults};
 
 /// Future returned by a readiness probe: `Err(reason)` when not ready.
 pub type ReadinessFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -43,6 +46,8 @@ pub struct AdminState {
     pub service: &'static str,
     pub registry: Registry,
     pub config: Arc<LabConfig>,
+    /// The switches this process owns, live.
+    pub faults: LiveFaults,
     pub readiness: ReadinessProbe,
 }
 
@@ -66,7 +71,12 @@ pub fn router(state: AdminState) -> Router {
 /// [`auth::require_operator`].
 fn operator_routes() -> Router<AdminState> {
     Router::new()
+        .route("/faults", put(put_faults))
+        .layer(DefaultBodyLimit::max(MAX_OPERATOR_BODY_BYTES))
 }
+
+/// Operator requests are small JSON patches.
+const MAX_OPERATOR_BODY_BYTES: usize = 4096;
 
 /// Serves `router` on `listener` until `shutdown` is cancelled. Handlers
 /// see the caller's address (`ConnectInfo`), which operator actions log.
@@ -113,7 +123,41 @@ async fn faults(State(state): State<AdminState>) -> Response {
     Json(json!({
         "service": state.service,
         "mode": state.config.mode,
-        "faults": state.config.faults,
+        "faults": state.faults.owned_values(),
     }))
     .into_response()
+}
+
+/// Applies `{"switch": "value", ...}` at once; answers what changed and the
+/// switches now in force. A refused patch changes nothing.
+async fn put_faults(
+    State(state): State<AdminState>,
+    Extension(operator): Extension<auth::Operator>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let patch = match body {
+        Ok(Json(patch)) => patch,
+        Err(rejection) => return bad_request(rejection.status(), rejection.body_text()),
+    };
+    let by = match operator.addr {
+        Some(addr) => format!("operator at {addr}"),
+        None => "operator".to_string(),
+    };
+    match state.faults.apply(&patch, &by) {
+        Ok(flips) => Json(json!({
+            "service": state.service,
+            "changed": flips,
+            "faults": state.faults.owned_values(),
+        }))
+        .into_response(),
+        Err(e) => bad_request(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+fn bad_request(status: StatusCode, reason: String) -> Response {
+    (
+        status,
+        Json(json!({"error": reason, "code": "invalid_argument"})),
+    )
+        .into_response()
 }
