@@ -64,13 +64,13 @@ impl Application {
         let config = Arc::new(config);
         let instance_id: Arc<str> = crate::instance_id(&config).into();
         let registry = lab_common::metrics::registry()?;
-        let metrics = ServiceMetrics::register(&config, &registry)?;
         let faults = LiveFaults::new("service-b", config.faults, Switch::SERVICE_B, &registry)?;
-        let partner = partner_client(&config, &metrics)?;
+        let metrics = ServiceMetrics::register(&faults, &registry)?;
+        let partner = partner_client(&config, &faults, &metrics)?;
         let readiness = Readiness::new(config.faults.lb);
         metrics::PoolCollector::register(&registry, readiness.db.clone())?;
         let admin = start_admin(&config, registry, &faults, &readiness, &shutdown).await?;
-        let db = connect_database(&config, &metrics, &shutdown).await?;
+        let db = connect_database(&config, &faults, &metrics, &shutdown).await?;
         readiness.database_connected(&db);
         let grpc_listener = bind_grpc(&config).await?;
         Ok(Self {
@@ -92,7 +92,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Self {
             config,
-            faults: _faults,
+            faults,
             instance_id,
             metrics,
             partner,
@@ -103,7 +103,7 @@ impl Application {
             shutdown,
         } = self;
         let stop_serving = CancellationToken::new();
-        let backend = backend_service(&config, &db, &instance_id, &metrics);
+        let backend = backend_service(&config, &faults, &db, &instance_id, &metrics);
         let (health, serve) = grpc_server(&config, backend, grpc_listener, stop_serving.clone())?;
         health.set_serving::<BackendServer<BackendService>>().await;
         readiness.serving.store(true, Ordering::Release);
@@ -120,7 +120,7 @@ impl Application {
             &readiness,
             stop_registration.clone(),
         );
-        let stop_worker = start_worker(&config, partner, &db, &instance_id, &metrics);
+        let stop_worker = start_worker(&config, &faults, partner, &db, &instance_id, &metrics);
         let sequence = tokio::spawn(shutdown_sequence(ShutdownSteps {
             shutdown: shutdown.clone(),
             stop_worker,
@@ -140,9 +140,10 @@ impl Application {
     }
 }
 
-/// The `lab.v1.Backend` handlers, under the configured deadline policy.
+/// The `lab.v1.Backend` handlers, under the deadline policy in force.
 fn backend_service(
     config: &LabConfig,
+    faults: &LiveFaults,
     db: &Db,
     instance_id: &Arc<str>,
     metrics: &ServiceMetrics,
@@ -153,7 +154,7 @@ fn backend_service(
         config.service_b.max_payload_bytes,
         config.service_b.handler_latency,
         deadline::DeadlinePolicy::new(
-            config.faults.deadline,
+            faults.clone(),
             config.service_b.max_concurrent_requests as usize,
             metrics.deadline.clone(),
         ),
@@ -240,9 +241,11 @@ fn register_in_etcd(
     ))
 }
 
-/// Starts the job worker if it is enabled; the returned token stops it.
+/// Starts the job worker if it is enabled, following the `worker` switch
+/// live; the returned token stops it.
 fn start_worker(
     config: &LabConfig,
+    faults: &LiveFaults,
     partner: Option<Arc<http_client::PartnerClient>>,
     db: &Db,
     instance_id: &Arc<str>,
@@ -251,7 +254,7 @@ fn start_worker(
     let stop = CancellationToken::new();
     if let Some(partner) = partner {
         tokio::spawn(worker::run(
-            config.faults.worker,
+            faults.subscribe(),
             config.worker.clone(),
             worker::Deps {
                 db: db.clone(),
@@ -278,14 +281,14 @@ struct ServiceMetrics {
 }
 
 impl ServiceMetrics {
-    fn register(config: &LabConfig, registry: &Registry) -> anyhow::Result<Self> {
+    fn register(faults: &LiveFaults, registry: &Registry) -> anyhow::Result<Self> {
         Ok(Self {
             grpc: metrics::Metrics::register(registry)?,
             registry: RegistryMetrics::register(registry)?,
             worker: worker::WorkerMetrics::register(registry)?,
             deadline: deadline::DeadlineMetrics::register(registry)?,
             pool: db::PoolMetrics::register(registry)?,
-            job_rows: Arc::new(rows::JobRows::new(config.faults.rows, registry)?),
+            job_rows: Arc::new(rows::JobRows::new(faults.clone(), registry)?),
             http: http_client::HttpClientMetrics::register(registry)?,
         })
     }
@@ -296,17 +299,15 @@ impl ServiceMetrics {
 /// client (and no CA needed).
 fn partner_client(
     config: &LabConfig,
+    faults: &LiveFaults,
     metrics: &ServiceMetrics,
 ) -> anyhow::Result<Option<Arc<http_client::PartnerClient>>> {
     if !config.worker.enabled {
         return Ok(None);
     }
-    let client = http_client::PartnerClient::new(
-        config.faults.http_client,
-        &config.partner,
-        metrics.http.clone(),
-    )
-    .context("building the partner-api client")?;
+    let client =
+        http_client::PartnerClient::new(faults.clone(), &config.partner, metrics.http.clone())
+            .context("building the partner-api client")?;
     Ok(Some(Arc::new(client)))
 }
 
@@ -391,12 +392,13 @@ async fn start_admin(
 /// exits instead of hanging.
 async fn connect_database(
     config: &LabConfig,
+    faults: &LiveFaults,
     metrics: &ServiceMetrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Db> {
     let db = Db::connect_with_retry(
         &config.mysql,
-        db::PoolWait::for_deadline(config.faults.deadline),
+        faults.clone(),
         metrics.pool.clone(),
         shutdown,
     )

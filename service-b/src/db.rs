@@ -16,11 +16,19 @@
 //!   cannot be reached still fails, after `mysql.acquire_timeout` (sqlx
 //!   retries a refused connection until then; Go returns the dial error),
 //!   unless the pool was exhausted when it went away.
+//!
+//! The wait is chosen per query from the `deadline` switch in force, so a
+//! flip (`PUT /faults`) applies to the next query; a query already waiting
+//! under `UntilFree` looks again each `mysql.acquire_timeout` and, after a
+//! flip to `propagate`, gives up with the pool-exhausted error.
 
 use std::{future::Future, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
-use lab_common::config::{DeadlineMode, MysqlConfig};
+use lab_common::{
+    config::{DeadlineMode, MysqlConfig},
+    faults::LiveFaults,
+};
 use prometheus::{IntGauge, Registry};
 use sqlx::{
     AssertSqlSafe, MySql, QueryBuilder,
@@ -223,7 +231,8 @@ pub struct Db {
     query_timeout: Duration,
     acquire_timeout: Duration,
     pool_max: u32,
-    wait: PoolWait,
+    /// B's live switches: `deadline` decides the [`PoolWait`] per query.
+    faults: LiveFaults,
     metrics: PoolMetrics,
 }
 
@@ -231,7 +240,7 @@ impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Db")
             .field("pool_max", &self.pool_max)
-            .field("wait", &self.wait)
+            .field("wait", &self.wait())
             .finish_non_exhaustive()
     }
 }
@@ -243,7 +252,7 @@ impl Db {
     /// a B waiting for it has nothing else to do.
     pub async fn connect_with_retry(
         config: &MysqlConfig,
-        wait: PoolWait,
+        faults: LiveFaults,
         metrics: PoolMetrics,
         shutdown: &CancellationToken,
     ) -> Result<Db, StartupError> {
@@ -256,7 +265,8 @@ impl Db {
             // Each attempt is bounded too: a server that accepts connections
             // but stalls must not hang start-up past the budget.
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, Db::connect(config, wait, metrics.clone())).await {
+            let connect = Db::connect(config, faults.clone(), metrics.clone());
+            match tokio::time::timeout(left, connect).await {
                 Ok(result) => result,
                 Err(_) => Err(Unavailable::ConnectTimeout(config.startup_timeout).into()),
             }
@@ -281,7 +291,7 @@ impl Db {
     /// One connection attempt (creating the database first if configured).
     pub async fn connect(
         config: &MysqlConfig,
-        wait: PoolWait,
+        faults: LiveFaults,
         metrics: PoolMetrics,
     ) -> Result<Db, DbError> {
         let (server_url, database) = split_database(&config.url)?;
@@ -307,9 +317,14 @@ impl Db {
             query_timeout: config.query_timeout,
             acquire_timeout: config.acquire_timeout,
             pool_max: config.pool_max,
-            wait,
+            faults,
             metrics,
         })
+    }
+
+    /// How long a query starting now waits for a free connection.
+    fn wait(&self) -> PoolWait {
+        PoolWait::for_deadline(self.faults.current().deadline)
     }
 
     /// Takes a connection from the pool, waiting for a free one as
@@ -319,7 +334,7 @@ impl Db {
         deadline: Option<Instant>,
     ) -> Result<PoolConnection<MySql>, DbError> {
         let _waiting = GaugeGuard::new(&self.metrics.waiting);
-        match self.wait {
+        match self.wait() {
             PoolWait::Bounded => {
                 let budget = crate::deadline::remaining(deadline, self.acquire_timeout);
                 if budget.is_zero() {
@@ -350,7 +365,12 @@ impl Db {
                     // is down — and that error returns, as Go's dial error
                     // does. (With MySQL down, idle connections fail sqlx's
                     // test before acquire and are closed, so the size drops.)
-                    Err(sqlx::Error::PoolTimedOut) if self.at_max() => continue,
+                    // A flip to `propagate` meanwhile ends the wait here.
+                    Err(sqlx::Error::PoolTimedOut) if self.at_max() => {
+                        if self.wait() == PoolWait::Bounded {
+                            return Err(self.exhausted_error());
+                        }
+                    }
                     Err(e) => return Err(e.into()),
                 }
             },
@@ -500,12 +520,15 @@ impl Db {
     /// `visibility` (their B died) — and returns their ids. `FOR UPDATE SKIP
     /// LOCKED` lets several Bs claim side by side without ever taking the
     /// same row. The rows themselves are read afterwards, through [`crate::rows`].
+    /// `skip`: jobs this B still runs in tasks of a loop a flip replaced
+    /// (they are `pending`, unclaimed, if that loop was `unbounded`).
     pub async fn claim(
         &self,
         limit: u32,
         instance: &str,
         visibility: Duration,
         max_attempts: u32,
+        skip: &[i64],
     ) -> Result<Vec<i64>, DbError> {
         let visibility_us = i64::try_from(visibility.as_micros()).unwrap_or(i64::MAX);
         let mut conn = self.acquire(None).await?;
@@ -529,16 +552,25 @@ impl Db {
             .bind(visibility_us)
             .execute(&mut *tx)
             .await?;
-            let ids: Vec<i64> = sqlx::query_scalar(
+            let mut select: QueryBuilder<MySql> = QueryBuilder::new(
                 "SELECT id FROM jobs \
-                 WHERE (status = 'pending' AND (not_before IS NULL OR not_before <= NOW(3))) \
-                    OR (status = 'running' AND claimed_at < NOW(3) - INTERVAL ? MICROSECOND) \
-                 ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
-            )
-            .bind(visibility_us)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?;
+                 WHERE ((status = 'pending' AND (not_before IS NULL OR not_before <= NOW(3))) \
+                    OR (status = 'running' AND claimed_at < NOW(3) - INTERVAL ",
+            );
+            select.push_bind(visibility_us);
+            select.push(" MICROSECOND))");
+            if !skip.is_empty() {
+                select.push(" AND id NOT IN (");
+                let mut list = select.separated(", ");
+                for id in skip {
+                    list.push_bind(*id);
+                }
+                list.push_unseparated(")");
+            }
+            select.push(" ORDER BY id LIMIT ");
+            select.push_bind(limit);
+            select.push(" FOR UPDATE SKIP LOCKED");
+            let ids: Vec<i64> = select.build_query_scalar().fetch_all(&mut *tx).await?;
             if !ids.is_empty() {
                 let mut update: QueryBuilder<MySql> = QueryBuilder::new(
                     "UPDATE jobs SET status = 'running', attempts = attempts + 1, \

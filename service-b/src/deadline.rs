@@ -18,6 +18,13 @@
 //! In both modes, work that finishes after its caller's deadline is counted
 //! in `lab_work_after_deadline_total` by the work future itself, so the
 //! count shows late work however the work was run.
+//!
+//! The switch is read per request, so `PUT /faults` applies to the next
+//! request. Requests already running keep the mode they started with: work
+//! detached under `ignore` runs on after a flip to `propagate` (nothing can
+//! reattach it) and is not counted against `max_concurrent_requests`, so
+//! for a while B may do more than that; a handler under `propagate` stays
+//! bound to its caller after a flip to `ignore`.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -25,7 +32,7 @@ use prometheus::{Histogram, IntCounter, IntCounterVec, Registry};
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Status, metadata::MetadataMap};
 
-use lab_common::{config::DeadlineMode, metrics::Registrar};
+use lab_common::{config::DeadlineMode, faults::LiveFaults, metrics::Registrar};
 
 /// When the request reached B's connection (stamped by a server layer
 /// before the handler task is scheduled, so runtime queueing shows).
@@ -82,19 +89,20 @@ pub fn caller_deadline(arrived: Instant, metadata: &MetadataMap) -> Option<Insta
     arrived.checked_add(timeout)
 }
 
-/// Runs request work under the configured deadline policy.
+/// Runs request work under the deadline policy in force.
 #[derive(Clone)]
 pub struct DeadlinePolicy {
-    mode: DeadlineMode,
+    /// B's live switches; `deadline` is read per request.
+    faults: LiveFaults,
     limiter: Arc<Semaphore>,
     max_concurrent: usize,
     metrics: DeadlineMetrics,
 }
 
 impl DeadlinePolicy {
-    pub fn new(mode: DeadlineMode, max_concurrent: usize, metrics: DeadlineMetrics) -> Self {
+    pub fn new(faults: LiveFaults, max_concurrent: usize, metrics: DeadlineMetrics) -> Self {
         Self {
-            mode,
+            faults,
             limiter: Arc::new(Semaphore::new(max_concurrent)),
             max_concurrent,
             metrics,
@@ -126,7 +134,7 @@ impl DeadlinePolicy {
             }
             result
         };
-        match self.mode {
+        match self.faults.current().deadline {
             DeadlineMode::Ignore => {
                 // Detached: dropping this handler (caller gone, deadline
                 // passed) does not stop the task.
@@ -169,6 +177,10 @@ pub fn remaining(deadline: Option<Instant>, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lab_common::{
+        config::{Faults, Mode},
+        faults::Switch,
+    };
 
     fn metadata(timeout: &str) -> MetadataMap {
         let mut m = MetadataMap::new();
@@ -200,9 +212,19 @@ mod tests {
         assert_eq!(caller_deadline(now, &MetadataMap::new()), None);
     }
 
+    fn live(mode: DeadlineMode) -> LiveFaults {
+        let mut faults = Faults::preset(Mode::Buggy);
+        faults.deadline = mode;
+        LiveFaults::new("service-b", faults, Switch::SERVICE_B, &Registry::new())
+            .expect("live faults")
+    }
+
     fn policy(mode: DeadlineMode, max: usize) -> (DeadlinePolicy, DeadlineMetrics) {
         let metrics = DeadlineMetrics::register(&Registry::new()).expect("metrics");
-        (DeadlinePolicy::new(mode, max, metrics.clone()), metrics)
+        (
+            DeadlinePolicy::new(live(mode), max, metrics.clone()),
+            metrics,
+        )
     }
 
     #[tokio::test]
@@ -250,6 +272,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(rx.try_recv().is_err(), "the work ran on");
         assert_eq!(metrics.work_after_deadline.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_flip_applies_to_the_next_request() {
+        let metrics = DeadlineMetrics::register(&Registry::new()).expect("metrics");
+        let faults = live(DeadlineMode::Ignore);
+        let policy = DeadlinePolicy::new(faults.clone(), 1, metrics.clone());
+        let now = Instant::now();
+        let stale = Some(now);
+        // `ignore` runs work whose deadline already passed (and counts it late)…
+        policy
+            .run(now, stale, |_| async { Ok(()) })
+            .await
+            .expect("ignore runs it");
+        assert_eq!(metrics.work_after_deadline.get(), 1);
+        faults
+            .apply(&serde_json::json!({"deadline": "propagate"}), "test")
+            .expect("flip");
+        // …and right after the flip the same request is skipped.
+        let skipped = policy
+            .run(now, stale, |_| async { Ok(()) })
+            .await
+            .expect_err("propagate skips it");
+        assert_eq!(skipped.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(metrics.refused.with_label_values(&["stale"]).get(), 1);
+        assert_eq!(metrics.work_after_deadline.get(), 1);
     }
 
     #[tokio::test]

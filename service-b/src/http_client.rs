@@ -26,6 +26,15 @@
 //!   `partner.client_max_connections` calls — and so connections — at once;
 //!   every body is read to the end under a size limit, so each connection
 //!   goes back to the pool and is reused (one handshake per connection).
+//!
+//! Both forms live side by side in one [`PartnerClient`], and each call
+//! takes the form the switch says at its start, so `PUT /faults` applies to
+//! the next call: after a flip to `shared` no client is built any more (the
+//! shared one is built at start under `shared`, otherwise by the first call
+//! after the flip), after a flip back every call builds one again. Calls in
+//! flight finish in the form they started in. A flip does not undo the
+//! leak: the `(Client, Response)` pairs already kept stay kept, with their
+//! sockets, until B restarts — as the Go process's did.
 
 use std::{
     fmt,
@@ -37,9 +46,15 @@ use std::{
     time::Duration,
 };
 
-use lab_common::config::{HttpClientMode, PartnerConfig};
+use lab_common::{
+    config::{HttpClientMode, PartnerConfig},
+    faults::LiveFaults,
+};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{OnceCell, Semaphore},
+    time::Instant,
+};
 
 use lab_common::metrics::Registrar;
 
@@ -140,16 +155,16 @@ impl From<reqwest::Error> for CallError {
     }
 }
 
-/// B's client of partner-api, in the configured form.
+/// B's client of partner-api: both forms, the switch choosing per call.
 pub struct PartnerClient {
     url: String,
     metrics: HttpClientMetrics,
-    form: Form,
-}
-
-enum Form {
-    PerRequest(PerRequest),
-    Shared(Shared),
+    /// B's live switches; `http_client` is read per call.
+    faults: LiveFaults,
+    per_request: PerRequest,
+    /// Built at start under `shared`, else by the first `shared` call.
+    shared: OnceCell<Shared>,
+    config: PartnerConfig,
 }
 
 /// `per-request`: what every call rebuilds, and what it never lets go of.
@@ -173,52 +188,67 @@ struct Shared {
     max_body_bytes: usize,
 }
 
+impl Shared {
+    /// The one pooled client. Reads the CA once and fails if it cannot.
+    fn build(config: &PartnerConfig, metrics: &HttpClientMetrics) -> anyhow::Result<Self> {
+        let pem = std::fs::read(&config.ca_cert)
+            .map_err(|e| anyhow::anyhow!("reading partner.ca_cert {:?}: {e}", config.ca_cert))?;
+        let max = config.client_max_connections as usize;
+        let client = client_builder(tls_config(&pem)?, metrics)
+            .connect_timeout(config.client_connect_timeout)
+            .timeout(config.client_timeout)
+            .pool_max_idle_per_host(max)
+            // Close idle connections before partner-api does (its
+            // idle timeout), so a reused one is never half-closed.
+            .pool_idle_timeout(config.idle_timeout.mul_f64(0.5))
+            .build()?;
+        metrics.clients_built.inc();
+        Ok(Shared {
+            client,
+            in_flight: Semaphore::new(max),
+            timeout: config.client_timeout,
+            max_body_bytes: config.client_max_body_bytes,
+        })
+    }
+}
+
 impl PartnerClient {
-    /// Builds the client for `mode`. `shared` reads the CA now and fails if it
-    /// cannot; `per-request` reads it on every call, as the Go code did.
+    /// The client of B's switches `faults`. Under `shared` it builds the
+    /// shared client now (reading the CA) and fails if it cannot;
+    /// `per-request` reads the CA on every call, as the Go code did.
     pub fn new(
-        mode: HttpClientMode,
+        faults: LiveFaults,
         config: &PartnerConfig,
         metrics: HttpClientMetrics,
     ) -> anyhow::Result<Self> {
         let url = format!("{}/v1/enrich", config.url.trim_end_matches('/'));
-        let form = match mode {
-            HttpClientMode::PerRequest => Form::PerRequest(PerRequest {
+        let shared = match faults.current().http_client {
+            HttpClientMode::Shared => OnceCell::new_with(Some(Shared::build(config, &metrics)?)),
+            HttpClientMode::PerRequest => OnceCell::new(),
+        };
+        Ok(Self {
+            url,
+            metrics,
+            faults,
+            per_request: PerRequest {
                 ca_cert: PathBuf::from(&config.ca_cert),
                 unclosed: Mutex::new(Vec::new()),
-            }),
-            HttpClientMode::Shared => {
-                let pem = std::fs::read(&config.ca_cert).map_err(|e| {
-                    anyhow::anyhow!("reading partner.ca_cert {:?}: {e}", config.ca_cert)
-                })?;
-                let max = config.client_max_connections as usize;
-                let client = client_builder(tls_config(&pem)?, &metrics)
-                    .connect_timeout(config.client_connect_timeout)
-                    .timeout(config.client_timeout)
-                    .pool_max_idle_per_host(max)
-                    // Close idle connections before partner-api does (its
-                    // idle timeout), so a reused one is never half-closed.
-                    .pool_idle_timeout(config.idle_timeout.mul_f64(0.5))
-                    .build()?;
-                metrics.clients_built.inc();
-                Form::Shared(Shared {
-                    client,
-                    in_flight: Semaphore::new(max),
-                    timeout: config.client_timeout,
-                    max_body_bytes: config.client_max_body_bytes,
-                })
-            }
-        };
-        Ok(Self { url, metrics, form })
+            },
+            shared,
+            config: config.clone(),
+        })
     }
 
-    /// `POST /v1/enrich` with the job's payload.
+    /// `POST /v1/enrich` with the job's payload, in the form in force now.
     pub async fn enrich(&self, payload: &str) -> Result<Enrichment, CallError> {
         let started = Instant::now();
         let body = serde_json::json!({ "payload": payload }).to_string();
-        let result = match &self.form {
-            Form::PerRequest(form) => self.enrich_per_request(form, body).await,
-            Form::Shared(form) => self.enrich_shared(form, body).await,
+        let result = match self.faults.current().http_client {
+            HttpClientMode::PerRequest => self.enrich_per_request(&self.per_request, body).await,
+            HttpClientMode::Shared => match self.shared_client().await {
+                Ok(form) => self.enrich_shared(form, body).await,
+                Err(e) => Err(e),
+            },
         };
         self.metrics
             .call_duration
@@ -226,6 +256,15 @@ impl PartnerClient {
         let outcome = result.as_ref().map_or_else(CallError::outcome, |_| "ok");
         self.metrics.calls.with_label_values(&[outcome]).inc();
         result
+    }
+
+    /// The shared client, built by the first call that needs it (after a
+    /// flip from `per-request`); a failed build is tried again next call.
+    async fn shared_client(&self) -> Result<&Shared, CallError> {
+        self.shared
+            .get_or_try_init(|| async { Shared::build(&self.config, &self.metrics) })
+            .await
+            .map_err(|e| CallError::Failed(format!("building the shared partner client: {e:#}")))
     }
 
     /// `POST /v1/enrich` with `body`, on `client`.

@@ -26,11 +26,16 @@
 //!   happened); a row that fails to decode is skipped and returned as a
 //!   [`BadRow`] so the worker dead-letters it with the reason, and the rest
 //!   of the batch goes on.
+//!
+//! The switch is read per batch, so `PUT /faults` applies from the next
+//! batch. A flip to `close` does not give back connections already leaked:
+//! they stay checked out until B restarts, as the Go process's did, and
+//! `lab_db_connections_leaked` keeps its value; it just stops rising.
 
 use std::sync::Mutex;
 
 use futures::TryStreamExt;
-use lab_common::config::RowsMode;
+use lab_common::{config::RowsMode, faults::LiveFaults};
 use prometheus::{IntGauge, Registry};
 use sqlx::{
     MySql, QueryBuilder, Row,
@@ -85,21 +90,22 @@ struct LeakedResultSet {
     _connection: PoolConnection<MySql>,
 }
 
-/// The batch reader of the job worker, in the configured form.
+/// The batch reader of the job worker, in the form in force.
 pub struct JobRows {
-    mode: RowsMode,
+    /// B's live switches; `rows` is read per batch.
+    faults: LiveFaults,
     leaked: Mutex<Vec<LeakedResultSet>>,
     leaked_gauge: IntGauge,
 }
 
 impl JobRows {
-    pub fn new(mode: RowsMode, registry: &Registry) -> prometheus::Result<Self> {
+    pub fn new(faults: LiveFaults, registry: &Registry) -> prometheus::Result<Self> {
         let leaked_gauge = Registrar(registry).int_gauge(
             "lab_db_connections_leaked",
             "MySQL pool connections held forever by a result set abandoned on a row decode error (rows = leak-on-error).",
         )?;
         Ok(Self {
-            mode,
+            faults,
             leaked: Mutex::new(Vec::new()),
             leaked_gauge,
         })
@@ -141,7 +147,7 @@ impl JobRows {
     ) -> Result<Vec<BadRow>, DbError> {
         let mut connection = db.acquire(None).await?;
         let mut bad = Vec::new();
-        let mode = self.mode;
+        let mode = self.faults.current().rows;
         let abandoned_on = db
             .within(None, async {
                 let mut rows = query.fetch(&mut *connection);

@@ -24,20 +24,40 @@
 //! Every form reads its rows through [`crate::rows`] (cause 4b) and ends
 //! each job with a call to partner-api through [`crate::http_client`]
 //! (cause 4a).
+//!
+//! The switch is live: [`run`] runs one loop in the current form and
+//! replaces it when `PUT /faults` flips `worker`. The old loop stops
+//! fetching and claiming at once (it finishes the fetch or claim it is in,
+//! starting tasks for the rows it already holds, and reads nothing more);
+//! the job tasks it started run to their end — a Go goroutine could not be
+//! recalled either, and cutting a job mid-way would leave its row half
+//! done. Until they end, the new loop does not start any job they hold:
+//! `bounded` leaves those rows out of its claim (under `unbounded` and
+//! `capped` rows stay `pending` while they run, so a claim would otherwise
+//! take them), `unbounded` and `capped` skip them when they read a batch.
+//! So a flip never runs a job twice; `unbounded` and `capped` still re-run
+//! their *own* rows in flight — that is their bug. `bounded` builds a new
+//! pool on each start (tasks of an older `bounded` loop keep their slots of
+//! the old one), and `capped` counts every task alive, the old loop's too.
+//! Rows a `bounded` loop claimed but never started (its read of them
+//! failed) wait, as ever, for a `bounded` loop — here or on another B — to
+//! take them back after `worker.visibility_timeout`.
+//! `lab_worker_loops_running`, `lab_worker_loops_started_total{mode}` and
+//! `lab_worker_old_loop_tasks_alive` show the replacement.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use lab_common::config::{WorkerConfig, WorkerMode};
+use lab_common::config::{Faults, SwitchValue, WorkerConfig, WorkerMode};
 use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use lab_common::metrics::Registrar;
@@ -56,6 +76,9 @@ pub struct WorkerMetrics {
     pub jobs: IntCounterVec,
     pub duplicates: IntCounter,
     pub job_lag: HistogramVec,
+    pub loops_running: IntGauge,
+    pub loops_started: IntCounterVec,
+    pub old_loop_tasks: IntGauge,
 }
 
 impl WorkerMetrics {
@@ -81,6 +104,19 @@ impl WorkerMetrics {
                 "Time from a job's creation to an attempt picking it up.",
                 &["mode"],
             )?,
+            loops_running: r.int_gauge(
+                "lab_worker_loops_running",
+                "Worker loops fetching or claiming jobs now: 1 while the worker runs (a flip of faults.worker replaces the loop, never adds one).",
+            )?,
+            loops_started: r.int_counter_vec(
+                "lab_worker_loops_started_total",
+                "Worker loops started, by mode: one at start, one more per flip of faults.worker.",
+                &["mode"],
+            )?,
+            old_loop_tasks: r.int_gauge(
+                "lab_worker_old_loop_tasks_alive",
+                "Job tasks still alive that a loop replaced by a flip of faults.worker started (part of lab_worker_tasks_alive).",
+            )?,
         })
     }
 }
@@ -95,19 +131,104 @@ struct Shared {
     metrics: WorkerMetrics,
     /// Job ids with an attempt running in this process (duplicate detection).
     running: Mutex<HashSet<i64>>,
-    /// Low-priority threads for `bounded`'s CPU work.
-    cpu_pool: Option<rayon::ThreadPool>,
+    /// Low-priority threads for `bounded`'s CPU work, built when a
+    /// `bounded` loop first starts.
+    cpu_pool: OnceLock<Option<rayon::ThreadPool>>,
+    /// The tasks of the loop running now.
+    current_loop: Mutex<Arc<LoopTasks>>,
+    /// Loops a flip replaced, while some of their tasks still run.
+    old_loops: Mutex<Vec<Arc<LoopTasks>>>,
+}
+
+impl Shared {
+    fn current_loop(&self) -> Arc<LoopTasks> {
+        lock(&self.current_loop).clone()
+    }
+
+    /// After a flip: the tasks of the loop that stopped become old-loop
+    /// tasks, and the next loop starts with none.
+    fn replace_loop(&self) {
+        let old = std::mem::take(&mut *lock(&self.current_loop));
+        let alive = old.mark_replaced();
+        self.metrics.old_loop_tasks.add(alive);
+        if alive > 0 {
+            lock(&self.old_loops).push(old);
+        }
+    }
+
+    /// Jobs that tasks of replaced loops still run: the current loop must
+    /// not start them again.
+    fn held_by_old_loops(&self) -> HashSet<i64> {
+        let mut old_loops = lock(&self.old_loops);
+        old_loops.retain(|l| !l.is_empty());
+        old_loops.iter().flat_map(|l| l.jobs()).collect()
+    }
+}
+
+/// The job tasks one loop started that are still alive.
+#[derive(Default)]
+struct LoopTasks(Mutex<LoopState>);
+
+#[derive(Default)]
+struct LoopState {
+    /// Job id → tasks of this loop running it (more than one: a duplicate).
+    jobs: HashMap<i64, i64>,
+    /// A flip replaced the loop.
+    replaced: bool,
+}
+
+impl LoopTasks {
+    fn hold(&self, job: i64) {
+        *lock(&self.0).jobs.entry(job).or_default() += 1;
+    }
+
+    /// One task ended; returns whether its loop was already replaced.
+    fn release(&self, job: i64) -> bool {
+        let mut state = lock(&self.0);
+        if let Some(n) = state.jobs.get_mut(&job) {
+            *n -= 1;
+            if *n <= 0 {
+                state.jobs.remove(&job);
+            }
+        }
+        state.replaced
+    }
+
+    /// Marks the loop replaced; returns its tasks still alive.
+    fn mark_replaced(&self) -> i64 {
+        let mut state = lock(&self.0);
+        state.replaced = true;
+        state.jobs.values().sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        lock(&self.0).jobs.is_empty()
+    }
+
+    fn jobs(&self) -> Vec<i64> {
+        lock(&self.0).jobs.keys().copied().collect()
+    }
+}
+
+/// Nothing panics while holding these locks; a poisoned one is still
+/// consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Keeps the alive counts and the running set true however a task ends.
 struct TaskGuard {
     shared: Arc<Shared>,
+    /// The loop that started the task.
+    owner: Arc<LoopTasks>,
     job: i64,
     duplicate: bool,
 }
 
 impl TaskGuard {
     fn start(shared: &Arc<Shared>, job: i64) -> Self {
+        let owner = shared.current_loop();
+        owner.hold(job);
         shared.metrics.tasks_alive.inc();
         shared.metrics.tasks_spawned.inc();
         let duplicate = match shared.running.lock() {
@@ -119,6 +240,7 @@ impl TaskGuard {
         }
         Self {
             shared: shared.clone(),
+            owner,
             job,
             duplicate,
         }
@@ -128,6 +250,9 @@ impl TaskGuard {
 impl Drop for TaskGuard {
     fn drop(&mut self) {
         self.shared.metrics.tasks_alive.dec();
+        if self.owner.release(self.job) {
+            self.shared.metrics.old_loop_tasks.dec();
+        }
         if !self.duplicate
             && let Ok(mut running) = self.shared.running.lock()
         {
@@ -145,11 +270,15 @@ pub struct Deps {
     pub metrics: WorkerMetrics,
 }
 
-/// Runs the configured worker until `shutdown`.
-pub async fn run(mode: WorkerMode, config: WorkerConfig, deps: Deps, shutdown: CancellationToken) {
-    let cpu_pool = (mode == WorkerMode::Bounded)
-        .then(|| low_priority_pool(&config))
-        .flatten();
+/// Runs the worker until `shutdown`: a loop in the form `faults` says now,
+/// replaced by one in the new form each time the `worker` switch flips (see
+/// the module comment for what happens to the old loop's jobs).
+pub async fn run(
+    mut faults: watch::Receiver<Faults>,
+    config: WorkerConfig,
+    deps: Deps,
+    shutdown: CancellationToken,
+) {
     let Deps {
         db,
         rows,
@@ -165,41 +294,93 @@ pub async fn run(mode: WorkerMode, config: WorkerConfig, deps: Deps, shutdown: C
         config,
         metrics,
         running: Mutex::new(HashSet::new()),
-        cpu_pool,
+        cpu_pool: OnceLock::new(),
+        current_loop: Mutex::default(),
+        old_loops: Mutex::default(),
     });
-    tracing::info!(?mode, "job worker started");
-    match mode {
-        WorkerMode::Unbounded => unbounded(shared, shutdown).await,
-        WorkerMode::Capped => capped(shared, shutdown).await,
-        WorkerMode::Bounded => bounded(shared, shutdown).await,
+    loop {
+        let mode = faults.borrow_and_update().worker;
+        let stop = shutdown.child_token();
+        shared.metrics.loops_running.inc();
+        shared
+            .metrics
+            .loops_started
+            .with_label_values(&[mode.as_str()])
+            .inc();
+        tracing::info!(?mode, "job worker loop started");
+        let work = run_loop(mode, shared.clone(), stop.clone());
+        tokio::pin!(work);
+        let flipped = tokio::select! {
+            () = &mut work => false,
+            () = worker_flipped(&mut faults, mode) => true,
+        };
+        if flipped {
+            // Finishes the fetch or claim it is in, then reads no more.
+            stop.cancel();
+            work.await;
+        }
+        shared.metrics.loops_running.dec();
+        if !flipped || shutdown.is_cancelled() {
+            return;
+        }
+        shared.replace_loop();
+        tracing::info!(from = ?mode, "job worker loop stopped by a flip; its tasks run to their end");
     }
 }
 
-/// Sleeps `d` unless shutdown comes first; false on shutdown.
-async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
+/// Returns once the `worker` switch is no longer `from` (never, if the
+/// switches can no longer change).
+async fn worker_flipped(faults: &mut watch::Receiver<Faults>, from: WorkerMode) {
+    if faults.wait_for(|f| f.worker != from).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One loop in `mode`, until `stop`.
+async fn run_loop(mode: WorkerMode, shared: Arc<Shared>, stop: CancellationToken) {
+    match mode {
+        WorkerMode::Unbounded => unbounded(shared, stop).await,
+        WorkerMode::Capped => capped(shared, stop).await,
+        WorkerMode::Bounded => {
+            shared
+                .cpu_pool
+                .get_or_init(|| low_priority_pool(&shared.config));
+            bounded(shared, stop).await
+        }
+    }
+}
+
+/// Sleeps `d` unless the loop is stopped first; false when stopped.
+async fn pause(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
+        biased;
+        _ = stop.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
-        _ = shutdown.cancelled() => false,
     }
 }
 
 /// The incident: fetch a batch every tick, one task per row, no limit.
-async fn unbounded(shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn unbounded(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         spawn_pending_batch(&shared, "unbounded").await;
-        if !pause(shared.config.tick, &shutdown).await {
+        if !pause(shared.config.tick, &stop).await {
             return;
         }
     }
 }
 
 /// One tick of `unbounded` / `capped`: read pending rows (unclaimed) and
-/// start a task for each as it is decoded.
+/// start a task for each as it is decoded — except rows a replaced loop's
+/// tasks still run.
 async fn spawn_pending_batch(shared: &Arc<Shared>, mode: &'static str) {
     let batch = Batch::Pending(shared.config.batch);
+    let held_by_old_loops = shared.held_by_old_loops();
     let streamed = shared
         .rows
         .stream(&shared.db, &batch, |job| {
+            if held_by_old_loops.contains(&job.id) {
+                return;
+            }
             // Counted at spawn, not when first polled: on a starved runtime,
             // spawned-but-waiting tasks are the pile-up.
             let guard = TaskGuard::start(shared, job.id);
@@ -223,20 +404,20 @@ async fn dead_letter(shared: &Shared, bad: Vec<BadRow>, fenced: bool) {
 }
 
 /// The team's patch: the same loop, skipped while more than `cap` run.
-async fn capped(shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn capped(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         // The patch's counter is the alive-tasks gauge itself.
         let running = shared.metrics.tasks_alive.get();
         if running > i64::from(shared.config.cap) {
             // "if more than 200 running, sleep 3 s" — and then fetch a whole
             // batch again, whatever the count is by then.
-            if !pause(shared.config.cap_sleep, &shutdown).await {
+            if !pause(shared.config.cap_sleep, &stop).await {
                 return;
             }
             continue;
         }
         spawn_pending_batch(&shared, "capped").await;
-        if !pause(shared.config.tick, &shutdown).await {
+        if !pause(shared.config.tick, &stop).await {
             return;
         }
     }
@@ -263,18 +444,20 @@ async fn attempt_unclaimed(
 }
 
 /// The fix: a fixed pool fed by atomic claims, only as many as fit.
-async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(shared.config.pool_size as usize));
     loop {
         // Backpressure: wait for a free slot before reading anything.
         let first = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = shutdown.cancelled() => return,
         };
         let free = 1 + slots.available_permits() as u32;
+        let held_by_old_loops: Vec<i64> = shared.held_by_old_loops().into_iter().collect();
         let ids = match shared
             .db
             .claim(
@@ -282,6 +465,7 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
                 &shared.instance,
                 shared.config.visibility_timeout,
                 shared.config.max_attempts,
+                &held_by_old_loops,
             )
             .await
         {
@@ -293,7 +477,7 @@ async fn bounded(shared: Arc<Shared>, shutdown: CancellationToken) {
         };
         if ids.is_empty() {
             drop(first);
-            if !pause(shared.config.tick, &shutdown).await {
+            if !pause(shared.config.tick, &stop).await {
                 return;
             }
             continue;
@@ -414,7 +598,7 @@ async fn handle(shared: &Shared, payload: &str, cpu: Cpu) -> Outcome {
         .config
         .cpu_per_kib
         .mul_f64(payload.len() as f64 / 1024.0);
-    let digest = match (cpu, &shared.cpu_pool) {
+    let digest = match (cpu, shared.cpu_pool.get().and_then(Option::as_ref)) {
         (Cpu::Pool, Some(pool)) => {
             // If this attempt is abandoned (job timeout), the flag stops the
             // CPU work too, so the pool never does work nobody waits for.
