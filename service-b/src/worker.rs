@@ -680,6 +680,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_replaced_loop_counts_and_names_its_tasks_until_they_end() {
+        let tasks = LoopTasks::default();
+        tasks.hold(7);
+        tasks.hold(7); // a duplicate start of job 7
+        tasks.hold(8);
+        assert!(!tasks.release(8), "not replaced yet");
+        assert_eq!(tasks.mark_replaced(), 2, "two tasks still alive");
+        assert_eq!(
+            tasks.jobs(),
+            vec![7],
+            "the job the next loop must not start"
+        );
+        assert!(tasks.release(7), "an old-loop task ended");
+        assert_eq!(tasks.jobs(), vec![7], "still held by the other task");
+        assert!(tasks.release(7));
+        assert!(tasks.is_empty());
+    }
+
+    #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {
         let base = Duration::from_millis(100);
         for _ in 0..50 {
