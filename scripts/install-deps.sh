@@ -12,6 +12,10 @@ have mariadbd || have mysqld || missing+=(mariadb-server)
 have mariadb-install-db || have mysqld || missing+=(mariadb-server)
 have etcd || missing+=(etcd-server)
 have haproxy || missing+=(haproxy)
+# Building: ring and jemalloc (the services' allocator) compile C with cc;
+# jemalloc's build also runs make.
+have cc || missing+=(gcc libc6-dev)
+have make || missing+=(make)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     # de-duplicate
@@ -35,6 +39,7 @@ install-deps: no apt-get here. Install these with your package manager and re-ru
   - MariaDB >= 10.6 or MySQL 8 server (mariadbd/mysqld)
   - etcd >= 3.4 (etcd)
   - HAProxy >= 2.4 (haproxy)
+  - a C compiler (cc) and make, to build ring and jemalloc
 MSG
         exit 1
     fi

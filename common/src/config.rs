@@ -492,13 +492,26 @@ impl Default for SlbConfig {
 }
 
 /// The admin listeners' operator endpoints.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Bearer token for what changes state or costs CPU (`PUT /faults`,
     /// profiles, task dumps). Empty: those endpoints are off. `labctl up`
     /// generates one into `<state-dir>/admin.token`.
     pub token: AdminToken,
+    /// jemalloc samples allocations from start, so `GET /debug/pprof/heap`
+    /// can show what is live. On by default: its measured cost is small
+    /// (docs/architecture.md, "Profiles and task dumps").
+    pub heap_profiling: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: AdminToken::default(),
+            heap_profiling: true,
+        }
+    }
 }
 
 /// The operator token. Its `Debug` never shows it, so a logged config or

@@ -10,7 +10,7 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let cancel = token.clone();
-    tokio::spawn(async move {
+    crate::tasks::spawn("shutdown.signal", async move {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
@@ -34,6 +34,9 @@ where
 {
     crate::telemetry::init(service, &config.telemetry);
     raise_open_file_limit();
+    if let Err(reason) = crate::heap::set_active(config.admin.heap_profiling).await {
+        tracing::warn!(%reason, "heap profiling unavailable");
+    }
     let shutdown = match on_signal() {
         Ok(token) => token,
         Err(e) => {

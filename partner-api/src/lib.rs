@@ -55,7 +55,10 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         faults,
         readiness,
     });
-    let mut admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));
+    let mut admin_task = lab_common::tasks::spawn(
+        "admin.listener",
+        admin::serve(admin_listener, admin_router, shutdown.clone()),
+    );
     tracing::info!(
         listen = %partner.listen,
         admin = %partner.admin_listen,

@@ -3,6 +3,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use lab_common::config::{ConfigArgs, load_or_exit};
 
+// jemalloc, with its heap profiler ready (GET /debug/pprof/heap).
+lab_common::jemalloc_with_heap_profiling!();
+
 /// partner-api: the HTTPS partner service B calls once per job (docs/architecture.md; the README's "Cause 4" tells its story).
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -103,7 +103,10 @@ pub async fn serve(
                 settings.metrics.connections_accepted.inc();
                 let open = settings.metrics.open_connection();
                 let _ = tcp.set_nodelay(true);
-                connections.spawn(connection(tcp, peer, settings.clone(), open));
+                connections.spawn(lab_common::tasks::named(
+                    "partner.connection",
+                    connection(tcp, peer, settings.clone(), open),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors, say: accepting again at once

@@ -129,14 +129,17 @@ fn client_side(
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (ejected_tx, ejected_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(discovery::run(
-        config.etcd.clone(),
-        discovery::Guard::from_config(&config.service_a),
-        tx,
-        ejected_rx,
-        metrics,
-        shutdown.clone(),
-    ));
+    lab_common::tasks::spawn(
+        "discovery.watch",
+        discovery::run(
+            config.etcd.clone(),
+            discovery::Guard::from_config(&config.service_a),
+            tx,
+            ejected_rx,
+            metrics,
+            shutdown.clone(),
+        ),
+    );
     let connect_timeout = config.service_a.connect_timeout;
     let changes = UnboundedReceiverStream::new(rx).filter_map(move |change| match change {
         Change::Insert(id, addr) => {

@@ -77,7 +77,10 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         faults,
         readiness,
     });
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_router, shutdown.clone()));
+    let admin_task = lab_common::tasks::spawn(
+        "admin.listener",
+        admin::serve(admin_listener, admin_router, shutdown.clone()),
+    );
 
     let app = api::router(
         api::AppState {

@@ -3,6 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use lab_common::config::{ConfigArgs, load_or_exit};
 
+// jemalloc, with its heap profiler ready (GET /debug/pprof/heap).
+lab_common::jemalloc_with_heap_profiling!();
+
 /// Service A: HTTP/JSON front and gRPC client of B. Ports and roles: docs/architecture.md, "Processes".
 #[derive(Debug, Parser)]
 #[command(version, about)]

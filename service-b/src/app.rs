@@ -121,15 +121,18 @@ impl Application {
             stop_registration.clone(),
         );
         let stop_worker = start_worker(&config, &faults, partner, &db, &instance_id, &metrics);
-        let sequence = tokio::spawn(shutdown_sequence(ShutdownSteps {
-            shutdown: shutdown.clone(),
-            stop_worker,
-            health,
-            stop_registration,
-            registration,
-            drain_period: config.service_b.drain_period,
-            stop_serving: stop_serving.clone(),
-        }));
+        let sequence = lab_common::tasks::spawn(
+            "shutdown.sequence",
+            shutdown_sequence(ShutdownSteps {
+                shutdown: shutdown.clone(),
+                stop_worker,
+                health,
+                stop_registration,
+                registration,
+                drain_period: config.service_b.drain_period,
+                stop_serving: stop_serving.clone(),
+            }),
+        );
         let served = finish_in_flight(serve, &stop_serving, config.service_b.shutdown_grace).await;
         sequence.abort();
         readiness.serving.store(false, Ordering::Release);
@@ -227,18 +230,21 @@ fn register_in_etcd(
     readiness: &Readiness,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(registry::maintain(
-        config.etcd.clone(),
-        Registration::new(
-            &config.etcd,
-            instance_id,
-            advertised,
-            &config.service_b.admin_listen,
+    lab_common::tasks::spawn(
+        "registry.keepalive",
+        registry::maintain(
+            config.etcd.clone(),
+            Registration::new(
+                &config.etcd,
+                instance_id,
+                advertised,
+                &config.service_b.admin_listen,
+            ),
+            metrics.registry.clone(),
+            readiness.registration.clone(),
+            stop,
         ),
-        metrics.registry.clone(),
-        readiness.registration.clone(),
-        stop,
-    ))
+    )
 }
 
 /// Starts the job worker if it is enabled, following the `worker` switch
@@ -253,18 +259,21 @@ fn start_worker(
 ) -> CancellationToken {
     let stop = CancellationToken::new();
     if let Some(partner) = partner {
-        tokio::spawn(worker::run(
-            faults.subscribe(),
-            config.worker.clone(),
-            worker::Deps {
-                db: db.clone(),
-                rows: metrics.job_rows.clone(),
-                partner,
-                instance: instance_id.clone(),
-                metrics: metrics.worker.clone(),
-            },
-            stop.clone(),
-        ));
+        lab_common::tasks::spawn(
+            "worker.loop",
+            worker::run(
+                faults.subscribe(),
+                config.worker.clone(),
+                worker::Deps {
+                    db: db.clone(),
+                    rows: metrics.job_rows.clone(),
+                    partner,
+                    instance: instance_id.clone(),
+                    metrics: metrics.worker.clone(),
+                },
+                stop.clone(),
+            ),
+        );
     }
     stop
 }
@@ -380,11 +389,10 @@ async fn start_admin(
         faults: faults.clone(),
         readiness: readiness.probe(),
     });
-    Ok(tokio::spawn(admin::serve(
-        listener,
-        router,
-        shutdown.clone(),
-    )))
+    Ok(lab_common::tasks::spawn(
+        "admin.listener",
+        admin::serve(listener, router, shutdown.clone()),
+    ))
 }
 
 /// Connects to MySQL (waiting for it to come up), then migrates and seeds,

@@ -138,7 +138,7 @@ impl DeadlinePolicy {
             DeadlineMode::Ignore => {
                 // Detached: dropping this handler (caller gone, deadline
                 // passed) does not stop the task.
-                let task = tokio::spawn(async move {
+                let task = lab_common::tasks::spawn("grpc.detached-request", async move {
                     metrics.queue.observe(arrived.elapsed().as_secs_f64());
                     work(None).await
                 });

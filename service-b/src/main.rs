@@ -3,6 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use lab_common::config::{ConfigArgs, ConfigError, Origin, load_or_exit};
 
+// jemalloc, with its heap profiler ready (GET /debug/pprof/heap).
+lab_common::jemalloc_with_heap_profiling!();
+
 /// Service B: the gRPC callee over MySQL, and partner-api's client.
 #[derive(Debug, Parser)]
 #[command(version, about)]

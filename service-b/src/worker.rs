@@ -385,7 +385,9 @@ async fn spawn_pending_batch(shared: &Arc<Shared>, mode: &'static str) {
             // spawned-but-waiting tasks are the pile-up.
             let guard = TaskGuard::start(shared, job.id);
             let shared = shared.clone();
-            tokio::spawn(async move { attempt_unclaimed(shared, job, guard, mode).await });
+            lab_common::tasks::spawn("worker.job", async move {
+                attempt_unclaimed(shared, job, guard, mode).await
+            });
         })
         .await;
     match streamed {
@@ -496,7 +498,7 @@ async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
                 };
                 let guard = TaskGuard::start(&shared, job.id);
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                lab_common::tasks::spawn("worker.job", async move {
                     let _slot = permit;
                     attempt_claimed(shared, job, guard).await;
                 });
@@ -634,7 +636,8 @@ impl Drop for AbandonOnDrop {
 }
 
 /// Real CPU work — repeated hashing of the payload — for `budget` of time,
-/// or until `stop` is set.
+/// or until `stop` is set. Never inlined, so CPU profiles name it.
+#[inline(never)]
 pub fn burn_cpu(data: &[u8], budget: Duration, stop: &AtomicBool) -> u64 {
     let started = Instant::now();
     let mut hasher = DefaultHasher::new();

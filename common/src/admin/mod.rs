@@ -9,13 +9,19 @@
 //! and, for operators only (bearer `admin.token`, see [`auth`]), the routes
 //! that change state or cost CPU, in [`operator_routes`]:
 //!
-//! * `PUT /faults`  — a partial JSON patch of owned switches, applied live.
+//! * `PUT /faults`  — a partial JSON patch of owned switches, applied live;
+//! * `GET /debug/pprof/profile?seconds=N` — a CPU profile ([`profiles`]);
+//! * `GET /debug/pprof/heap` — live heap by allocation site ([`profiles`]);
+//! * `GET /debug/tasks` — alive tasks by name, stacks with `stacks=1`
+//!   ([`tasks`]).
 //!
 //! Every service serves exactly these routes, each with its own
 //! [`AdminState`]: what differs between services is the readiness probe and
 //! the metrics in the registry, not the routes.
 
 pub mod auth;
+mod profiles;
+mod tasks;
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
@@ -72,6 +78,9 @@ pub fn router(state: AdminState) -> Router {
 fn operator_routes() -> Router<AdminState> {
     Router::new()
         .route("/faults", put(put_faults))
+        .route("/debug/pprof/profile", get(profiles::cpu_profile))
+        .route("/debug/pprof/heap", get(profiles::heap_profile))
+        .route("/debug/tasks", get(tasks::dump))
         .layer(DefaultBodyLimit::max(MAX_OPERATOR_BODY_BYTES))
 }
 

@@ -1,0 +1,192 @@
+//! `GET /debug/tasks`: how many tasks are alive, grouped by what spawned
+//! them — the equivalent of Go's `/debug/pprof/goroutine?debug=1`
+//! (docs/architecture.md, "Profiles and task dumps").
+//!
+//! * `format=text` (default) — one line per name, most first;
+//! * `format=json` — the same as JSON;
+//! * `stacks=1` — also every task's stack, grouped by identical trace, from
+//!   tokio's task dump. Only in builds with `--cfg tokio_unstable` (the
+//!   lab's `.cargo/config.toml`) on Linux x86_64/aarch64; elsewhere 501.
+
+use std::{collections::HashMap, fmt::Write as _};
+
+use axum::{
+    Json,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use super::AdminState;
+use crate::tasks::{self, NamedCount};
+
+/// Counts of alive tasks, named and not.
+struct Counts {
+    alive: i64,
+    named: Vec<NamedCount>,
+    unnamed: i64,
+}
+
+fn counts() -> Counts {
+    let alive = i64::try_from(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
+    )
+    .unwrap_or(i64::MAX);
+    let named = tasks::snapshot();
+    let named_alive: i64 = named.iter().map(|c| c.alive).sum();
+    // Named tasks are counted from spawn and tokio's from its own
+    // bookkeeping: for an instant they may disagree by a task or two.
+    let unnamed = (alive - named_alive).max(0);
+    Counts {
+        alive,
+        named,
+        unnamed,
+    }
+}
+
+pub(super) async fn dump(
+    State(state): State<AdminState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let json = match params.get("format").map(String::as_str) {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            return bad_request(format!("format: {other:?} is not one of text, json"));
+        }
+    };
+    let with_stacks = match params.get("stacks").map(String::as_str) {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => return bad_request(format!("stacks: {other:?} is not 0 or 1")),
+    };
+    let counts = counts();
+    let stacks = if with_stacks {
+        match stacks::grouped().await {
+            Ok(groups) => Some(groups),
+            Err((status, code, reason)) => {
+                return (status, Json(json!({"error": reason, "code": code}))).into_response();
+            }
+        }
+    } else {
+        None
+    };
+    if json {
+        let named_alive: i64 = counts.named.iter().map(|c| c.alive).sum();
+        let mut body = json!({
+            "service": state.service,
+            "alive": counts.alive,
+            "named": named_alive,
+            "unnamed": counts.unnamed,
+            "by_name": counts.named,
+        });
+        if let Some(groups) = stacks {
+            body["stacks"] = groups
+                .into_iter()
+                .map(|(tasks, trace)| json!({"tasks": tasks, "trace": trace}))
+                .collect();
+        }
+        return Json(body).into_response();
+    }
+    let mut text = render_text(state.service, &counts);
+    if let Some(groups) = stacks {
+        for (tasks, trace) in groups {
+            let _ = write!(text, "\n{tasks} task(s) with this stack:\n{trace}\n");
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
+/// Go's `goroutine profile: total N`, then `count name` lines.
+fn render_text(service: &str, counts: &Counts) -> String {
+    let mut text = format!(
+        "{service}: {} tasks alive ({} named, {} unnamed)\n\n{:>8}  {:>10}  name\n",
+        counts.alive,
+        counts.alive - counts.unnamed,
+        counts.unnamed,
+        "alive",
+        "spawned"
+    );
+    for c in &counts.named {
+        let _ = writeln!(text, "{:>8}  {:>10}  {}", c.alive, c.spawned, c.name);
+    }
+    let _ = writeln!(
+        text,
+        "{:>8}  {:>10}  (unnamed: connections and requests of hyper, tonic, axum, sqlx)",
+        counts.unnamed, "-"
+    );
+    text
+}
+
+/// Why stacks were not given: status, code, reason.
+type Refusal = (StatusCode, &'static str, String);
+
+fn bad_request(reason: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": reason, "code": "invalid_argument"})),
+    )
+        .into_response()
+}
+
+/// Tokio's task dump, where this build has it.
+#[cfg(all(
+    tokio_unstable,
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod stacks {
+    use std::{collections::HashMap, time::Duration};
+
+    use axum::http::StatusCode;
+
+    /// A dump pauses every worker thread; one stuck in blocking code never
+    /// pauses, and the dump would wait for ever.
+    const DUMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// `(tasks, trace)` per distinct trace, most tasks first.
+    pub(super) async fn grouped() -> Result<Vec<(usize, String)>, super::Refusal> {
+        let handle = tokio::runtime::Handle::current();
+        let dump = tokio::time::timeout(DUMP_TIMEOUT, handle.dump())
+            .await
+            .map_err(|_| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "dump_timed_out",
+                    format!(
+                        "tokio's task dump did not finish in {DUMP_TIMEOUT:?}: a worker \
+                         thread is blocked and never paused"
+                    ),
+                )
+            })?;
+        let mut by_trace: HashMap<String, usize> = HashMap::new();
+        for task in dump.tasks().iter() {
+            *by_trace.entry(task.trace().to_string()).or_default() += 1;
+        }
+        let mut groups: Vec<(usize, String)> = by_trace.into_iter().map(|(t, n)| (n, t)).collect();
+        groups.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        Ok(groups)
+    }
+}
+
+#[cfg(not(all(
+    tokio_unstable,
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+mod stacks {
+    use axum::http::StatusCode;
+
+    pub(super) async fn grouped() -> Result<Vec<(usize, String)>, super::Refusal> {
+        Err((
+            StatusCode::NOT_IMPLEMENTED,
+            "stacks_unavailable",
+            "task stacks need a build with `--cfg tokio_unstable` (the lab's \
+             .cargo/config.toml; an env RUSTFLAGS replaces it) on Linux x86_64 or aarch64"
+                .into(),
+        ))
+    }
+}
