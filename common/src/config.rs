@@ -546,7 +546,7 @@ impl fmt::Debug for AdminToken {
     }
 }
 
-/// Log output.
+/// Log output and trace export.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -554,6 +554,10 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// A `tracing` filter (`RUST_LOG` wins when set).
     pub log_filter: String,
+    /// Base URL of an OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`;
+    /// spans go to `/v1/traces` under it). Empty: spans are not exported,
+    /// but trace ids are still made, propagated and logged.
+    pub otlp_endpoint: String,
 }
 
 impl Default for TelemetryConfig {
@@ -561,6 +565,7 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Text,
             log_filter: "info".into(),
+            otlp_endpoint: String::new(),
         }
     }
 }

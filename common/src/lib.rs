@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod shutdown;
 pub mod tasks;
 pub mod telemetry;
+pub mod trace;

@@ -32,7 +32,7 @@ where
     F: FnOnce(crate::config::LabConfig, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init(service, &config.telemetry);
+    let telemetry = crate::telemetry::init(service, &config.telemetry);
     raise_open_file_limit();
     if let Err(reason) = crate::heap::set_active(config.admin.heap_profiling).await {
         tracing::warn!(%reason, "heap profiling unavailable");
@@ -41,16 +41,19 @@ where
         Ok(token) => token,
         Err(e) => {
             tracing::error!(error = %e, "cannot install signal handlers");
+            telemetry.shutdown().await;
             return std::process::ExitCode::FAILURE;
         }
     };
-    match run(config, shutdown).await {
+    let code = match run(config, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "{service} failed");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 /// Raises the soft limit on open files to the hard limit, as Go's runtime

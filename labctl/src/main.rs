@@ -16,11 +16,12 @@ use cli::{BenchCmd, Cli, Cmd, ConfigCmd, ScaleCmd};
 /// runs the subcommand, and exits 1 with the error chain if it fails.
 #[tokio::main]
 async fn main() -> ExitCode {
-    lab_common::telemetry::init(
+    let _telemetry = lab_common::telemetry::init(
         "labctl",
         &TelemetryConfig {
             log_format: LogFormat::Text,
             log_filter: "warn".into(),
+            otlp_endpoint: String::new(),
         },
     );
     let result = match Cli::parse().command {

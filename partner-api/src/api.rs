@@ -79,14 +79,25 @@ pub fn router(enrich: Arc<Enrich>, metrics: Metrics) -> Router {
         .with_state(enrich)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(middleware::from_fn_with_state(metrics, count))
+        // Each request in a span joined to B's `traceparent`: the line
+        // `count` logs carries the trace id of the job's submitting request.
+        .layer(lab_common::trace::TraceContextLayer)
 }
 
+/// Counts every answer and logs it (one line per call, in the request's
+/// span, so with its trace id).
 async fn count(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let response = next.run(request).await;
     metrics
         .requests
         .with_label_values(&[response.status().as_str()])
         .inc();
+    tracing::info!(
+        status = response.status().as_u16(),
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "served"
+    );
     response
 }
 

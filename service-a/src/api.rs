@@ -1,6 +1,6 @@
 //! A's public HTTP/JSON API (docs/architecture.md, "A's HTTP API"): each route validates its input,
 //! calls B with A's deadline, and answers with `served_by` in the body and
-//! the `x-served-by` header.
+//! the `x-served-by` header, and the request's trace id in `x-trace-id`.
 
 use std::{sync::Arc, time::Instant};
 
@@ -40,6 +40,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(Arc::new(state))
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(metrics, track))
+        // Outermost, so every answer — 404, 413 and 5xx too — carries
+        // `x-trace-id`, and the call to B runs inside the request's span.
+        .layer(lab_common::trace::TraceContextLayer)
 }
 
 /// Counts and times every request by route template and status.

@@ -162,9 +162,17 @@ impl<R: Rpc> Service<Call<R>> for Calls {
     fn call(&mut self, call: Call<R>) -> Self::Future {
         let client = self.client.clone();
         let calls = self.calls.clone();
+        // The handler's request span, read here where it is current.
+        let traceparent = lab_common::trace::current_traceparent()
+            .and_then(|v| tonic::metadata::AsciiMetadataValue::try_from(v).ok());
         Box::pin(async move {
             let mut request = tonic::Request::new(call.message);
             request.set_timeout(call.deadline.saturating_duration_since(Instant::now()));
+            if let Some(value) = traceparent {
+                request
+                    .metadata_mut()
+                    .insert(lab_common::trace::TRACEPARENT, value);
+            }
             let outcome = tokio::time::timeout_at(call.deadline, R::send(client, request)).await;
             let result = match outcome {
                 Err(_) => Err(CallError::Deadline {

@@ -207,6 +207,8 @@ fn grpc_server(
     });
     let serve = server
         .layer(stamp_arrival)
+        // Each call in a span joined to A's `traceparent` metadata.
+        .layer(lab_common::trace::TraceContextLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -452,17 +452,21 @@ impl Db {
         .await
     }
 
+    /// Inserts a pending job; `traceparent` is the submitting request's
+    /// trace context, which the job's span continues.
     pub async fn insert_job(
         &self,
         payload: &[u8],
+        traceparent: Option<&str>,
         deadline: Option<Instant>,
     ) -> Result<i64, DbError> {
         let mut conn = self.acquire(deadline).await?;
         let done = self
             .within(
                 deadline,
-                sqlx::query("INSERT INTO jobs (payload) VALUES (?)")
+                sqlx::query("INSERT INTO jobs (payload, traceparent) VALUES (?, ?)")
                     .bind(payload)
+                    .bind(traceparent)
                     .execute(&mut *conn),
             )
             .await?;

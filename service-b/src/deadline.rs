@@ -31,6 +31,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use prometheus::{Histogram, IntCounter, IntCounterVec, Registry};
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Status, metadata::MetadataMap};
+use tracing::Instrument as _;
 
 use lab_common::{config::DeadlineMode, faults::LiveFaults, metrics::Registrar};
 
@@ -129,8 +130,15 @@ impl DeadlinePolicy {
         let late = self.metrics.work_after_deadline.clone();
         let work = move |honoured: Option<Instant>| async move {
             let result = work(honoured).await;
-            if deadline.is_some_and(|d| Instant::now() > d) {
+            if let Some(late_by) = late_by(deadline, Instant::now()) {
                 late.inc();
+                // In the request's span: the line carries its trace id, so
+                // the id from A's 504 finds it (docs/architecture.md, "Trace ids").
+                tracing::warn!(
+                    late_by_ms = u64::try_from(late_by.as_millis()).unwrap_or(u64::MAX),
+                    ok = result.is_ok(),
+                    "finished after the caller's deadline; the caller had already given up"
+                );
             }
             result
         };
@@ -138,10 +146,15 @@ impl DeadlinePolicy {
             DeadlineMode::Ignore => {
                 // Detached: dropping this handler (caller gone, deadline
                 // passed) does not stop the task.
-                let task = lab_common::tasks::spawn("grpc.detached-request", async move {
-                    metrics.queue.observe(arrived.elapsed().as_secs_f64());
-                    work(None).await
-                });
+                // The task keeps the request's span (and so its trace id).
+                let task = lab_common::tasks::spawn(
+                    "grpc.detached-request",
+                    async move {
+                        metrics.queue.observe(arrived.elapsed().as_secs_f64());
+                        work(None).await
+                    }
+                    .in_current_span(),
+                );
                 task.await
                     .map_err(|e| Status::internal(format!("request task failed: {e}")))?
             }
@@ -166,6 +179,12 @@ impl DeadlinePolicy {
     }
 }
 
+/// How long after `deadline` work finished at `now`, if it was late.
+fn late_by(deadline: Option<Instant>, now: Instant) -> Option<Duration> {
+    let late_by = now.checked_duration_since(deadline?)?;
+    (!late_by.is_zero()).then_some(late_by)
+}
+
 /// What is left of `deadline`, capped at `cap` (no deadline: `cap`).
 pub fn remaining(deadline: Option<Instant>, cap: Duration) -> Duration {
     match deadline {
@@ -186,6 +205,19 @@ mod tests {
         let mut m = MetadataMap::new();
         m.insert("grpc-timeout", timeout.parse().expect("ascii"));
         m
+    }
+
+    #[test]
+    fn late_by_is_only_for_work_past_its_deadline() {
+        let deadline = Instant::now();
+        let after = deadline + Duration::from_millis(1500);
+        assert_eq!(
+            late_by(Some(deadline), after),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(late_by(Some(after), deadline), None, "early");
+        assert_eq!(late_by(Some(deadline), deadline), None, "on time");
+        assert_eq!(late_by(None, after), None, "no deadline");
     }
 
     #[test]

@@ -202,6 +202,9 @@ impl Backend for BackendService {
     ) -> Result<Response<SubmitJobReply>, Status> {
         let timing = timing(&request);
         let payload = request.into_inner().payload;
+        // Stored with the row: the job runs later, outside this request,
+        // and continues its trace (docs/architecture.md, "Trace ids").
+        let traceparent = lab_common::trace::current_traceparent();
         self.serve("SubmitJob", timing, move |b, deadline| async move {
             if payload.is_empty() {
                 return Err(Status::invalid_argument("payload must not be empty"));
@@ -213,7 +216,10 @@ impl Backend for BackendService {
                     b.max_payload_bytes
                 )));
             }
-            let job_id = b.db.insert_job(payload.as_bytes(), deadline).await?;
+            let job_id =
+                b.db.insert_job(payload.as_bytes(), traceparent.as_deref(), deadline)
+                    .await?;
+            tracing::info!(job = job_id, "job submitted");
             Ok(SubmitJobReply {
                 job_id,
                 served_by: b.instance_id.to_string(),

@@ -255,6 +255,13 @@ impl PartnerClient {
             .observe(started.elapsed().as_secs_f64());
         let outcome = result.as_ref().map_or_else(CallError::outcome, |_| "ok");
         self.metrics.calls.with_label_values(&[outcome]).inc();
+        // One line per job, in the job's span: its trace id ties the job to
+        // the request that submitted it and to the partner's log line.
+        tracing::info!(
+            outcome,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "partner called"
+        );
         result
     }
 
@@ -267,11 +274,16 @@ impl PartnerClient {
             .map_err(|e| CallError::Failed(format!("building the shared partner client: {e:#}")))
     }
 
-    /// `POST /v1/enrich` with `body`, on `client`.
+    /// `POST /v1/enrich` with `body`, on `client` — in both forms, with the
+    /// job's trace context as `traceparent`, so the partner's log names the
+    /// trace of the request that submitted the job.
     fn request(&self, client: &reqwest::Client, body: String) -> reqwest::RequestBuilder {
+        let mut headers = http::HeaderMap::new();
+        lab_common::trace::inject(&tracing::Span::current(), &mut headers);
         client
             .post(&self.url)
             .header(http::header::CONTENT_TYPE, "application/json")
+            .headers(headers)
             .body(body)
     }
 

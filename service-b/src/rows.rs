@@ -58,6 +58,27 @@ pub struct JobTask {
     pub attempts: u32,
     /// Microseconds since the job was created (for the job-lag histogram).
     pub age_us: i64,
+    /// The submitting request's W3C trace context, if it came through A.
+    pub traceparent: Option<String>,
+}
+
+impl JobTask {
+    /// The span a job attempt runs in: a child of the submitting request's
+    /// trace (a new trace for rows written straight into the table), with
+    /// its `trace_id` on every log line and on the partner call.
+    pub fn span(&self) -> tracing::Span {
+        let span = tracing::info_span!(
+            "job",
+            job = self.id,
+            attempt = self.attempts,
+            trace_id = tracing::field::Empty
+        );
+        lab_common::trace::adopt(
+            &span,
+            lab_common::trace::extract_traceparent(self.traceparent.as_deref()),
+        );
+        span
+    }
 }
 
 /// A row that failed to decode (`close` only): to be dead-lettered.
@@ -80,7 +101,7 @@ pub enum Batch {
     Claimed(Vec<i64>),
 }
 
-const JOB_COLUMNS: &str = "SELECT id, payload, attempts, \
+const JOB_COLUMNS: &str = "SELECT id, payload, attempts, traceparent, \
     CAST(TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) AS SIGNED) AS age_us FROM jobs ";
 
 /// A result set abandoned on a decode error: the pooled connection, with
@@ -201,6 +222,7 @@ fn decode_job(row: &MySqlRow) -> Result<JobTask, sqlx::Error> {
         payload,
         attempts: row.try_get("attempts")?,
         age_us: row.try_get("age_us")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 

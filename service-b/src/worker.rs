@@ -59,6 +59,7 @@ use lab_common::config::{Faults, SwitchValue, WorkerConfig, WorkerMode};
 use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use lab_common::metrics::Registrar;
 
@@ -441,7 +442,9 @@ async fn attempt_unclaimed(
     if let Err(e) = shared.db.start_attempt(row.id, &shared.instance).await {
         tracing::warn!(job = row.id, error = %e, "recording the attempt failed");
     }
-    let outcome = handle(&shared, &row.payload, Cpu::Inline).await;
+    let outcome = handle(&shared, &row.payload, Cpu::Inline)
+        .instrument(row.span())
+        .await;
     record(&shared, row.id, None, outcome).await;
 }
 
@@ -523,7 +526,7 @@ async fn attempt_claimed(shared: Arc<Shared>, job: JobTask, _guard: TaskGuard) {
         .observe(job.age_us.max(0) as f64 / 1e6);
     let outcome = match tokio::time::timeout(
         shared.config.job_timeout,
-        handle(&shared, &job.payload, Cpu::Pool),
+        handle(&shared, &job.payload, Cpu::Pool).instrument(job.span()),
     )
     .await
     {

@@ -103,6 +103,13 @@ impl TestLab {
             .with_context(|| format!("{method} {url}"))
     }
 
+    /// Everything a named service has logged so far (its stderr, which the
+    /// launcher writes to `<state-dir>/logs/<name>.log`).
+    pub fn log(&self, name: &str) -> anyhow::Result<String> {
+        let path = &self.stack.service(name)?.log;
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+
     /// The `/metrics` text of a named service.
     pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
         let url = format!("{}/metrics", self.admin_url(name)?);

@@ -193,6 +193,7 @@ fn the_topology_matches_labctl_up() {
         "grafana",
         "partner-certs",
         "partner-api",
+        "jaeger",
     ] {
         assert!(svcs.contains_key(required), "service {required} missing");
     }
@@ -756,5 +757,58 @@ fn the_partner_api_gets_its_certificates_and_the_bs_trust_its_ca() {
     assert!(
         dockerfile.contains(&format!("chown {user} {dir}")),
         "{dir} is prepared for user {user} in the image"
+    );
+}
+
+/// Every lab service logs JSON lines (with the trace id) and exports its
+/// spans to the compose trace backend, on the port that backend takes
+/// OTLP/HTTP on; Grafana reads that backend through a provisioned datasource.
+#[test]
+fn the_lab_services_log_json_and_export_spans_to_jaeger() {
+    let c = compose();
+    let env = dotenv();
+    let svcs = services(&c);
+    let jaeger = &svcs["jaeger"];
+    let jaeger_ports: Vec<u16> = strings(&jaeger["ports"])
+        .iter()
+        .map(|p| port_of(p))
+        .collect();
+    for name in ["service-a", "service-b-1", "service-b-2", "partner-api"] {
+        let config = lab_common::config::load(&Sources {
+            env: environment(&svcs[name], &env),
+            ..Sources::default()
+        })
+        .unwrap_or_else(|e| panic!("{name}: its environment is not valid lab config: {e}"));
+        assert_eq!(
+            config.telemetry.log_format,
+            lab_common::config::LogFormat::Json,
+            "{name} logs JSON"
+        );
+        let endpoint = &config.telemetry.otlp_endpoint;
+        let authority = endpoint
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("{name}: OTLP endpoint {endpoint:?} is not http://"));
+        let (host, port) = authority
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{name}: {endpoint:?} has no port"));
+        assert_eq!(host, "jaeger", "{name} exports to the jaeger service");
+        assert_eq!(port, "4318", "{name}: OTLP/HTTP's port");
+        assert!(
+            jaeger_ports.contains(&4318),
+            "jaeger takes OTLP/HTTP on 4318: {jaeger_ports:?}"
+        );
+    }
+    let datasource =
+        std::fs::read_to_string(repo().join("deploy/grafana/provisioning/datasources/jaeger.yml"))
+            .expect("the Jaeger datasource");
+    let datasource: Value = serde_norway::from_str(&datasource).expect("YAML");
+    let source = &datasource["datasources"][0];
+    assert_eq!(str_of(&source["type"]), "jaeger");
+    let url = str_of(&source["url"]);
+    let query_port = port_of(url.trim_start_matches("http://jaeger"));
+    assert!(
+        url.starts_with("http://jaeger:") && jaeger_ports.contains(&query_port),
+        "Grafana reads jaeger's query port: {url} vs {jaeger_ports:?}"
     );
 }

@@ -16,7 +16,7 @@ struct Broken {
 type Rule = fn(&LabConfig) -> Result<(), Broken>;
 
 /// Every rule, in the order they are checked.
-const RULES: [Rule; 15] = [
+const RULES: [Rule; 16] = [
     listeners_are_ip_port,
     backend_urls_are_http,
     mysql_url_is_mysql,
@@ -32,6 +32,7 @@ const RULES: [Rule; 15] = [
     lease_ttl_is_whole_seconds,
     registry_guard_loss_is_a_share,
     admin_token_is_strong,
+    otlp_endpoint_is_http,
 ];
 
 /// Checks every rule; `origin_of` says where a rejected key's value came from.
@@ -244,6 +245,20 @@ fn partner_url_is_https(c: &LabConfig) -> Result<(), Broken> {
         "partner.url",
         quoted(&c.partner.url),
         "expected an https:// URL (the partner speaks TLS only)",
+    ))
+}
+
+/// The OTLP exporter speaks HTTP/protobuf; anything else would fail every
+/// export in the background, where nobody looks.
+fn otlp_endpoint_is_http(c: &LabConfig) -> Result<(), Broken> {
+    let endpoint = &c.telemetry.otlp_endpoint;
+    if endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        return Ok(());
+    }
+    Err(broken(
+        "telemetry.otlp_endpoint",
+        quoted(endpoint),
+        "expected empty (no export) or an http:// or https:// base URL of an OTLP/HTTP collector",
     ))
 }
 
