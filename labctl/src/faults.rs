@@ -258,11 +258,18 @@ async fn call(
     })
 }
 
-/// The processes of the lab that have an admin listener, in start order.
+/// The lab's own services, which serve `/faults` on their admin listener
+/// (HAProxy's stats URL is an admin URL too, but not theirs).
+fn is_lab_service(name: &str) -> bool {
+    name == "service-a" || name == "partner-api" || name.starts_with("service-b-")
+}
+
+/// The lab's services with an admin listener, in start order.
 fn with_admin(state: &LabState) -> impl Iterator<Item = (&ServiceRecord, &str)> {
     state
         .services
         .iter()
+        .filter(|s| is_lab_service(&s.name))
         .filter_map(|s| Some((s, s.admin_url.as_deref()?)))
 }
 
@@ -398,7 +405,11 @@ pub fn render_switches(faults: &Map<String, Value>) -> String {
     if faults.is_empty() {
         return "(owns no switch)".into();
     }
-    faults
+    // In the order of the switch table, not alphabetically.
+    let rank = |name: &str| Switch::ALL.iter().position(|s| s.name() == name);
+    let mut pairs: Vec<(&String, &Value)> = faults.iter().collect();
+    pairs.sort_by_key(|(k, _)| rank(k));
+    pairs
         .iter()
         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
         .collect::<Vec<_>>()
@@ -478,6 +489,7 @@ mod tests {
                 record("partner-api"),
                 record("service-b-1"),
                 record("service-b-2"),
+                record("slb"),
                 record("service-a"),
             ],
         }
@@ -530,8 +542,9 @@ mod tests {
     #[test]
     fn switches_render_as_key_value_pairs() {
         let mut faults = Map::new();
-        faults.insert("lb".into(), Value::from("l4"));
-        assert_eq!(render_switches(&faults), "lb=l4");
+        faults.insert("rows".into(), Value::from("close"));
+        faults.insert("worker".into(), Value::from("bounded"));
+        assert_eq!(render_switches(&faults), "worker=bounded rows=close");
         assert_eq!(render_switches(&Map::new()), "(owns no switch)");
     }
 }
