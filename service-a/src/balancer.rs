@@ -14,6 +14,9 @@
 //!   reports a constant load of 0, which makes its P2C a random pick. The
 //!   stack is `Buffer<FailFast<Balance<…>>>`: [`FailFast`] answers at once
 //!   when the balancer holds no endpoint at all.
+//!
+//! [`Dialer`] builds a channel for any of the three, as often as `lb` flips
+//! live; [`crate::live_channel`] decides which one is in force.
 
 use std::{
     future::Future,

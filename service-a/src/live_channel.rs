@@ -42,8 +42,9 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// `etcd` channel with no B registered is what `etcd` does then (it fails
 /// fast), not something to hide by keeping the old mode.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(5);
-/// Pause between warm-up health checks.
-const WARM_UP_RETRY: Duration = Duration::from_millis(100);
+/// Pause between warm-up health checks (a new `etcd` channel fails its
+/// first check at once, before discovery has read the registry).
+const WARM_UP_RETRY: Duration = Duration::from_millis(25);
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
