@@ -19,8 +19,12 @@ use serde_json::{Map, Value};
 
 use crate::state::{LabState, ServiceRecord};
 
-/// How long one admin request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one admin request may take: a read is short (`labctl status`
+/// asks every process, and a frozen one should not hold it up long); a
+/// flip gets longer, since a process that is slow to answer may still
+/// apply it.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One `KEY=VALUE` of `labctl faults set`, checked against the switches
 /// and their values before anything is sent.
@@ -157,8 +161,12 @@ pub enum AdminError {
         #[source]
         source: hyper::Error,
     },
-    #[error("{method} {url} timed out after {REQUEST_TIMEOUT:?}")]
-    Timeout { method: &'static str, url: String },
+    #[error("{method} {url} timed out after {timeout:?}")]
+    Timeout {
+        method: &'static str,
+        url: String,
+        timeout: Duration,
+    },
     #[error("{method} {url} answered {status}: {message}")]
     Refused {
         method: &'static str,
@@ -232,11 +240,17 @@ async fn call(
             .to_bytes();
         Ok::<_, AdminError>((status, bytes))
     };
-    let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    let timeout = if method == "GET" {
+        READ_TIMEOUT
+    } else {
+        WRITE_TIMEOUT
+    };
+    let (status, bytes) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| AdminError::Timeout {
             method,
             url: url.clone(),
+            timeout,
         })??;
     if !(200..300).contains(&status) {
         // The services answer `{"error": "...", "code": "..."}`.
