@@ -6,7 +6,10 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use lab_common::config::{ConfigArgs, LbMode};
-use labctl::ports::PortPolicy;
+use labctl::{
+    faults::{Assignment, AssignmentError},
+    ports::PortPolicy,
+};
 use nix::sys::signal::Signal;
 
 #[derive(Debug, Parser)]
@@ -30,6 +33,9 @@ pub enum Cmd {
     Jobs(JobsArgs),
     /// Send a signal to one process of the running stack (watch failover).
     Kill(KillArgs),
+    /// Show the fault switches of every running process, as in force now;
+    /// `faults set KEY=VALUE...` flips them live.
+    Faults(FaultsArgs),
     /// Compare configurations under identical load (fresh stacks, one run).
     Bench {
         #[command(subcommand)]
@@ -153,6 +159,33 @@ pub struct KillArgs {
     pub dir: StateDir,
 }
 
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct FaultsArgs {
+    #[command(subcommand)]
+    pub command: Option<FaultsCmd>,
+    #[command(flatten)]
+    pub dir: StateDir,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FaultsCmd {
+    /// Flip switches live on every process that owns them: lb on
+    /// service-a; worker, deadline, http_client and rows on every B.
+    Set(FaultsSetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FaultsSetArgs {
+    /// e.g. `worker=bounded lb=etcd` (or `faults.worker=bounded`).
+    #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_assignment)]
+    pub assignments: Vec<Assignment>,
+    #[command(flatten)]
+    pub dir: StateDir,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
     /// Throughput and p50/p99 through A for each `faults.lb` value.
@@ -221,6 +254,10 @@ fn parse_signal(s: &str) -> Result<Signal, UnknownSignal> {
     }
 }
 
+fn parse_assignment(s: &str) -> Result<Assignment, AssignmentError> {
+    s.parse()
+}
+
 fn parse_ports(s: &str) -> Result<PortPolicy, labctl::ports::InvalidPortPolicy> {
     s.parse()
 }
@@ -241,5 +278,59 @@ mod tests {
         assert_eq!(parse_signal("stop").ok(), Some(Signal::SIGSTOP));
         let err = parse_signal("HUP").map(|_| ()).expect_err("not offered");
         assert!(err.to_string().contains("expected TERM, KILL"), "{err}");
+    }
+
+    #[test]
+    fn faults_shows_or_sets_with_the_state_dir_after_either() {
+        let cli = Cli::try_parse_from(["labctl", "faults", "--state-dir", "/s", "--json"])
+            .expect("parses");
+        let Cmd::Faults(args) = cli.command else {
+            panic!("not faults: {cli:?}")
+        };
+        assert!(args.command.is_none() && args.json);
+        assert_eq!(args.dir.state_dir, PathBuf::from("/s"));
+
+        let cli = Cli::try_parse_from([
+            "labctl",
+            "faults",
+            "set",
+            "worker=bounded",
+            "faults.lb=etcd",
+            "--state-dir",
+            "/s",
+        ])
+        .expect("parses");
+        let Cmd::Faults(FaultsArgs {
+            command: Some(FaultsCmd::Set(set)),
+            ..
+        }) = cli.command
+        else {
+            panic!("not faults set: {cli:?}")
+        };
+        assert_eq!(set.dir.state_dir, PathBuf::from("/s"));
+        let written: Vec<String> = set
+            .assignments
+            .iter()
+            .map(|a| format!("{}={}", a.switch, a.value))
+            .collect();
+        assert_eq!(written, ["worker=bounded", "lb=etcd"]);
+    }
+
+    #[test]
+    fn faults_set_refuses_bad_input_as_a_usage_error() {
+        for args in [
+            vec!["labctl", "faults", "set"],
+            vec!["labctl", "faults", "set", "lb=l5"],
+            vec!["labctl", "faults", "set", "speed=fast"],
+            vec!["labctl", "faults", "set", "worker"],
+        ] {
+            let err = Cli::try_parse_from(&args).expect_err("refused");
+            assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
+        }
+        let err = Cli::try_parse_from(["labctl", "faults", "set", "lb=l5"]).expect_err("refused");
+        assert!(
+            err.to_string().contains("expected one of l4, l7, etcd"),
+            "{err}"
+        );
     }
 }

@@ -7,10 +7,10 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use lab_common::config::{LogFormat, TelemetryConfig};
 
-use cli::{BenchCmd, Cli, Cmd, ConfigCmd, ScaleCmd};
+use cli::{BenchCmd, Cli, Cmd, ConfigCmd, FaultsCmd, ScaleCmd};
 
 /// Parses the command line (invalid input exits 2 with clap's message),
 /// runs the subcommand, and exits 1 with the error chain if it fails.
@@ -26,11 +26,23 @@ async fn main() -> ExitCode {
     );
     let result = match Cli::parse().command {
         Cmd::Up(args) => commands::up::run(args).await,
-        Cmd::Status(args) => commands::status::run(args),
+        Cmd::Status(args) => commands::status::run(args).await,
         Cmd::Down(args) => commands::down::run(args).await,
         Cmd::Load(args) => commands::load::run(args).await,
         Cmd::Jobs(args) => commands::jobs::run(args).await,
         Cmd::Kill(args) => commands::kill::run(args),
+        Cmd::Faults(args) => match args.command {
+            None => commands::faults::show(args.dir, args.json).await,
+            Some(FaultsCmd::Set(set)) => {
+                // Like a malformed KEY=VALUE: a usage error, exit 2, nothing sent.
+                if let Err(e) = labctl::faults::check_distinct(&set.assignments) {
+                    Cli::command()
+                        .error(clap::error::ErrorKind::ArgumentConflict, e)
+                        .exit();
+                }
+                commands::faults::set(set).await
+            }
+        },
         Cmd::Scale {
             what: ScaleCmd::Backends(args),
         } => commands::scale::backends(args).await,

@@ -14,6 +14,9 @@
 //!   reports a constant load of 0, which makes its P2C a random pick. The
 //!   stack is `Buffer<FailFast<Balance<…>>>`: [`FailFast`] answers at once
 //!   when the balancer holds no endpoint at all.
+//!
+//! [`Dialer`] builds a channel for any of the three, as often as `lb` flips
+//! live; [`crate::live_channel`] decides which one is in force.
 
 use std::{
     future::Future,
@@ -66,109 +69,161 @@ pub struct BadUrl {
     source: tonic::transport::Error,
 }
 
-/// The channel requests to B travel on.
+/// A channel for one `faults.lb` value, as [`Dialer::dial`] builds it.
 pub struct Backends {
     pub channel: BackendChannel,
     /// What A dials, for logs.
     pub target: String,
+    /// With `etcd`: the discovery task feeding this channel's balancer.
+    pub discovery: Option<DiscoveryTask>,
 }
 
-/// Builds the channel for the configured `faults.lb`. With `etcd` it also
-/// starts the discovery task, which stops with `shutdown`.
-pub fn connect(
-    config: &LabConfig,
-    registry: &Registry,
-    endpoints: prometheus::IntGauge,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Backends> {
-    match config.faults.lb {
-        LbMode::L4 => proxy(&config.service_a.backend_l4_url, config, endpoints),
-        LbMode::L7 => proxy(&config.service_a.backend_l7_url, config, endpoints),
-        LbMode::Etcd => client_side(config, registry, endpoints, shutdown),
+/// The discovery task of one `etcd` channel. It has its own stop token
+/// (a child of A's shutdown), so a flip away from `etcd` ends its etcd
+/// session and watch while A keeps running.
+pub struct DiscoveryTask {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DiscoveryTask {
+    /// Stops discovery and waits until it has, so that it no longer sets
+    /// `lab_backend_endpoints` once the next channel is in force. The
+    /// balancer it fed keeps the endpoints it has for the requests still
+    /// queued on it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
     }
 }
 
-/// One lazy channel to HAProxy.
-fn proxy(
-    url: &str,
-    config: &LabConfig,
-    endpoints: prometheus::IntGauge,
-) -> anyhow::Result<Backends> {
+/// Builds A's channel for any `faults.lb`, as often as the switch flips.
+/// Everything that can be wrong is checked once, at start-up (both proxy
+/// URLs, the metrics), so a live flip cannot fail half-way.
+pub struct Dialer {
+    l4: (String, Endpoint),
+    l7: (String, Endpoint),
+    etcd: lab_common::config::EtcdConfig,
+    guard: discovery::Guard,
+    connect_timeout: Duration,
+    discovery_metrics: DiscoveryMetrics,
+    ejections: prometheus::IntCounterVec,
+}
+
+impl Dialer {
+    /// Registers the balancer's metrics; `endpoints` is `lab_backend_endpoints`.
+    pub fn new(
+        config: &LabConfig,
+        registry: &Registry,
+        endpoints: prometheus::IntGauge,
+    ) -> anyhow::Result<Self> {
+        let a = &config.service_a;
+        Ok(Self {
+            l4: proxy_endpoint(&a.backend_l4_url, a.connect_timeout)?,
+            l7: proxy_endpoint(&a.backend_l7_url, a.connect_timeout)?,
+            etcd: config.etcd.clone(),
+            guard: discovery::Guard::from_config(a),
+            connect_timeout: a.connect_timeout,
+            discovery_metrics: DiscoveryMetrics::register(registry, endpoints)?,
+            ejections: Registrar(registry).int_counter_vec(
+                "lab_backend_ejections_total",
+                "Times an endpoint was taken out of A's balancer after transport failures.",
+                &["backend"],
+            )?,
+        })
+    }
+
+    /// A new channel for `lb`. With `etcd` it also starts its discovery
+    /// task, which stops with `shutdown` or [`DiscoveryTask::stop`].
+    pub fn dial(&self, lb: LbMode, shutdown: &CancellationToken) -> Backends {
+        match lb {
+            LbMode::L4 => proxy(&self.l4),
+            LbMode::L7 => proxy(&self.l7),
+            LbMode::Etcd => self.client_side(shutdown),
+        }
+    }
+
+    /// `lab_backend_endpoints` once a channel for `lb` is in force: a proxy
+    /// is a balancer of one; discovery counts its own endpoints.
+    pub fn in_force(&self, lb: LbMode) {
+        if lb != LbMode::Etcd {
+            self.discovery_metrics.endpoints.set(1);
+        }
+    }
+
+    /// Discovery from etcd feeding tower's power-of-two-choices balancer.
+    fn client_side(&self, shutdown: &CancellationToken) -> Backends {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ejected_tx, ejected_rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = shutdown.child_token();
+        let task = lab_common::tasks::spawn(
+            "discovery.watch",
+            discovery::run(
+                self.etcd.clone(),
+                self.guard.clone(),
+                tx,
+                ejected_rx,
+                self.discovery_metrics.clone(),
+                stop.clone(),
+            ),
+        );
+        let connect_timeout = self.connect_timeout;
+        let ejections = self.ejections.clone();
+        let changes = UnboundedReceiverStream::new(rx).filter_map(move |change| match change {
+            Change::Insert(id, addr) => {
+                match crate::endpoint::service(
+                    &id,
+                    &addr,
+                    connect_timeout,
+                    ejections.clone(),
+                    ejected_tx.clone(),
+                ) {
+                    Ok(svc) => Some(Ok::<_, BoxError>(Change::Insert(id, svc))),
+                    Err(e) => {
+                        tracing::warn!(%id, %addr, error = %e, "unusable backend address; skipped");
+                        None
+                    }
+                }
+            }
+            Change::Remove(id) => Some(Ok(Change::Remove(id))),
+        });
+        let balance = FailFast::new(Balance::new(changes));
+        let channel = Buffer::new(balance, BALANCER_QUEUE).map_err(tonic::Status::from_error);
+        Backends {
+            channel: BoxCloneSyncService::new(channel),
+            target: format!(
+                "etcd {} {}",
+                self.etcd.endpoints.join(","),
+                self.etcd.prefix
+            ),
+            discovery: Some(DiscoveryTask { stop, task }),
+        }
+    }
+}
+
+/// The endpoint of an HAProxy frontend, parsed (not dialled).
+fn proxy_endpoint(url: &str, connect_timeout: Duration) -> Result<(String, Endpoint), BadUrl> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|source| BadUrl {
             url: url.to_string(),
             source,
         })?
-        .connect_timeout(config.service_a.connect_timeout)
+        .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Some(PROXY_TCP_KEEPALIVE));
-    // A balancer of one: the proxy.
-    endpoints.set(1);
+    Ok((url.to_string(), endpoint))
+}
+
+/// One lazy channel to HAProxy: a balancer of one, the proxy.
+fn proxy((url, endpoint): &(String, Endpoint)) -> Backends {
     let channel = endpoint
         .connect_lazy()
         .map_err(|e| tonic::Status::from_error(Box::new(e)));
-    Ok(Backends {
+    Backends {
         channel: BoxCloneSyncService::new(channel),
-        target: url.to_string(),
-    })
-}
-
-/// Discovery from etcd feeding tower's power-of-two-choices balancer.
-fn client_side(
-    config: &LabConfig,
-    registry: &Registry,
-    endpoints: prometheus::IntGauge,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Backends> {
-    let metrics = DiscoveryMetrics::register(registry, endpoints)?;
-    let ejections = Registrar(registry).int_counter_vec(
-        "lab_backend_ejections_total",
-        "Times an endpoint was taken out of A's balancer after transport failures.",
-        &["backend"],
-    )?;
-
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (ejected_tx, ejected_rx) = tokio::sync::mpsc::unbounded_channel();
-    lab_common::tasks::spawn(
-        "discovery.watch",
-        discovery::run(
-            config.etcd.clone(),
-            discovery::Guard::from_config(&config.service_a),
-            tx,
-            ejected_rx,
-            metrics,
-            shutdown.clone(),
-        ),
-    );
-    let connect_timeout = config.service_a.connect_timeout;
-    let changes = UnboundedReceiverStream::new(rx).filter_map(move |change| match change {
-        Change::Insert(id, addr) => {
-            match crate::endpoint::service(
-                &id,
-                &addr,
-                connect_timeout,
-                ejections.clone(),
-                ejected_tx.clone(),
-            ) {
-                Ok(svc) => Some(Ok::<_, BoxError>(Change::Insert(id, svc))),
-                Err(e) => {
-                    tracing::warn!(%id, %addr, error = %e, "unusable backend address; skipped");
-                    None
-                }
-            }
-        }
-        Change::Remove(id) => Some(Ok(Change::Remove(id))),
-    });
-    let balance = FailFast::new(Balance::new(changes));
-    let channel = Buffer::new(balance, BALANCER_QUEUE).map_err(tonic::Status::from_error);
-    Ok(Backends {
-        channel: BoxCloneSyncService::new(channel),
-        target: format!(
-            "etcd {} {}",
-            config.etcd.endpoints.join(","),
-            config.etcd.prefix
-        ),
-    })
+        target: url.clone(),
+        discovery: None,
+    }
 }
 
 /// The balancer has no endpoint at all. Travels as the source of the

@@ -7,6 +7,8 @@
 //! * [`balancer`] — cause 1: which connection(s) the calls ride on, with
 //!   [`discovery`] (etcd) and [`endpoint`] (one B in the balancer, ejected
 //!   after transport failures) for the fix;
+//! * [`live_channel`] — the channel in force, rebuilt when `lb` flips live
+//!   (`PUT /faults`), without dropping calls in flight;
 //! * [`metrics`] — A's Prometheus metrics.
 
 pub mod api;
@@ -14,62 +16,42 @@ pub mod backend;
 pub mod balancer;
 pub mod discovery;
 pub mod endpoint;
+pub mod live_channel;
 pub mod metrics;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use anyhow::Context;
 use lab_common::{admin, config::LabConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-/// How long `/readyz` waits for a health answer from B.
-const READINESS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs service A until `shutdown` is cancelled.
 pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let registry = lab_common::metrics::registry()?;
     let metrics = metrics::Metrics::register(&registry)?;
-    let backends = balancer::connect(
-        &config,
-        &registry,
-        metrics.backend_endpoints.clone(),
-        &shutdown,
-    )?;
-
-    // Ready when some B answers a gRPC health check over A's own channel.
-    let readiness: admin::ReadinessProbe = {
-        let channel = backends.channel.clone();
-        Arc::new(move || {
-            let mut health = HealthClient::new(channel.clone());
-            Box::pin(async move {
-                let check = health.check(HealthCheckRequest {
-                    service: "lab.v1.Backend".into(),
-                });
-                match tokio::time::timeout(READINESS_TIMEOUT, check).await {
-                    Ok(Ok(reply)) if reply.get_ref().status == 1 => Ok(()),
-                    Ok(Ok(reply)) => Err(format!("B health status {}", reply.get_ref().status)),
-                    Ok(Err(status)) => Err(format!("B unreachable: {}", status.message())),
-                    Err(_) => Err(format!(
-                        "B health check timed out after {READINESS_TIMEOUT:?}"
-                    )),
-                }
-            })
-        })
-    };
-
-    let admin_addr = &config.service_a.admin_listen;
-    let admin_listener = TcpListener::bind(admin_addr)
-        .await
-        .with_context(|| format!("binding admin listener {admin_addr}"))?;
     let faults = lab_common::faults::LiveFaults::new(
         "service-a",
         config.faults,
         lab_common::faults::Switch::SERVICE_A,
         &registry,
     )?;
+    let dialer = balancer::Dialer::new(&config, &registry, metrics.backend_endpoints.clone())?;
+    let (channel, target) = live_channel::start(dialer, faults.subscribe(), shutdown.clone());
+    let channel = channel.boxed();
+
+    // Ready when some B answers a gRPC health check over A's own channel
+    // (the one in force: it follows `lb` flips).
+    let readiness: admin::ReadinessProbe = {
+        let channel = channel.clone();
+        Arc::new(move || Box::pin(live_channel::check_health(channel.clone())))
+    };
+
+    let admin_addr = &config.service_a.admin_listen;
+    let admin_listener = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding admin listener {admin_addr}"))?;
     let admin_router = admin::router(admin::AdminState {
         service: "service-a",
         registry,
@@ -84,11 +66,7 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
 
     let app = api::router(
         api::AppState {
-            backend: backend::Backend::new(
-                backends.channel,
-                config.service_a.backend_timeout,
-                &metrics,
-            ),
+            backend: backend::Backend::new(channel, config.service_a.backend_timeout, &metrics),
             metrics,
         },
         config.service_a.max_body_bytes,
@@ -97,7 +75,7 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding HTTP listener {addr}"))?;
-    tracing::info!(http = %addr, admin = %admin_addr, backend = %backends.target, mode = ?config.mode, faults = ?config.faults, "service-a serving");
+    tracing::info!(http = %addr, admin = %admin_addr, backend = %target, mode = ?config.mode, faults = ?config.faults, "service-a serving");
     axum::serve(listener, app)
         .with_graceful_shutdown({
             let shutdown = shutdown.clone();

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod config;
 pub mod down;
+pub mod faults;
 pub mod jobs;
 pub mod kill;
 pub mod load;
