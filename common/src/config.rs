@@ -888,6 +888,25 @@ mod tests {
     }
 
     #[test]
+    fn the_otlp_endpoint_is_off_by_default_and_must_be_http() {
+        assert_eq!(LabConfig::default().telemetry.otlp_endpoint, "");
+        let ok = load(&Sources {
+            env: env(&[("LAB_TELEMETRY_OTLP_ENDPOINT", "http://jaeger:4318")]),
+            ..Sources::default()
+        })
+        .expect("an http endpoint loads");
+        assert_eq!(ok.telemetry.otlp_endpoint, "http://jaeger:4318");
+        let msg = load(&Sources {
+            env: env(&[("LAB_TELEMETRY_OTLP_ENDPOINT", "jaeger:4317")]),
+            ..Sources::default()
+        })
+        .expect_err("rejected")
+        .to_string();
+        assert!(msg.contains("telemetry.otlp_endpoint"), "{msg}");
+        assert!(msg.contains("jaeger:4317"), "{msg}");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_from_every_source() {
         let f = file("[service_a]\nlisten_port = 1\n");
         let from_file = load(&Sources {

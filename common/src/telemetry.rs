@@ -134,6 +134,55 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
+    /// With an endpoint set, finished spans reach it as an OTLP/HTTP
+    /// protobuf POST to `/v1/traces` (flushed at shutdown, as at exit).
+    #[test]
+    fn spans_are_exported_to_the_configured_endpoint() {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let collector = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("the exporter connects");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut head = Vec::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).expect("read");
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().expect("length");
+                }
+                if line.trim().is_empty() {
+                    break;
+                }
+                head.push(line.trim().to_owned());
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).expect("body");
+            let mut stream = stream;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            (head, body)
+        });
+        let (layer, provider) =
+            otel_layer::<tracing_subscriber::Registry>("export-test", &endpoint).expect("exporter");
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            tracing::info_span!("exported_span").in_scope(|| {});
+        });
+        provider.shutdown().expect("flushed");
+        let (head, body) = collector.join().expect("collector");
+        assert_eq!(head[0], "POST /v1/traces HTTP/1.1", "{head:?}");
+        assert!(
+            head.iter()
+                .any(|h| h.eq_ignore_ascii_case("content-type: application/x-protobuf")),
+            "{head:?}"
+        );
+        let needle = b"exported_span";
+        assert!(
+            body.windows(needle.len()).any(|w| w == needle),
+            "the span's name is in the export"
+        );
+    }
+
     #[test]
     fn the_traces_path_is_added_once() {
         assert_eq!(

@@ -67,12 +67,7 @@ impl JobTask {
     /// trace (a new trace for rows written straight into the table), with
     /// its `trace_id` on every log line and on the partner call.
     pub fn span(&self) -> tracing::Span {
-        let span = tracing::info_span!(
-            "job",
-            job = self.id,
-            attempt = self.attempts,
-            trace_id = tracing::field::Empty
-        );
+        let span = tracing::info_span!("job", job = self.id, trace_id = tracing::field::Empty);
         lab_common::trace::adopt(
             &span,
             lab_common::trace::extract_traceparent(self.traceparent.as_deref()),
