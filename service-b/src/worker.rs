@@ -28,7 +28,9 @@
 //! The switch is live: [`run`] runs one loop in the current form and
 //! replaces it when `PUT /faults` flips `worker`. The old loop stops
 //! fetching and claiming at once (it finishes the fetch or claim it is in,
-//! starting tasks for the rows it already holds, and reads nothing more);
+//! starting tasks for the rows it already holds, and reads nothing more;
+//! the new loop starts when that step ends — bounded by the query timeouts,
+//! except a wait for a pooled connection under `deadline = "ignore"`);
 //! the job tasks it started run to their end — a Go goroutine could not be
 //! recalled either, and cutting a job mid-way would leave its row half
 //! done. Until they end, the new loop does not start any job they hold:
