@@ -303,20 +303,33 @@ fn lab_environment_is_valid_config_and_ports_agree_with_defaults() {
             "{name}: LAB_MODE from .env"
         );
 
-        // Container ports are the config's default ports.
-        let published: Vec<(u16, u16)> = svc["ports"]
+        // Container ports are the config's default ports; `[IP:]HOST:CONTAINER`.
+        let bindings: Vec<(Option<String>, u16, u16)> = svc["ports"]
             .as_sequence()
             .expect("ports")
             .iter()
             .map(|p| {
                 let p = str_of(p);
-                let (host, container) = p.split_once(':').expect("HOST:CONTAINER");
+                let (rest, container) = p.rsplit_once(':').expect("HOST:CONTAINER");
+                let (ip, host) = match rest.rsplit_once(':') {
+                    Some((ip, host)) => (Some(ip.to_string()), host),
+                    None => (None, rest),
+                };
                 (
+                    ip,
                     host.parse().expect("host port"),
                     container.parse().expect("container port"),
                 )
             })
             .collect();
+        // The admin port (the second) carries the operator endpoints: it is
+        // published on the host's loopback only.
+        assert_eq!(
+            bindings.get(1).and_then(|(ip, _, _)| ip.as_deref()),
+            Some("127.0.0.1"),
+            "{name}: admin port published on loopback"
+        );
+        let published: Vec<(u16, u16)> = bindings.iter().map(|(_, h, c)| (*h, *c)).collect();
         let port = |addr: &str| {
             addr.rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -674,7 +687,10 @@ fn the_partner_api_gets_its_certificates_and_the_bs_trust_its_ca() {
     let admin = port_of(&config.partner.admin_listen);
     let expected_ports = vec![
         format!("{}:{listen}", port_of(&defaults.partner.listen)),
-        format!("{}:{admin}", port_of(&defaults.partner.admin_listen)),
+        format!(
+            "127.0.0.1:{}:{admin}",
+            port_of(&defaults.partner.admin_listen)
+        ),
     ];
     assert_eq!(
         strings(&partner["ports"]),
