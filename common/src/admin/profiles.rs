@@ -151,9 +151,16 @@ fn capture_cpu(duration: Duration, format: Format) -> Result<Vec<u8>, String> {
             pprof::protos::Message::encode(&profile, &mut body)
                 .map_err(|e| format!("cannot encode the CPU profile: {e}"))?;
         }
-        Format::Svg => report
-            .flamegraph(&mut body)
-            .map_err(|e| format!("cannot draw the flame graph: {e}"))?,
+        Format::Svg => {
+            let mut options = pprof::flamegraph::Options::default();
+            // Frames narrower than a pixel cannot be seen or clicked; left
+            // out they halve the SVG of a busy async process.
+            options.min_width = 1.0;
+            options.title = "CPU".into();
+            report
+                .flamegraph_with_options(&mut body, &mut options)
+                .map_err(|e| format!("cannot draw the flame graph: {e}"))?
+        }
     }
     Ok(body)
 }
