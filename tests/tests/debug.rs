@@ -319,12 +319,15 @@ async fn heap_profile_names_the_per_request_client_and_shared_stays_flat() -> an
         per_request[1].0 as f64 > 0.3 * per_request[1].1 as f64,
         "per-request: client construction holds a large part of the live heap"
     );
-    // Jemalloc samples one allocation per 512 KiB on average: the shared
-    // client's figure moves by a few samples, not with calls.
+    // Jemalloc samples one allocation per 512 KiB on average and weighs
+    // each sample up, so the shared client's figure moves by a few MiB
+    // with its pool's connection buffers — bounded by the pool, not by the
+    // calls: a fifth of per-request's growth at most.
     assert!(
-        shared_growth < 2 * 1024 * 1024,
-        "shared: the client path does not grow ({:.1} MiB)",
-        mib(shared_growth)
+        shared_growth < per_request_growth / 5,
+        "shared: the client path does not grow with calls ({:.1} MiB against {:.1} MiB)",
+        mib(shared_growth),
+        mib(per_request_growth)
     );
     Ok(())
 }
