@@ -68,26 +68,26 @@ enum Format {
 
 /// `format`: absent, `pprof` or `proto` → protobuf; `svg` or `flamegraph`
 /// → SVG.
-fn parse_format(params: &HashMap<String, String>) -> Result<Format, Response> {
+fn parse_format(params: &HashMap<String, String>) -> Result<Format, String> {
     match params.get("format").map(String::as_str) {
         None | Some("pprof" | "proto") => Ok(Format::Pprof),
         Some("svg" | "flamegraph") => Ok(Format::Svg),
-        Some(other) => Err(invalid(format!(
+        Some(other) => Err(format!(
             "format: {other:?} is not one of pprof, proto, svg, flamegraph"
-        ))),
+        )),
     }
 }
 
 /// `seconds`: a whole number in 1..=60, 30 when absent.
-fn parse_seconds(params: &HashMap<String, String>) -> Result<u64, Response> {
+fn parse_seconds(params: &HashMap<String, String>) -> Result<u64, String> {
     let Some(raw) = params.get("seconds") else {
         return Ok(DEFAULT_SECONDS);
     };
     match raw.parse::<u64>() {
         Ok(s) if (1..=MAX_SECONDS).contains(&s) => Ok(s),
-        _ => Err(invalid(format!(
+        _ => Err(format!(
             "seconds: {raw:?} is not a whole number of seconds in 1..={MAX_SECONDS}"
-        ))),
+        )),
     }
 }
 
@@ -100,7 +100,7 @@ pub(super) async fn cpu_profile(
 ) -> Response {
     let (seconds, format) = match (parse_seconds(&params), parse_format(&params)) {
         (Ok(s), Ok(f)) => (s, f),
-        (Err(bad), _) | (_, Err(bad)) => return bad,
+        (Err(reason), _) | (_, Err(reason)) => return invalid(reason),
     };
     let Some(slot) = CpuProfileSlot::take() else {
         return error(
@@ -151,9 +151,16 @@ fn capture_cpu(duration: Duration, format: Format) -> Result<Vec<u8>, String> {
             pprof::protos::Message::encode(&profile, &mut body)
                 .map_err(|e| format!("cannot encode the CPU profile: {e}"))?;
         }
-        Format::Svg => report
-            .flamegraph(&mut body)
-            .map_err(|e| format!("cannot draw the flame graph: {e}"))?,
+        Format::Svg => {
+            let mut options = pprof::flamegraph::Options::default();
+            // Frames narrower than a pixel cannot be seen or clicked; left
+            // out they halve the SVG of a busy async process.
+            options.min_width = 1.0;
+            options.title = "CPU".into();
+            report
+                .flamegraph_with_options(&mut body, &mut options)
+                .map_err(|e| format!("cannot draw the flame graph: {e}"))?
+        }
     }
     Ok(body)
 }
@@ -168,7 +175,7 @@ pub(super) async fn heap_profile(
     let format = match parse_format(&params) {
         Ok(Format::Pprof) => HeapFormat::Pprof,
         Ok(Format::Svg) => HeapFormat::Svg,
-        Err(bad) => return bad,
+        Err(reason) => return invalid(reason),
     };
     tracing::info!(by = ?operator.addr, ?format, "heap profile dumped");
     match tokio::task::spawn_blocking(move || heap::dump(format)).await {
@@ -243,8 +250,11 @@ mod tests {
         assert_eq!(parse_seconds(&params(&[])).unwrap(), 30);
         assert_eq!(parse_seconds(&params(&[("seconds", "5")])).unwrap(), 5);
         for bad in ["0", "61", "-1", "1.5", "x"] {
-            let answer = parse_seconds(&params(&[("seconds", bad)])).unwrap_err();
-            assert_eq!(answer.status(), StatusCode::BAD_REQUEST, "{bad}");
+            let reason = parse_seconds(&params(&[("seconds", bad)])).unwrap_err();
+            assert!(
+                reason.starts_with("seconds:") && reason.contains("1..=60"),
+                "{reason}"
+            );
         }
     }
 
@@ -255,8 +265,8 @@ mod tests {
             parse_format(&params(&[("format", "flamegraph")])).unwrap(),
             Format::Svg
         );
-        let answer = parse_format(&params(&[("format", "png")])).unwrap_err();
-        assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+        let reason = parse_format(&params(&[("format", "png")])).unwrap_err();
+        assert!(reason.starts_with("format:"), "{reason}");
     }
 
     #[test]

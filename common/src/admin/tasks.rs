@@ -147,6 +147,10 @@ mod stacks {
     /// pauses, and the dump would wait for ever.
     const DUMP_TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// What an empty trace means.
+    const NO_TOKIO_LEAF: &str = "(no tokio future on this task's stack: it waits on \
+        something outside tokio, e.g. a futures-channel or hyper's pool)";
+
     /// `(tasks, trace)` per distinct trace, most tasks first.
     pub(super) async fn grouped() -> Result<Vec<(usize, String)>, super::Refusal> {
         let handle = tokio::runtime::Handle::current();
@@ -162,13 +166,42 @@ mod stacks {
                     ),
                 )
             })?;
-        let mut by_trace: HashMap<String, usize> = HashMap::new();
+        // Resolving symbols takes long (seconds for thousands of tasks in a
+        // debug build): off the runtime it is observing.
+        tokio::task::spawn_blocking(move || group(&dump))
+            .await
+            .map_err(|e| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "dump_failed",
+                    format!("grouping the task dump failed: {e}"),
+                )
+            })
+    }
+
+    /// Groups tasks by their unresolved trace (return addresses, cheap to
+    /// compare), then resolves one trace per group.
+    fn group(dump: &tokio::runtime::Dump) -> Vec<(usize, String)> {
+        let mut by_addresses: HashMap<String, (usize, &tokio::runtime::dump::Trace)> =
+            HashMap::new();
         for task in dump.tasks().iter() {
-            *by_trace.entry(task.trace().to_string()).or_default() += 1;
+            let key = format!("{:?}", task.trace());
+            by_addresses.entry(key).or_insert((0, task.trace())).0 += 1;
         }
-        let mut groups: Vec<(usize, String)> = by_trace.into_iter().map(|(t, n)| (n, t)).collect();
+        let mut groups: Vec<(usize, String)> = by_addresses
+            .into_values()
+            .map(|(tasks, trace)| {
+                let trace = trace.to_string();
+                if trace.trim().is_empty() {
+                    // Traces stop at tokio's own leaf futures.
+                    (tasks, NO_TOKIO_LEAF.to_string())
+                } else {
+                    (tasks, trace)
+                }
+            })
+            .collect();
         groups.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        Ok(groups)
+        groups
     }
 }
 
