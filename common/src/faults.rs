@@ -239,8 +239,7 @@ impl LiveFaults {
                 owned: self.owned_list(),
             });
         }
-        let before = self.current();
-        let mut after = before;
+        let mut entries = Vec::with_capacity(object.len());
         for (name, value) in object {
             let switch = Switch::from_name(name)
                 .ok_or_else(|| PatchError::UnknownSwitch { name: name.clone() })?;
@@ -252,24 +251,41 @@ impl LiveFaults {
                     owner: switch.owner(),
                 });
             }
-            switch.set(&mut after, value)?;
+            entries.push((switch, value));
         }
-        let flips: Vec<Flip> = self
-            .inner
-            .owned
-            .iter()
-            .filter(|s| s.value_in(&before) != s.value_in(&after))
-            .map(|&switch| Flip {
-                switch,
-                from: switch.value_in(&before),
-                to: switch.value_in(&after),
-            })
-            .collect();
-        if flips.is_empty() {
-            return Ok(flips);
-        }
-        self.inner.sender.send_replace(after);
-        self.export(&after);
+        // Read, change and export under the watch's write lock, so two
+        // patches at once cannot undo each other or leave two values of a
+        // switch at 1 in `lab_fault_info`.
+        let mut outcome = Ok(Vec::new());
+        self.inner.sender.send_if_modified(|faults| {
+            let before = *faults;
+            let mut after = before;
+            for (switch, value) in &entries {
+                if let Err(e) = switch.set(&mut after, value) {
+                    outcome = Err(e);
+                    return false;
+                }
+            }
+            let flips: Vec<Flip> = self
+                .inner
+                .owned
+                .iter()
+                .filter(|s| s.value_in(&before) != s.value_in(&after))
+                .map(|&switch| Flip {
+                    switch,
+                    from: switch.value_in(&before),
+                    to: switch.value_in(&after),
+                })
+                .collect();
+            let changed = !flips.is_empty();
+            if changed {
+                *faults = after;
+                self.export(&after);
+            }
+            outcome = Ok(flips);
+            changed
+        });
+        let flips = outcome?;
         for flip in &flips {
             tracing::warn!(
                 service = self.inner.service,
@@ -394,6 +410,46 @@ mod tests {
             Err(PatchError::Empty { .. })
         ));
         assert_eq!(faults.current(), before);
+    }
+
+    #[test]
+    fn patches_at_once_on_different_switches_all_stick() {
+        let (faults, registry) = live(Switch::SERVICE_B);
+        let rounds = 500;
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                for i in 0..rounds {
+                    let value = if i % 2 == 0 { "bounded" } else { "capped" };
+                    faults
+                        .apply(&json!({"worker": value}), "a")
+                        .expect("worker patch");
+                }
+            });
+            let rows = scope.spawn(|| {
+                for i in 0..rounds {
+                    let value = if i % 2 == 0 { "close" } else { "leak-on-error" };
+                    faults
+                        .apply(&json!({"rows": value}), "b")
+                        .expect("rows patch");
+                }
+            });
+            worker.join().expect("worker thread");
+            rows.join().expect("rows thread");
+        });
+        // The last patch of each thread set its switch; neither undid the other's.
+        let now = faults.current();
+        assert_eq!(now.worker, WorkerMode::Capped);
+        assert_eq!(now.rows, RowsMode::LeakOnError);
+        for switch in [Switch::Worker, Switch::Rows] {
+            let ones: i64 = switch
+                .values()
+                .iter()
+                .map(|v| info(&registry, switch.name(), v).unwrap_or(0))
+                .sum();
+            assert_eq!(ones, 1, "{switch}: exactly one value at 1");
+        }
+        assert_eq!(info(&registry, "worker", "capped"), Some(1));
+        assert_eq!(info(&registry, "rows", "leak-on-error"), Some(1));
     }
 
     #[test]

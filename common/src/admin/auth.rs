@@ -106,6 +106,8 @@ fn check(configured: &str, headers: &HeaderMap) -> Result<(), Refusal> {
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
         .ok_or(Refusal::Missing)?;
+    // Constant time in the bytes compared; only a length mismatch returns
+    // early, which tells a caller the token's length and nothing else.
     if bool::from(presented.as_bytes().ct_eq(configured.as_bytes())) {
         Ok(())
     } else {
@@ -171,12 +173,5 @@ mod tests {
             check("", &with_authorization("Bearer ")),
             Err(Refusal::NoTokenConfigured)
         );
-    }
-
-    #[test]
-    fn refusals_never_quote_the_token() {
-        for refusal in [Refusal::Missing, Refusal::Wrong, Refusal::NoTokenConfigured] {
-            assert!(!refusal.reason().contains(TOKEN));
-        }
     }
 }

@@ -4,7 +4,7 @@
 //! * `GET /healthz` — the process is alive (always 200 once listening);
 //! * `GET /readyz`  — dependencies reachable (200, or 503 with the reason);
 //! * `GET /faults`  — the mode the process started with and the switches
-//!   it owns, as in force now, as JSON;
+//!   it owns, as last set (at start or by `PUT /faults`), as JSON;
 //!
 //! and, for operators only (bearer `admin.token`, see [`auth`]), the routes
 //! that change state or cost CPU, in [`operator_routes`]:
@@ -169,4 +169,111 @@ fn bad_request(status: StatusCode, reason: String) -> Response {
         Json(json!({"error": reason, "code": "invalid_argument"})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{AdminToken, Faults, Mode},
+        faults::Switch,
+    };
+    use axum::body::Body;
+    use http::Request;
+    use tower::ServiceExt as _;
+
+    const TOKEN: &str = "operator-token-for-tests-0123";
+
+    /// Every operator route, with a request that would change state or
+    /// cost CPU if it got through.
+    const OPERATOR_ROUTES: [(&str, &str); 4] = [
+        ("PUT", "/faults"),
+        ("GET", "/debug/pprof/profile?seconds=1"),
+        ("GET", "/debug/pprof/heap"),
+        ("GET", "/debug/tasks"),
+    ];
+
+    fn admin(token: &str) -> Router {
+        let registry = Registry::new();
+        let mut config = LabConfig::default();
+        config.admin.token = AdminToken::new(token);
+        let faults = LiveFaults::new(
+            "service-b",
+            Faults::preset(Mode::Buggy),
+            Switch::SERVICE_B,
+            &registry,
+        )
+        .expect("live faults");
+        router(AdminState {
+            service: "service-b",
+            registry,
+            config: Arc::new(config),
+            faults,
+            readiness: Arc::new(|| Box::pin(async { Ok(()) })),
+        })
+    }
+
+    async fn status(router: &Router, method: &str, uri: &str, authorization: Option<&str>) -> u16 {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(value) = authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        let body = if method == "PUT" {
+            Body::from(r#"{"worker":"bounded"}"#)
+        } else {
+            Body::empty()
+        };
+        let request = request
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .expect("request");
+        router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible")
+            .status()
+            .as_u16()
+    }
+
+    #[tokio::test]
+    async fn every_operator_route_needs_the_token() {
+        let router = admin(TOKEN);
+        for (method, uri) in OPERATOR_ROUTES {
+            assert_eq!(
+                status(&router, method, uri, None).await,
+                401,
+                "{method} {uri} without a token"
+            );
+            assert_eq!(
+                status(
+                    &router,
+                    method,
+                    uri,
+                    Some("Bearer another-token-0123456789")
+                )
+                .await,
+                403,
+                "{method} {uri} with a wrong token"
+            );
+        }
+        let off = admin("");
+        for (method, uri) in OPERATOR_ROUTES {
+            assert_eq!(
+                status(&off, method, uri, Some(&format!("Bearer {TOKEN}"))).await,
+                403,
+                "{method} {uri} with no token configured"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_token_lets_a_patch_through_and_open_routes_need_none() {
+        let router = admin(TOKEN);
+        let bearer = format!("Bearer {TOKEN}");
+        assert_eq!(status(&router, "PUT", "/faults", Some(&bearer)).await, 200);
+        for uri in ["/metrics", "/healthz", "/readyz", "/faults"] {
+            assert_eq!(status(&router, "GET", uri, None).await, 200, "GET {uri}");
+        }
+    }
 }
