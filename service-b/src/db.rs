@@ -245,6 +245,17 @@ impl std::fmt::Debug for Db {
     }
 }
 
+/// The most job ids [`Db::claim`] leaves out through its `NOT IN (…)` list.
+/// Each is one placeholder, and MySQL refuses a statement with more than
+/// 65,535 of them, so the list must have a bound; 1,000 keeps each claim a
+/// small statement. Above it the worker defers claiming (see
+/// `worker::plan_claim`).
+pub const CLAIM_SKIP_MAX: usize = 1_000;
+
+/// MySQL's limit on placeholders in one prepared statement; the claim's
+/// other binds are the visibility timeout and the limit.
+const _: () = assert!(CLAIM_SKIP_MAX + 2 <= u16::MAX as usize);
+
 impl Db {
     /// Connects, retrying while the server is still starting, for at most
     /// `mysql.startup_timeout` (or until `shutdown`). Attempts are 100 ms
@@ -525,7 +536,8 @@ impl Db {
     /// LOCKED` lets several Bs claim side by side without ever taking the
     /// same row. The rows themselves are read afterwards, through [`crate::rows`].
     /// `skip`: jobs this B still runs in tasks of a loop a flip replaced
-    /// (they are `pending`, unclaimed, if that loop was `unbounded`).
+    /// (they are `pending`, unclaimed, if that loop was `unbounded`); one
+    /// bind each, so the caller keeps it within [`CLAIM_SKIP_MAX`].
     pub async fn claim(
         &self,
         limit: u32,

@@ -267,9 +267,18 @@ impl PartnerClient {
 
     /// The shared client, built by the first call that needs it (after a
     /// flip from `per-request`); a failed build is tried again next call.
+    /// The build reads the CA file and parses it into a TLS config, blocking
+    /// work, so it runs on tokio's blocking pool, not on a runtime thread
+    /// that serves requests; calls arriving meanwhile wait for that one
+    /// build.
     async fn shared_client(&self) -> Result<&Shared, CallError> {
         self.shared
-            .get_or_try_init(|| async { Shared::build(&self.config, &self.metrics) })
+            .get_or_try_init(|| async {
+                let (config, metrics) = (self.config.clone(), self.metrics.clone());
+                tokio::task::spawn_blocking(move || Shared::build(&config, &metrics))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the client build task failed: {e}"))?
+            })
             .await
             .map_err(|e| CallError::Failed(format!("building the shared partner client: {e:#}")))
     }

@@ -44,6 +44,10 @@
 //! Rows a `bounded` loop claimed but never started (its read of them
 //! failed) wait, as ever, for a `bounded` loop — here or on another B — to
 //! take them back after `worker.visibility_timeout`.
+//! The claim names the held jobs one by one, so while more than
+//! [`CLAIM_SKIP_MAX`] of them still run — the pile-up a flip from
+//! `unbounded` is meant to cure — `bounded` claims nothing (see
+//! [`plan_claim`]); `lab_worker_claims_deferred_total` counts those ticks.
 //! `lab_worker_loops_running`, `lab_worker_loops_started_total{mode}` and
 //! `lab_worker_old_loop_tasks_alive` show the replacement.
 
@@ -66,7 +70,7 @@ use tracing::Instrument as _;
 use lab_common::metrics::Registrar;
 
 use crate::{
-    db::Db,
+    db::{CLAIM_SKIP_MAX, Db},
     http_client::PartnerClient,
     rows::{BadRow, Batch, JobRows, JobTask},
 };
@@ -82,6 +86,7 @@ pub struct WorkerMetrics {
     pub loops_running: IntGauge,
     pub loops_started: IntCounterVec,
     pub old_loop_tasks: IntGauge,
+    pub claims_deferred: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -119,6 +124,10 @@ impl WorkerMetrics {
             old_loop_tasks: r.int_gauge(
                 "lab_worker_old_loop_tasks_alive",
                 "Job tasks still alive that a loop replaced by a flip of faults.worker started (part of lab_worker_tasks_alive).",
+            )?,
+            claims_deferred: r.int_counter(
+                "lab_worker_claims_deferred_total",
+                "Ticks the bounded loop claimed nothing because more jobs than its claim can leave out (1000) still ran in tasks of a loop a flip replaced.",
             )?,
         })
     }
@@ -234,10 +243,7 @@ impl TaskGuard {
         owner.hold(job);
         shared.metrics.tasks_alive.inc();
         shared.metrics.tasks_spawned.inc();
-        let duplicate = match shared.running.lock() {
-            Ok(mut running) => !running.insert(job),
-            Err(_) => false,
-        };
+        let duplicate = !lock(&shared.running).insert(job);
         if duplicate {
             shared.metrics.duplicates.inc();
         }
@@ -256,10 +262,8 @@ impl Drop for TaskGuard {
         if self.owner.release(self.job) {
             self.shared.metrics.old_loop_tasks.dec();
         }
-        if !self.duplicate
-            && let Ok(mut running) = self.shared.running.lock()
-        {
-            running.remove(&self.job);
+        if !self.duplicate {
+            lock(&self.shared.running).remove(&self.job);
         }
     }
 }
@@ -453,6 +457,8 @@ async fn attempt_unclaimed(
 /// The fix: a fixed pool fed by atomic claims, only as many as fit.
 async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(shared.config.pool_size as usize));
+    // Ticks in a row deferred so far: one warning per streak, not per tick.
+    let mut deferred_streak: u64 = 0;
     loop {
         // Backpressure: wait for a free slot before reading anything.
         let first = tokio::select! {
@@ -464,22 +470,45 @@ async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
             },
         };
         let free = 1 + slots.available_permits() as u32;
-        let held_by_old_loops: Vec<i64> = shared.held_by_old_loops().into_iter().collect();
-        let ids = match shared
-            .db
-            .claim(
-                free,
-                &shared.instance,
-                shared.config.visibility_timeout,
-                shared.config.max_attempts,
-                &held_by_old_loops,
-            )
-            .await
-        {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "claiming jobs failed");
+        let ids = match plan_claim(shared.held_by_old_loops()) {
+            ClaimPlan::Defer { held } => {
+                shared.metrics.claims_deferred.inc();
+                if deferred_streak == 0 {
+                    tracing::warn!(
+                        held,
+                        max = CLAIM_SKIP_MAX,
+                        "claiming deferred: too many jobs still run in tasks of the loop a flip replaced"
+                    );
+                }
+                deferred_streak += 1;
                 Vec::new()
+            }
+            ClaimPlan::Claim { skip } => {
+                if deferred_streak > 0 {
+                    tracing::info!(
+                        ticks = deferred_streak,
+                        held = skip.len(),
+                        "claiming resumed: the replaced loop's tasks are few enough to leave out"
+                    );
+                    deferred_streak = 0;
+                }
+                match shared
+                    .db
+                    .claim(
+                        free,
+                        &shared.instance,
+                        shared.config.visibility_timeout,
+                        shared.config.max_attempts,
+                        &skip,
+                    )
+                    .await
+                {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming jobs failed");
+                        Vec::new()
+                    }
+                }
             }
         };
         if ids.is_empty() {
@@ -514,6 +543,40 @@ async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
             // Claimed rows not started are taken back after the visibility
             // timeout.
             Err(e) => tracing::warn!(error = %e, "reading claimed jobs failed"),
+        }
+    }
+}
+
+/// What a `bounded` tick does about the jobs replaced loops still run.
+#[derive(Debug, PartialEq, Eq)]
+enum ClaimPlan {
+    /// Claim, leaving these jobs out.
+    Claim { skip: Vec<i64> },
+    /// Claim nothing this tick: `held` jobs are too many to leave out.
+    Defer { held: usize },
+}
+
+/// Each held job is one bind in the claim's `NOT IN (…)`, so the list needs
+/// a bound ([`CLAIM_SKIP_MAX`]); above it the tick claims nothing.
+///
+/// Deferring was chosen over the other cure — marking the held rows
+/// `running` under this B at flip time, in chunks, so the claim skips them
+/// without a list — because such a mark is a claim no attempt holds: an
+/// old `unbounded` task on a starved runtime can outlive
+/// `worker.visibility_timeout`, and then a `bounded` loop (here or on
+/// another B) takes its row back as abandoned and runs the job a second
+/// time, which is what the skip list exists to prevent; and the mark is a
+/// burst of writes at the very moment B is overloaded. Deferring writes
+/// nothing, and it is the right backpressure too: thousands of old tasks
+/// are the pile-up eating the CPU, and new jobs would only compete with
+/// them. Claiming resumes once they drain to the bound; other Bs go on
+/// claiming meanwhile.
+fn plan_claim(held: HashSet<i64>) -> ClaimPlan {
+    if held.len() > CLAIM_SKIP_MAX {
+        ClaimPlan::Defer { held: held.len() }
+    } else {
+        ClaimPlan::Claim {
+            skip: held.into_iter().collect(),
         }
     }
 }
@@ -704,6 +767,28 @@ mod tests {
         assert_eq!(tasks.jobs(), vec![7], "still held by the other task");
         assert!(tasks.release(7));
         assert!(tasks.is_empty());
+    }
+
+    #[test]
+    fn a_claim_leaves_out_at_most_claim_skip_max_jobs_and_defers_above() {
+        let ids = |n: usize| (0..n as i64).collect::<HashSet<i64>>();
+        assert_eq!(plan_claim(ids(0)), ClaimPlan::Claim { skip: vec![] });
+        match plan_claim(ids(CLAIM_SKIP_MAX)) {
+            ClaimPlan::Claim { mut skip } => {
+                skip.sort_unstable();
+                assert_eq!(skip, (0..CLAIM_SKIP_MAX as i64).collect::<Vec<_>>());
+            }
+            other => panic!("{CLAIM_SKIP_MAX} held jobs still fit the claim: {other:?}"),
+        }
+        // The pile-up a flip from `unbounded` inherits: past the bound, and
+        // past MySQL's 65,535 placeholders.
+        for held in [CLAIM_SKIP_MAX + 1, 70_000] {
+            let plan = plan_claim(ids(held));
+            assert!(
+                plan == ClaimPlan::Defer { held },
+                "{held} held jobs must defer the claim, not become {held} binds"
+            );
+        }
     }
 
     #[test]

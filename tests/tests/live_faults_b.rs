@@ -122,6 +122,37 @@ async fn range_over(
     (min, max)
 }
 
+/// Runs `action` (a flip) while sampling `metric` every 20 ms, from before
+/// it starts until `after` past its end; returns its result and the highest
+/// value seen. A gauge the flip raises and the end of tasks lowers again is
+/// caught at its peak wherever that falls — a single read after the flip
+/// could come too late and see 0.
+async fn peak_around<T>(
+    lab: &TestLab,
+    metric: &str,
+    after: Duration,
+    action: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, f64)> {
+    let ended = std::sync::OnceLock::new();
+    let act = async {
+        let result = action.await;
+        let _ = ended.set(tokio::time::Instant::now());
+        result
+    };
+    let sample = async {
+        let mut peak = f64::MIN;
+        loop {
+            peak = peak.max(b_metric(lab, metric, &[]).await);
+            if ended.get().is_some_and(|end| end.elapsed() >= after) {
+                return peak;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (result, peak) = tokio::join!(act, sample);
+    Ok((result?, peak))
+}
+
 /// worker: unbounded → bounded → unbounded under a steady inflow.
 ///
 /// The settings keep `unbounded` from running jobs twice by itself: a job
@@ -180,12 +211,17 @@ async fn worker_flips_replace_the_loop_and_run_no_job_twice() -> anyhow::Result<
         TICK * 3,
     )
     .await?;
-    flip(&lab, "worker", "bounded").await?;
+    let ((), inherited) = peak_around(
+        &lab,
+        "lab_worker_old_loop_tasks_alive",
+        TICK / 2,
+        flip(&lab, "worker", "bounded"),
+    )
+    .await?;
     let unbounded_started = b_metric(&lab, "lab_job_lag_seconds_count", &lag("unbounded")).await;
-    let inherited = b_metric(&lab, "lab_worker_old_loop_tasks_alive", &[]).await;
     assert!(
         inherited > 0.0,
-        "the old loop's tasks were in flight at the flip: {inherited}"
+        "the old loop's tasks were in flight at the flip (peak of the gauge): {inherited}"
     );
     eventually(TICK * 3, "the old loop's tasks to end", || async {
         (b_metric(&lab, "lab_worker_old_loop_tasks_alive", &[]).await == 0.0).then_some(())
@@ -219,11 +255,16 @@ async fn worker_flips_replace_the_loop_and_run_no_job_twice() -> anyhow::Result<
 
     // Flip 2, right as the bounded loop starts a job.
     rises(&lab, "lab_job_lag_seconds_count", &lag("bounded"), TICK * 3).await?;
-    flip(&lab, "worker", "unbounded").await?;
-    let inherited_back = b_metric(&lab, "lab_worker_old_loop_tasks_alive", &[]).await;
+    let ((), inherited_back) = peak_around(
+        &lab,
+        "lab_worker_old_loop_tasks_alive",
+        TICK / 2,
+        flip(&lab, "worker", "unbounded"),
+    )
+    .await?;
     assert!(
         inherited_back > 0.0,
-        "the bounded loop's tasks were in flight at the flip: {inherited_back}"
+        "the bounded loop's tasks were in flight at the flip (peak of the gauge): {inherited_back}"
     );
     eventually(
         TICK * 3,
