@@ -72,9 +72,9 @@ fn threads(profile: &Profile) -> Vec<&str> {
         .collect()
 }
 
-/// The runtime's worker threads (`tokio-runtime-worker`, cut to 15 bytes),
-/// which serve requests.
-const RUNTIME_THREAD: &str = "tokio-runtime-w";
+/// The runtime's worker threads, which serve requests (tokio's name for
+/// them).
+const RUNTIME_THREAD: &str = "tokio-rt-worker";
 /// The bounded worker's low-priority CPU pool (service-b/src/worker.rs).
 const JOB_CPU_THREAD: &str = "job-cpu-";
 
@@ -85,6 +85,8 @@ fn is_burn_cpu(name: &str) -> bool {
 /// Where a CPU profile's samples ran, and how many were the job's CPU work.
 #[derive(Debug)]
 struct CpuByThread {
+    /// Samples by thread name, digits left out (`job-cpu-`).
+    threads: std::collections::BTreeMap<String, i64>,
     total: i64,
     runtime: i64,
     burn_on_runtime: i64,
@@ -95,6 +97,7 @@ struct CpuByThread {
 impl CpuByThread {
     fn of(profile: &Profile) -> Self {
         let mut figures = Self {
+            threads: Default::default(),
             total: 0,
             runtime: 0,
             burn_on_runtime: 0,
@@ -104,6 +107,14 @@ impl CpuByThread {
         for ((names, value), thread) in stacks(profile).into_iter().zip(threads(profile)) {
             let burn = names.iter().any(|n| is_burn_cpu(n));
             figures.total += value;
+            *figures
+                .threads
+                .entry(
+                    thread
+                        .trim_end_matches(|c: char| c.is_ascii_digit())
+                        .to_string(),
+                )
+                .or_default() += value;
             if thread.starts_with(RUNTIME_THREAD) {
                 figures.runtime += value;
                 figures.burn_on_runtime += if burn { value } else { 0 };
@@ -342,15 +353,16 @@ async fn cpu_profile_under_the_unbounded_worker_names_the_job_cpu_work() -> anyh
     Ok(())
 }
 
-/// A project function (of `crate_prefix` or lab_common) other than the
-/// profilers' own, whose caches stay live after a first profile.
-fn names_service_function(name: &str, crate_prefix: &str) -> bool {
-    let project = [crate_prefix, "lab_common::"]
+/// A function of `crate_prefix`'s crate or of lab_common.
+fn names_project_function(name: &str, crate_prefix: &str) -> bool {
+    [crate_prefix, "lab_common::"]
         .iter()
-        .any(|p| name.starts_with(p) || name.starts_with(&format!("<{p}")));
-    project
-        && !name.contains("lab_common::heap::")
-        && !name.contains("lab_common::admin::profiles::")
+        .any(|p| name.starts_with(p) || name.starts_with(&format!("<{p}")))
+}
+
+/// The profilers' own code, whose symbol caches stay live after a profile.
+fn is_profiler_function(name: &str) -> bool {
+    name.contains("lab_common::heap::") || name.contains("lab_common::admin::profiles::")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,25 +379,39 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
     // Load on every service while they are profiled: requests to A (which
     // calls B), jobs on B (which call partner-api).
     lab.insert_jobs(300, 0.0).await?;
-    let load = async {
-        let client = plain_client()?;
-        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
-        let mut requests = 0u32;
-        while tokio::time::Instant::now() < until {
-            let url = format!("{}/api/items/{}", lab.a_url(), requests % 20 + 1);
-            let _ = client.get(url).send().await;
-            requests += 1;
+    let client = plain_client()?;
+    eventually(Duration::from_secs(30), "A to answer", || async {
+        let url = format!("{}/api/items/1", lab.a_url());
+        let response = client.get(url).send().await.ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await?;
+    let profiling = std::sync::atomic::AtomicBool::new(true);
+    let load = futures::future::join_all((0..8u32).map(|caller| {
+        let (client, a, profiling) = (client.clone(), lab.a_url(), &profiling);
+        async move {
+            let mut requests = 0u32;
+            while profiling.load(std::sync::atomic::Ordering::SeqCst) {
+                let url = format!("{a}/api/items/{}", (caller * 7 + requests) % 20 + 1);
+                let _ = client.get(url).send().await;
+                requests += 1;
+            }
+            requests
         }
-        anyhow::Ok(requests)
-    };
+    }));
     let cpu = "/debug/pprof/profile?seconds=1";
-    let (requests, a, partner, b) = tokio::join!(
-        load,
-        get_ok(&lab, "service-a", cpu),
-        get_ok(&lab, "partner-api", cpu),
-        get_ok(&lab, B, cpu)
-    );
-    println!("{} requests to A during the CPU profiles", requests?);
+    let profiles = async {
+        let profiles = tokio::join!(
+            get_ok(&lab, "service-a", cpu),
+            get_ok(&lab, "partner-api", cpu),
+            get_ok(&lab, B, cpu)
+        );
+        profiling.store(false, std::sync::atomic::Ordering::SeqCst);
+        profiles
+    };
+    let (requests, (a, partner, b)) = tokio::join!(load, profiles);
+    let requests: u32 = requests.iter().sum();
+    println!("{requests} requests to A during the CPU profiles");
     let services = [
         ("service-a", "service_a::", a?),
         ("partner-api", "partner_api::", partner?),
@@ -393,14 +419,33 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
     ];
     for (service, crate_prefix, cpu) in services {
         let cpu = decode(&cpu)?;
-        let cpu_samples: i64 = stacks(&cpu).iter().map(|(_, v)| v).sum();
-        let heap = decode(&get_ok(&lab, service, "/debug/pprof/heap").await?)?;
-        let heap_stacks = stacks(&heap);
-        let named = heap_stacks
+        let cpu_stacks = stacks(&cpu);
+        let cpu_samples: i64 = cpu_stacks.iter().map(|(_, v)| v).sum();
+        let cpu_named = cpu_stacks
             .iter()
             .flat_map(|(names, _)| names.iter())
-            .find(|n| names_service_function(n, crate_prefix))
+            .find(|n| names_project_function(n, crate_prefix) && !is_profiler_function(n))
             .map(|n| n.to_string());
+        // Jemalloc samples one allocation per 512 KiB: the live heap of a
+        // small process (A's, partner-api's: a few MiB) holds a handful of
+        // samples, and its largest live project allocation may be the CPU
+        // profile's symbol cache just built. The check is that the heap
+        // profile decodes and its project frames resolve; which one it
+        // names is printed.
+        let heap = decode(&get_ok(&lab, service, "/debug/pprof/heap").await?)?;
+        let heap_stacks = stacks(&heap);
+        let heap_samples = heap_stacks.len();
+        let project_names = |service_code_only: bool| {
+            heap_stacks
+                .iter()
+                .flat_map(|(names, _)| names.iter())
+                .find(|n| {
+                    names_project_function(n, crate_prefix)
+                        && (!service_code_only || !is_profiler_function(n))
+                })
+                .map(|n| n.to_string())
+        };
+        let (service_code, named) = (project_names(true), project_names(false));
         let dump: serde_json::Value =
             serde_json::from_slice(&get_ok(&lab, service, "/debug/tasks?format=json").await?)?;
         let names: Vec<&str> = dump["by_name"]
@@ -410,11 +455,14 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
             .filter_map(|c| c["name"].as_str())
             .collect();
         println!(
-            "{service}: CPU profile {cpu_samples} samples in 1 s; heap profile {} samples, names {named:?}; tasks {} alive, named {names:?}",
-            heap_stacks.len(),
+            "{service}: CPU profile {cpu_samples} samples in 1 s, names {cpu_named:?}; heap profile {heap_samples} samples, names {named:?} (service code other than the profilers: {service_code:?}); tasks {} alive, named {names:?}",
             dump["alive"]
         );
         assert!(cpu_samples > 0, "{service}: the CPU profile has samples");
+        assert!(
+            cpu_named.is_some(),
+            "{service}: the CPU profile names a function of {crate_prefix} or lab_common"
+        );
         assert!(
             named.is_some(),
             "{service}: the heap profile names a function of {crate_prefix} or lab_common"
@@ -566,7 +614,8 @@ async fn heap_profile_names_the_per_request_client_and_shared_stays_flat() -> an
     // Shared: 600 calls after the warm-up hold no more than the sampling
     // noise. Jemalloc samples one allocation per 512 KiB on average and
     // weighs each sample up, so a snapshot moves by up to ~2.5 MiB with the
-    // pool's connection buffers; a leak of 7 KiB per call (per-request's
+    // pool's connection buffers (one round to the next is all noise, so
+    // only the whole is bounded); a leak of 7 KiB per call (per-request's
     // is ~100 KiB) would exceed the bound.
     const SHARED_NOISE: i64 = 4 * 1024 * 1024;
     let shared_growth = shared[2].0 - shared[0].0;
@@ -583,12 +632,6 @@ async fn heap_profile_names_the_per_request_client_and_shared_stays_flat() -> an
         "shared: the client path does not grow with calls ({:.1} MiB over {} calls)",
         mib(shared_growth),
         2 * JOBS_PER_ROUND
-    );
-    assert!(
-        second_round < first_round.max(0) + SHARED_NOISE / 2,
-        "shared: growth does not accumulate round after round ({:.1} then {:.1} MiB)",
-        mib(first_round),
-        mib(second_round)
     );
     Ok(())
 }
