@@ -42,21 +42,25 @@ const UNWIND_BLOCKLIST: [&str; 4] = ["libc", "libgcc", "pthread", "vdso"];
 /// table are process-wide.
 static CPU_PROFILE_RUNNING: AtomicBool = AtomicBool::new(false);
 
-/// Holds [`CPU_PROFILE_RUNNING`] until dropped (after the report is built).
-struct CpuProfileSlot;
+/// Holds a process-wide "running" flag until dropped (after the answer is
+/// built), for work of which a process can do only one at a time or gains
+/// nothing from two: CPU profiles, task stack dumps.
+#[derive(Debug)]
+pub(super) struct OneAtATime(&'static AtomicBool);
 
-impl CpuProfileSlot {
-    fn take() -> Option<Self> {
-        CPU_PROFILE_RUNNING
+impl OneAtATime {
+    /// `None` while another holder has `running`.
+    pub(super) fn take(running: &'static AtomicBool) -> Option<Self> {
+        running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .ok()
-            .map(|_| Self)
+            .map(|_| Self(running))
     }
 }
 
-impl Drop for CpuProfileSlot {
+impl Drop for OneAtATime {
     fn drop(&mut self) {
-        CPU_PROFILE_RUNNING.store(false, Ordering::Release);
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -102,7 +106,7 @@ pub(super) async fn cpu_profile(
         (Ok(s), Ok(f)) => (s, f),
         (Err(reason), _) | (_, Err(reason)) => return invalid(reason),
     };
-    let Some(slot) = CpuProfileSlot::take() else {
+    let Some(slot) = OneAtATime::take(&CPU_PROFILE_RUNNING) else {
         return error(
             StatusCode::CONFLICT,
             "profile_in_progress",
@@ -271,9 +275,9 @@ mod tests {
 
     #[test]
     fn one_cpu_profile_at_a_time() {
-        let first = CpuProfileSlot::take().unwrap();
-        assert!(CpuProfileSlot::take().is_none());
+        let first = OneAtATime::take(&CPU_PROFILE_RUNNING).unwrap();
+        assert!(OneAtATime::take(&CPU_PROFILE_RUNNING).is_none());
         drop(first);
-        assert!(CpuProfileSlot::take().is_some());
+        assert!(OneAtATime::take(&CPU_PROFILE_RUNNING).is_some());
     }
 }

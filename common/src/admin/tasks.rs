@@ -7,19 +7,43 @@
 //! * `stacks=1` — also every task's stack, grouped by identical trace, from
 //!   tokio's task dump. Only in builds with `--cfg tokio_unstable` (the
 //!   lab's `.cargo/config.toml`) on Linux x86_64/aarch64; elsewhere 501.
+//!   One at a time per process: 409 while another is being taken.
 
-use std::{collections::HashMap, fmt::Write as _};
+use std::{collections::HashMap, fmt::Write as _, sync::atomic::AtomicBool};
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::{Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::json;
 
-use super::AdminState;
+use super::{AdminState, auth, profiles::OneAtATime};
 use crate::tasks::{self, NamedCount};
+
+/// One stack dump at a time per process: a dump pauses every worker
+/// thread and resolving thousands of traces costs seconds of CPU; a second
+/// one at once would double both for the same answer.
+static STACK_DUMP_RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// The stack dump's slot, `None` while another dump holds it.
+fn take_stack_dump_slot() -> Option<OneAtATime> {
+    OneAtATime::take(&STACK_DUMP_RUNNING)
+}
+
+/// The answer while another stack dump runs.
+fn dump_in_progress() -> Response {
+    (
+        StatusCode::CONFLICT,
+        Json(json!({
+            "error": "a task stack dump of this process is already being taken; one at \
+                      a time (retry when it is done, or leave out stacks=1)",
+            "code": "dump_in_progress",
+        })),
+    )
+        .into_response()
+}
 
 /// Counts of alive tasks, named and not.
 struct Counts {
@@ -49,6 +73,7 @@ fn counts() -> Counts {
 
 pub(super) async fn dump(
     State(state): State<AdminState>,
+    Extension(operator): Extension<auth::Operator>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let json = match params.get("format").map(String::as_str) {
@@ -63,9 +88,18 @@ pub(super) async fn dump(
         Some("1" | "true") => true,
         Some(other) => return bad_request(format!("stacks: {other:?} is not 0 or 1")),
     };
+    let stacks_slot = if with_stacks {
+        let Some(slot) = take_stack_dump_slot() else {
+            return dump_in_progress();
+        };
+        tracing::info!(by = ?operator.addr, "task stack dump started");
+        Some(slot)
+    } else {
+        None
+    };
     let counts = counts();
-    let stacks = if with_stacks {
-        match stacks::grouped().await {
+    let stacks = if let Some(slot) = stacks_slot {
+        match stacks::grouped(slot).await {
             Ok(groups) => Some(groups),
             Err((status, code, reason)) => {
                 return (status, Json(json!({"error": reason, "code": code}))).into_response();
@@ -151,8 +185,11 @@ mod stacks {
     const NO_TOKIO_LEAF: &str = "(no tokio future on this task's stack: it waits on \
         something outside tokio, e.g. a futures-channel or hyper's pool)";
 
-    /// `(tasks, trace)` per distinct trace, most tasks first.
-    pub(super) async fn grouped() -> Result<Vec<(usize, String)>, super::Refusal> {
+    /// `(tasks, trace)` per distinct trace, most tasks first. `slot` is
+    /// held until the grouping ends, even if the caller goes away.
+    pub(super) async fn grouped(
+        slot: super::OneAtATime,
+    ) -> Result<Vec<(usize, String)>, super::Refusal> {
         let handle = tokio::runtime::Handle::current();
         let dump = tokio::time::timeout(DUMP_TIMEOUT, handle.dump())
             .await
@@ -168,15 +205,18 @@ mod stacks {
             })?;
         // Resolving symbols takes long (seconds for thousands of tasks in a
         // debug build): off the runtime it is observing.
-        tokio::task::spawn_blocking(move || group(&dump))
-            .await
-            .map_err(|e| {
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "dump_failed",
-                    format!("grouping the task dump failed: {e}"),
-                )
-            })
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            group(&dump)
+        })
+        .await
+        .map_err(|e| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "dump_failed",
+                format!("grouping the task dump failed: {e}"),
+            )
+        })
     }
 
     /// Groups tasks by their unresolved trace (return addresses, cheap to
@@ -213,7 +253,9 @@ mod stacks {
 mod stacks {
     use axum::http::StatusCode;
 
-    pub(super) async fn grouped() -> Result<Vec<(usize, String)>, super::Refusal> {
+    pub(super) async fn grouped(
+        _slot: super::OneAtATime,
+    ) -> Result<Vec<(usize, String)>, super::Refusal> {
         Err((
             StatusCode::NOT_IMPLEMENTED,
             "stacks_unavailable",
@@ -221,5 +263,29 @@ mod stacks {
              .cargo/config.toml; an env RUSTFLAGS replaces it) on Linux x86_64 or aarch64"
                 .into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_stack_dump_at_a_time() {
+        let first = take_stack_dump_slot().unwrap();
+        assert!(take_stack_dump_slot().is_none());
+        let refused = dump_in_progress();
+        assert_eq!(refused.status(), StatusCode::CONFLICT);
+        let body = axum::body::to_bytes(refused.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "dump_in_progress");
+        assert!(
+            body["error"].as_str().unwrap().contains("one at a time"),
+            "{body}"
+        );
+        drop(first);
+        assert!(take_stack_dump_slot().is_some(), "free again once done");
     }
 }
