@@ -87,11 +87,11 @@ impl Switch {
     /// The switch's value in `faults`, as written in config and JSON.
     pub fn value_in(self, faults: &Faults) -> &'static str {
         match self {
-            Switch::Lb => name_of(faults.lb),
-            Switch::Worker => name_of(faults.worker),
-            Switch::Deadline => name_of(faults.deadline),
-            Switch::HttpClient => name_of(faults.http_client),
-            Switch::Rows => name_of(faults.rows),
+            Switch::Lb => faults.lb.as_str(),
+            Switch::Worker => faults.worker.as_str(),
+            Switch::Deadline => faults.deadline.as_str(),
+            Switch::HttpClient => faults.http_client.as_str(),
+            Switch::Rows => faults.rows.as_str(),
         }
     }
 
@@ -120,10 +120,6 @@ impl fmt::Display for Switch {
 
 fn names<E: SwitchValue>() -> Vec<&'static str> {
     E::ALL.iter().map(|v| v.as_str()).collect()
-}
-
-fn name_of<E: SwitchValue>(value: E) -> &'static str {
-    value.as_str()
 }
 
 fn parse<E: DeserializeOwned>(value: &Value) -> Option<E> {
