@@ -655,21 +655,31 @@ async fn task_dump_shows_the_pile_up_of_job_tasks() -> anyhow::Result<()> {
             "faults.worker=unbounded",
             "worker.tick=200ms",
             "worker.batch=200",
-            "partner.latency=2s",
+            // Each job waits 5 s on the partner, so even a loop slowed by a
+            // busy machine (a TLS handshake per job) piles up 1 000 of them.
+            "partner.latency=5s",
             "worker.cpu_per_kib=0s",
         ],
     )
     .await?;
     lab.insert_jobs(3000, 0.0).await?;
-    eventually(
-        Duration::from_secs(30),
+    let highest = std::sync::Mutex::new(0.0_f64);
+    let piled_up = eventually(
+        Duration::from_secs(60),
         "a pile-up of job tasks",
         || async {
             let alive = lab.metric(B, "lab_worker_tasks_alive", &[]).await?;
+            if let Ok(mut highest) = highest.lock() {
+                *highest = highest.max(alive);
+            }
             (alive >= 1000.0).then_some(())
         },
     )
-    .await?;
+    .await;
+    if let Err(error) = piled_up {
+        let highest = highest.lock().map(|h| *h).unwrap_or(0.0);
+        anyhow::bail!("{error}: lab_worker_tasks_alive peaked at {highest}");
+    }
 
     // The gauge, the dump, the gauge: the dump's count lies between.
     let before = lab
