@@ -10,5 +10,6 @@ pub mod load;
 pub mod ports;
 pub mod probe;
 pub mod procs;
+pub mod scenario;
 pub mod state;
 pub mod token;
