@@ -46,6 +46,12 @@ pub enum Cmd {
         #[command(subcommand)]
         what: ScaleCmd,
     },
+    /// Play a story (the incident, one cause, the remedies) on a stack and
+    /// write a report with charts and verdicts.
+    Scenario {
+        #[command(subcommand)]
+        what: ScenarioCmd,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -228,6 +234,40 @@ pub enum ScaleCmd {
 #[derive(Debug, Args)]
 pub struct ScaleBackendsArgs {
     pub n: usize,
+    #[command(flatten)]
+    pub dir: StateDir,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScenarioCmd {
+    /// The built-in scenarios (deploy/scenarios/*.toml).
+    List,
+    /// Run one: start a stack on free ports (or --attach), play the phases,
+    /// write report.html, report.md and samples.json. Exits 0 only when
+    /// every verdict holds.
+    Run(ScenarioRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScenarioRunArgs {
+    /// A built-in scenario (`labctl scenario list`) or the path of a
+    /// scenario file.
+    pub name: String,
+    /// Where the report goes [default: <state-dir>/scenarios/<name>-<time>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Play faster: every duration in the scenario is divided by F (rates
+    /// stay). Symptoms that need time to grow may not show at high speeds.
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Config for the stack the scenario starts, after the scenario's own
+    /// `set` (repeatable), e.g. --set worker.pool_size=4.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Play on the stack already running in --state-dir (left running, with
+    /// the switches the scenario leaves) instead of starting one.
+    #[arg(long)]
+    pub attach: bool,
     #[command(flatten)]
     pub dir: StateDir,
 }

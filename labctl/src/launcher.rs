@@ -154,6 +154,11 @@ fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
+/// The port of `127.0.0.1:50051` or `http://127.0.0.1:9081`.
+fn port_of(address: &str) -> Option<u16> {
+    address.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+}
+
 fn https_url(port: u16) -> String {
     format!("https://127.0.0.1:{port}")
 }
@@ -595,6 +600,46 @@ impl Stack {
         self.state.save()?;
         self.restart_slb().await?;
         Ok(changed)
+    }
+
+    /// Restarts every running B, one at a time, with `extra` config added
+    /// after the shared config (and kept for every B started later): how a
+    /// knob that is not a live switch changes, e.g.
+    /// `service_b.max_connection_age`, and how a fix is deployed. Each B is
+    /// stopped gracefully (it leaves etcd first) and started again on the
+    /// same ports before the next one goes, so HAProxy's backends stay valid.
+    pub async fn restart_backends(&mut self, extra: &[String]) -> Result<Vec<String>, LaunchError> {
+        self.backend_overrides.extend(extra.iter().cloned());
+        let bins = Binaries::find(None).await?;
+        let client = probe::http_client();
+        let running: Vec<ServiceRecord> = self
+            .state
+            .backends()
+            .filter(|b| b.is_alive())
+            .cloned()
+            .collect();
+        let mut restarted = Vec::new();
+        for record in running {
+            let index = record
+                .name
+                .strip_prefix("service-b-")
+                .and_then(|i| i.parse().ok());
+            let grpc = record.grpc_addr.as_deref().and_then(port_of);
+            let admin = record.admin_url.as_deref().and_then(port_of);
+            let (Some(index), Some(grpc), Some(admin)) = (index, grpc, admin) else {
+                return Err(LaunchError::NoService { name: record.name });
+            };
+            self.stop_record(&record, Duration::from_secs(30)).await;
+            let name = self.spawn_backend(&bins.service_b, index, grpc, admin)?;
+            self.wait_ready(
+                &client,
+                Duration::from_secs(30),
+                vec![(name.as_str(), backend_ready(admin))],
+            )
+            .await?;
+            restarted.push(name);
+        }
+        Ok(restarted)
     }
 
     /// Ports for B number `index`: the configured base + (index − 1), or

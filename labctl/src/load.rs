@@ -52,7 +52,13 @@ pub struct LoadSpec {
     pub seed: u64,
     /// Per-request timeout; a request that exceeds it counts as error `timeout`.
     pub timeout: Duration,
+    /// STUB (sampler work replaces it).
+    pub live: Option<Arc<LiveWindow>>,
 }
+
+/// STUB (sampler work replaces it).
+#[derive(Debug, Default)]
+pub struct LiveWindow;
 
 impl LoadSpec {
     pub fn new(url: impl Into<String>, path: impl Into<String>) -> Self {
@@ -66,6 +72,7 @@ impl LoadSpec {
             id_max: 10_000,
             seed: 1,
             timeout: Duration::from_secs(30),
+            live: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use lab_common::config::{LogFormat, TelemetryConfig};
 
-use cli::{BenchCmd, Cli, Cmd, ConfigCmd, FaultsCmd, ScaleCmd};
+use cli::{BenchCmd, Cli, Cmd, ConfigCmd, FaultsCmd, ScaleCmd, ScenarioCmd};
 
 /// Parses the command line (invalid input exits 2 with clap's message),
 /// runs the subcommand, and exits 1 with the error chain if it fails.
@@ -52,6 +52,14 @@ async fn main() -> ExitCode {
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => commands::config::check(&file),
+        Cmd::Scenario {
+            what: ScenarioCmd::List,
+        } => commands::scenario::list(),
+        // Its own exit statuses: 2 for a file that cannot be played, 1
+        // when a verdict fails.
+        Cmd::Scenario {
+            what: ScenarioCmd::Run(args),
+        } => return commands::scenario::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

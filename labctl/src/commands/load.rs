@@ -20,6 +20,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         id_max: args.id_max,
         seed: args.seed,
         timeout: args.timeout,
+        live: None,
     };
     let bar = std::io::stderr()
         .is_terminal()

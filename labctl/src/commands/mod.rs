@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod kill;
 pub mod load;
 pub mod scale;
+pub mod scenario;
 pub mod status;
 pub mod up;
 

@@ -15,6 +15,7 @@
 //! * [`runner`] — starts or attaches to the stack, plays the phases, shows
 //!   progress and stops everything on Ctrl-C, still writing the report.
 
+pub mod progress;
 pub mod recording;
 pub mod report;
 pub mod runner;

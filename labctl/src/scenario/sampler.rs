@@ -9,6 +9,7 @@ pub struct Target {
     pub instance: String,
     /// Its admin listener, e.g. `http://127.0.0.1:9081`.
     pub admin_url: String,
+    pub instance_id: Option<String>,
 }
 
 /// Reads `/metrics` of every target and the load generator's live window.
@@ -18,6 +19,10 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    pub fn new(_live: std::sync::Arc<crate::load::LiveWindow>) -> Self {
+        Self::default()
+    }
+
     /// Replaces the processes to scrape (Bs come and go with `scale`).
     pub fn set_targets(&mut self, targets: Vec<Target>) {
         self.targets = targets;
