@@ -156,7 +156,12 @@ fn url(port: u16) -> String {
 
 /// The port of `127.0.0.1:50051` or `http://127.0.0.1:9081`.
 fn port_of(address: &str) -> Option<u16> {
-    address.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+    address
+        .rsplit(':')
+        .next()?
+        .trim_end_matches('/')
+        .parse()
+        .ok()
 }
 
 fn https_url(port: u16) -> String {

@@ -50,7 +50,10 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
         }
     };
     if !(args.speed.is_finite() && args.speed > 0.0) {
-        eprintln!("error: --speed must be a positive number, got {}", args.speed);
+        eprintln!(
+            "error: --speed must be a positive number, got {}",
+            args.speed
+        );
         return ExitCode::from(BAD_INPUT);
     }
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -64,7 +67,9 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
     });
     let stack = if args.attach {
         if !args.set.is_empty() {
-            eprintln!("error: --set cannot change an attached stack's config; leave out --attach or --set");
+            eprintln!(
+                "error: --set cannot change an attached stack's config; leave out --attach or --set"
+            );
             return ExitCode::from(BAD_INPUT);
         }
         StackChoice::Attach {
@@ -82,10 +87,7 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
         let config = match config::load(&sources) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!(
-                    "error: in the `set` of {} or a --set: {e}",
-                    scenario.file
-                );
+                eprintln!("error: in the `set` of {} or a --set: {e}", scenario.file);
                 return ExitCode::from(BAD_INPUT);
             }
         };

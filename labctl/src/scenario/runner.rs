@@ -50,7 +50,10 @@ use crate::{
 pub enum StackChoice {
     /// Start one in `state_dir` with `config` (the scenario's and the
     /// command line's `--set` applied) and stop it at the end.
-    Start { config: LabConfig, state_dir: PathBuf },
+    Start {
+        config: LabConfig,
+        state_dir: PathBuf,
+    },
     /// Play on the stack recorded in this state dir and leave it running.
     Attach { state_dir: PathBuf },
 }
@@ -175,7 +178,10 @@ pub async fn run(options: RunOptions, mut stop: StopSignal) -> anyhow::Result<Ru
             in_phase: Duration::ZERO,
             phase_length: phase.duration,
         });
-        if let Err(reason) = play.phase(&scenario, index, phase, &mut stop, &position_tx).await {
+        if let Err(reason) = play
+            .phase(&scenario, index, phase, &mut stop, &position_tx)
+            .await
+        {
             interruption = Some(reason);
             break;
         }
@@ -329,7 +335,8 @@ impl Play<'_> {
         let mut actions: Vec<_> = phase.actions.iter().collect();
         actions.sort_by_key(|a| a.at);
         for spec in actions {
-            self.wait_until(begin + spec.at, stop, position, begin).await?;
+            self.wait_until(begin + spec.at, stop, position, begin)
+                .await?;
             match action_of(spec) {
                 Ok(action) => self.act(&action).await,
                 Err(message) => self.event(EventKind::Problem, message).await,

@@ -668,3 +668,136 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+description = "a test"
+
+[load]
+rps = 10
+
+[[phase]]
+name = "one"
+duration = "5s"
+
+[[phase]]
+name = "two"
+duration = "5s"
+switches = { worker = "bounded" }
+
+[[verdict]]
+cause = "worker"
+symptom = "tasks"
+signal = "job_tasks"
+stat = "max"
+buggy = "one"
+fixed = "two"
+above = 16
+"#;
+
+    /// The error for `GOOD` with `from` replaced by `to`.
+    fn error_for(from: &str, to: &str) -> String {
+        assert!(GOOD.contains(from), "{from:?} is in the base file");
+        let text = GOOD.replacen(from, to, 1);
+        parse("t", "my.toml", &text)
+            .map(|_| ())
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[test]
+    fn the_base_file_is_valid() {
+        let scenario = parse("t", "my.toml", GOOD).expect("valid");
+        assert_eq!(scenario.phases.len(), 2);
+        assert_eq!(scenario.backends, 2);
+        assert_eq!(scenario.load.concurrency, 64);
+    }
+
+    #[test]
+    fn a_misspelt_field_is_named_with_its_line() {
+        let e = error_for(
+            "duration = \"5s\"\n\n[[phase]]",
+            "durashun = \"5s\"\n\n[[phase]]",
+        );
+        assert!(e.starts_with("my.toml:9:"), "{e}");
+        assert!(e.contains("durashun"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_duration_is_named_with_its_line() {
+        let e = error_for(
+            "duration = \"5s\"\nswitches",
+            "duration = \"five\"\nswitches",
+        );
+        assert!(e.starts_with("my.toml:13:"), "{e}");
+        assert!(e.contains("phase[1].duration"), "{e}");
+    }
+
+    #[test]
+    fn a_switch_value_that_does_not_exist_lists_the_values() {
+        let e = error_for("worker = \"bounded\"", "worker = \"boundless\"");
+        assert!(e.starts_with("my.toml:14:"), "{e}");
+        assert!(e.contains("phase[1].switches.worker"), "{e}");
+        assert!(e.contains("unbounded, capped, bounded"), "{e}");
+    }
+
+    #[test]
+    fn a_verdict_on_a_missing_phase_or_signal_is_refused() {
+        let e = error_for("fixed = \"two\"", "fixed = \"three\"");
+        assert!(e.starts_with("my.toml:22:"), "{e}");
+        assert!(
+            e.contains("verdict[0].fixed") && e.contains("phases: one, two"),
+            "{e}"
+        );
+        let e = error_for("signal = \"job_tasks\"", "signal = \"jobtasks\"");
+        assert!(e.starts_with("my.toml:19:"), "{e}");
+        assert!(
+            e.contains("verdict[0].signal") && e.contains("job_tasks"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_has_its_line() {
+        let e = error_for("rps = 10", "rps = = 10");
+        assert!(e.starts_with("my.toml:5:"), "{e}");
+    }
+
+    #[test]
+    fn an_action_outside_its_phase_or_without_a_target_is_refused() {
+        let e = error_for(
+            "switches = { worker = \"bounded\" }",
+            "switches = { worker = \"bounded\" }\naction = [{ at = \"9s\", do = \"scale\", n = 3 }]",
+        );
+        assert!(e.contains("phase[1].action[0].at"), "{e}");
+        let e = error_for(
+            "switches = { worker = \"bounded\" }",
+            "switches = { worker = \"bounded\" }\naction = [{ at = \"1s\", do = \"kill\" }]",
+        );
+        assert!(
+            e.contains("phase[1].action[0].do") && e.contains("target"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_name_lists_the_known_ones() {
+        let e = find("incidnet")
+            .map(|_| ())
+            .expect_err("unknown")
+            .to_string();
+        assert!(
+            e.contains("incident, lb, worker, deadline, leaks, remedies"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn speed_divides_every_duration() {
+        let scenario = parse("t", "my.toml", GOOD).expect("valid").compressed(5.0);
+        assert_eq!(scenario.duration(), Duration::from_secs(2));
+    }
+}
