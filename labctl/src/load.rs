@@ -33,6 +33,9 @@ use tokio::time::Instant;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
+mod live;
+pub use live::{Finished, LiveWindow, WindowStats};
+
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -52,13 +55,11 @@ pub struct LoadSpec {
     pub seed: u64,
     /// Per-request timeout; a request that exceeds it counts as error `timeout`.
     pub timeout: Duration,
-    /// STUB (sampler work replaces it).
+    /// Where each finished request is also recorded as it finishes, for a
+    /// reader that wants the last second rather than the whole run (the
+    /// scenario sampler). `None` costs nothing.
     pub live: Option<Arc<LiveWindow>>,
 }
-
-/// STUB (sampler work replaces it).
-#[derive(Debug, Default)]
-pub struct LiveWindow;
 
 impl LoadSpec {
     pub fn new(url: impl Into<String>, path: impl Into<String>) -> Self {
@@ -328,6 +329,9 @@ async fn worker(
         };
         let outcome = tokio::time::timeout(spec.timeout, send(&mut conn, target, &path)).await;
         let latency = measured_from.elapsed();
+        if let Some(live) = &spec.live {
+            live.record(latency, finished(&outcome));
+        }
         tally
             .histogram
             .saturating_record((latency.as_micros() as u64).max(1));
@@ -360,6 +364,20 @@ async fn worker(
         plan.done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(tally)
+}
+
+/// How a request ended, in the live window's terms.
+fn finished<'a, E>(
+    outcome: &'a Result<Result<(u16, Option<String>), &'static str>, E>,
+) -> Finished<'a> {
+    match outcome {
+        Ok(Ok((status, served_by))) => Finished::Answered {
+            status: *status,
+            served_by: served_by.as_deref(),
+        },
+        Ok(Err(_)) => Finished::Failed,
+        Err(_) => Finished::TimedOut,
+    }
 }
 
 /// Where requests go: `host:port` to dial, the Host header, and the path
