@@ -92,7 +92,7 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
             }
         };
         StackChoice::Start {
-            config,
+            config: Box::new(config),
             state_dir: out_dir.join("stack"),
         }
     };

@@ -51,7 +51,7 @@ pub enum StackChoice {
     /// Start one in `state_dir` with `config` (the scenario's and the
     /// command line's `--set` applied) and stop it at the end.
     Start {
-        config: LabConfig,
+        config: Box<LabConfig>,
         state_dir: PathBuf,
     },
     /// Play on the stack recorded in this state dir and leave it running.
@@ -109,7 +109,7 @@ pub async fn run(options: RunOptions, mut stop: StopSignal) -> anyhow::Result<Ru
                 scenario.backends,
                 state_dir.display()
             ));
-            let mut up_options = UpOptions::new(config, &state_dir);
+            let mut up_options = UpOptions::new(*config, &state_dir);
             up_options.backends = scenario.backends;
             up_options.ports = PortPolicy::Auto;
             up_options.lifetime = Lifetime::TiedToLabctl;

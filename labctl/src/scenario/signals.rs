@@ -48,7 +48,7 @@ signals! {
     A_P99_MS = "a_p99_ms", "A's p99 (A's own histogram)", "ms",
         "service-a's lab_http_request_duration_seconds: p99 of the requests A answered in the last second, interpolated within its histogram buckets.";
     CPU_PERCENT = "cpu_percent", "CPU", "% of one core",
-        "Each process's process_cpu_seconds_total, per second of wall time (100 = one core busy).";
+        "Each process's process_cpu_seconds_total, per second of wall time (100 = one core busy), averaged over the last 5 s: the counter moves in whole seconds.";
     RSS_MIB = "rss_mib", "Resident memory", "MiB",
         "Each process's process_resident_memory_bytes.";
     OPEN_FDS = "open_fds", "Open file descriptors", "fds",
