@@ -82,8 +82,9 @@ fn write_document(
     writeln!(out, "## Phases\n")?;
     let headers: Vec<String> = table.headers.iter().map(|h| cell(h)).collect();
     writeln!(out, "| {} |", headers.join(" | "))?;
+    // The phase and its switches are words; the other columns are numbers.
     let alignment: Vec<&str> = (0..table.headers.len())
-        .map(|i| if i < 3 { "---" } else { "---:" })
+        .map(|i| if i == 0 || i == 2 { "---" } else { "---:" })
         .collect();
     writeln!(out, "|{}|", alignment.join("|"))?;
     for row in &table.rows {

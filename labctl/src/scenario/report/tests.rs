@@ -348,7 +348,7 @@ fn markdown_has_the_phase_table_and_verdict_lines() {
          | busiest B share (median) | job tasks, all Bs (peak) \
          | RSS MiB growth/min (max of processes) |"
     );
-    assert!(lines[header + 1].starts_with("|---|"));
+    assert!(lines[header + 1].starts_with("|---|---:|---|---:|"));
     let buggy: Vec<&str> = lines[header + 2].split(" | ").collect();
     assert_eq!(
         buggy[..4],
