@@ -453,7 +453,11 @@ fn span_of_path(text: &str, path: &str) -> Option<std::ops::Range<usize>> {
                 || !text.as_bytes()[abs - 1].is_ascii_alphanumeric()
                     && text.as_bytes()[abs - 1] != b'_';
             let after = text[abs + key.len()..].trim_start();
-            before_ok && after.starts_with('=')
+            // Not inside a string on its line, e.g. a description that
+            // says "lb = etcd".
+            let line_start = text[..abs].rfind('\n').map_or(0, |nl| nl + 1);
+            let outside_strings = text[line_start..abs].matches('"').count() % 2 == 0;
+            before_ok && outside_strings && after.starts_with('=')
         })
         .map(|(i, _)| offset + i)
         .unwrap_or(offset);
@@ -685,6 +689,7 @@ duration = "5s"
 
 [[phase]]
 name = "two"
+description = "worker = bounded"
 duration = "5s"
 switches = { worker = "bounded" }
 
@@ -732,14 +737,14 @@ above = 16
             "duration = \"5s\"\nswitches",
             "duration = \"five\"\nswitches",
         );
-        assert!(e.starts_with("my.toml:13:"), "{e}");
+        assert!(e.starts_with("my.toml:14:"), "{e}");
         assert!(e.contains("phase[1].duration"), "{e}");
     }
 
     #[test]
     fn a_switch_value_that_does_not_exist_lists_the_values() {
         let e = error_for("worker = \"bounded\"", "worker = \"boundless\"");
-        assert!(e.starts_with("my.toml:14:"), "{e}");
+        assert!(e.starts_with("my.toml:15:"), "{e}");
         assert!(e.contains("phase[1].switches.worker"), "{e}");
         assert!(e.contains("unbounded, capped, bounded"), "{e}");
     }
@@ -747,13 +752,13 @@ above = 16
     #[test]
     fn a_verdict_on_a_missing_phase_or_signal_is_refused() {
         let e = error_for("fixed = \"two\"", "fixed = \"three\"");
-        assert!(e.starts_with("my.toml:22:"), "{e}");
+        assert!(e.starts_with("my.toml:23:"), "{e}");
         assert!(
             e.contains("verdict[0].fixed") && e.contains("phases: one, two"),
             "{e}"
         );
         let e = error_for("signal = \"job_tasks\"", "signal = \"jobtasks\"");
-        assert!(e.starts_with("my.toml:19:"), "{e}");
+        assert!(e.starts_with("my.toml:20:"), "{e}");
         assert!(
             e.contains("verdict[0].signal") && e.contains("job_tasks"),
             "{e}"
