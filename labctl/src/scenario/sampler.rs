@@ -97,7 +97,7 @@ impl Kind {
         use signals::*;
         let mut all = vec![CPU_PERCENT, RSS_MIB, OPEN_FDS, TASKS_ALIVE];
         all.extend_from_slice(match self {
-            Kind::ServiceA => &[A_P99_MS][..],
+            Kind::ServiceA => &[A_P50_MS, A_P99_MS][..],
             Kind::ServiceB => &[
                 JOB_TASKS,
                 POOL_IN_USE,
@@ -300,10 +300,13 @@ impl History {
         let handshakes = m.get("partner_tls_handshakes_total");
         match kind {
             Kind::ServiceA => {
-                let p99 = last.as_ref().and_then(|l| {
-                    histogram_quantile(0.99, &bucket_increase(&l.a_buckets, &a_buckets, restarted))
-                });
-                values.push((signals::A_P99_MS, p99.map(|s| s * 1000.0)));
+                let increase = last
+                    .as_ref()
+                    .map(|l| bucket_increase(&l.a_buckets, &a_buckets, restarted));
+                for (signal, q) in [(signals::A_P50_MS, 0.5), (signals::A_P99_MS, 0.99)] {
+                    let seconds = increase.as_ref().and_then(|b| histogram_quantile(q, b));
+                    values.push((signal, seconds.map(|s| s * 1000.0)));
+                }
             }
             Kind::ServiceB => values.extend([
                 (signals::JOB_TASKS, m.get("lab_worker_tasks_alive")),

@@ -45,6 +45,8 @@ signals! {
         "The scenario's load generator: 99th percentile latency of the requests answered in the last second, measured from when each was due (open loop).";
     SHARE = "share", "Share of requests per B", "share",
         "The scenario's load generator: the fraction of the last second's answers served by each B (A's x-served-by header).";
+    A_P50_MS = "a_p50_ms", "A's p50 (A's own histogram)", "ms",
+        "service-a's lab_http_request_duration_seconds: median of the requests A answered in the last second, interpolated within its histogram buckets.";
     A_P99_MS = "a_p99_ms", "A's p99 (A's own histogram)", "ms",
         "service-a's lab_http_request_duration_seconds: p99 of the requests A answered in the last second, interpolated within its histogram buckets.";
     CPU_PERCENT = "cpu_percent", "CPU", "% of one core",

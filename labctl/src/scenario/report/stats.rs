@@ -388,7 +388,8 @@ pub fn phase_table(recording: &Recording) -> PhaseTable {
             .collect();
         let mut row = vec![
             phase.name.clone(),
-            number(phase.end_s - phase.start_s),
+            // One decimal always: a phase cut short reads 12.4, a whole one 30.0.
+            format!("{:.1}", phase.end_s - phase.start_s),
             if switches.is_empty() {
                 "—".into()
             } else {
@@ -690,8 +691,11 @@ mod tests {
         );
         assert_eq!(
             table.rows[0],
-            ["buggy", "10", "lb=l4 worker=unbounded", "0", "20", "1"]
+            ["buggy", "10.0", "lb=l4 worker=unbounded", "0", "20", "1"]
         );
-        assert_eq!(table.rows[1], ["fixed", "10", "lb=etcd", "0", "20", "0.50"]);
+        assert_eq!(
+            table.rows[1],
+            ["fixed", "10.0", "lb=etcd", "0", "20", "0.50"]
+        );
     }
 }

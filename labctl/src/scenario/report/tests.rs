@@ -352,13 +352,13 @@ fn markdown_has_the_phase_table_and_verdict_lines() {
     let buggy: Vec<&str> = lines[header + 2].split(" | ").collect();
     assert_eq!(
         buggy[..4],
-        ["| buggy", "30", "lb=l4 worker=unbounded", "50"]
+        ["| buggy", "30.0", "lb=l4 worker=unbounded", "50"]
     );
     // The busiest B's median share, the peak of 10 tasks/s × 29 s × 1.5.
     assert_eq!(buggy[6], "1");
     assert_eq!(buggy[7], "435");
     let fixed: Vec<&str> = lines[header + 3].split(" | ").collect();
-    assert_eq!(fixed[..3], ["| fixed", "30", "lb=etcd"]);
+    assert_eq!(fixed[..3], ["| fixed", "30.0", "lb=etcd"]);
 
     assert!(text.contains("## Verdicts: 2 of 3 verdicts hold"));
     let verdicts: Vec<&str> = lines

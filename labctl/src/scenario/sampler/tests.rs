@@ -173,6 +173,7 @@ fn the_first_sample_reads_every_gauge_of_every_kind() {
     // Rates and A's window need a previous sample.
     for (signal, instance) in [
         ("cpu_percent", "service-a"),
+        ("a_p50_ms", "service-a"),
         ("a_p99_ms", "service-a"),
         ("jobs_done", "service-b-1"),
         ("cpu_percent", "service-b-1"),
@@ -194,6 +195,7 @@ fn the_first_sample_reads_every_gauge_of_every_kind() {
     assert_eq!(
         of("service-a"),
         [
+            "a_p50_ms",
             "a_p99_ms",
             "cpu_percent",
             "open_fds",
@@ -271,6 +273,9 @@ fn rates_and_a_p99_come_from_the_increase_between_two_samples() {
     // 25 ms + 25 ms × 99/100. The 500 older ones do not count.
     let p99 = at(&rec, "a_p99_ms", "service-a", 2.0).unwrap();
     assert!((p99 - 49.75).abs() < 1e-9, "a_p99_ms {p99}");
+    // The 50th: 25 ms + 25 ms × 50/100.
+    let p50 = at(&rec, "a_p50_ms", "service-a", 2.0).unwrap();
+    assert!((p50 - 37.5).abs() < 1e-9, "a_p50_ms {p50}");
 }
 
 #[test]
