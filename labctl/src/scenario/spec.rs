@@ -456,7 +456,7 @@ fn span_of_path(text: &str, path: &str) -> Option<std::ops::Range<usize>> {
             // Not inside a string on its line, e.g. a description that
             // says "lb = etcd".
             let line_start = text[..abs].rfind('\n').map_or(0, |nl| nl + 1);
-            let outside_strings = text[line_start..abs].matches('"').count() % 2 == 0;
+            let outside_strings = text[line_start..abs].matches('"').count().is_multiple_of(2);
             before_ok && outside_strings && after.starts_with('=')
         })
         .map(|(i, _)| offset + i)
