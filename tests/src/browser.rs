@@ -32,9 +32,14 @@ const MAX_PAGE_HEIGHT: u32 = 16_000;
 /// Per DevTools call. Generous: the e2e tests share two cores with a lab.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// A colour counts towards [`ChartPixels::colours`] when it covers at least
-/// this share of a chart's ink, so the shades anti-aliasing adds along lines
+/// this share of a chart's area, so the shades anti-aliasing adds along lines
 /// and text don't.
-const COLOUR_MIN_SHARE: f64 = 0.01;
+const COLOUR_MIN_SHARE: f64 = 0.001;
+/// A pixel counts towards [`ChartPixels::coloured_fraction`] when its
+/// channels spread at least this far apart: the charts' series colours do
+/// (plotters' palette: 65 and up), greys and the pale tints of shaded bands
+/// (about 10) do not.
+const SATURATED_MIN_SPREAD: u8 = 48;
 
 /// What the browser showed of one chart.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,11 +51,22 @@ pub struct ChartPixels {
     pub width: u32,
     pub height: u32,
     /// Share of the svg's pixels that differ from its most common colour
-    /// (its background): 0 for a chart that drew nothing.
+    /// (its background): 0 for a chart that drew nothing. Shaded bands,
+    /// grid, axes and text count too.
     pub ink_fraction: f64,
+    /// Share of the svg's pixels in a clearly saturated colour: the data
+    /// series (and event markers), not the greys and pale tints of
+    /// backgrounds, bands, grid, axes and text. About 0 for a chart whose
+    /// frame is drawn but whose series are not.
+    pub coloured_fraction: f64,
     /// Distinct colours other than the background, each covering at least
-    /// 1 % of the ink (axes and text give one or two, each series one more).
+    /// 0.1 % of the chart.
     pub colours: usize,
+    /// The background (`#rrggbb`; empty when the chart has no pixels).
+    pub background: String,
+    /// Those colours (`#rrggbb`) with the share of the chart each covers,
+    /// most first: to check that a given series' colour is there.
+    pub palette: Vec<(String, f64)>,
 }
 
 /// What opening a report in Chromium showed.
@@ -143,14 +159,14 @@ pub fn check_report(html: &Path, out_dir: &Path) -> anyhow::Result<BrowserCheck>
         .context("decoding the screenshot's base64")?;
     std::fs::write(&screenshot, &png)
         .with_context(|| format!("writing {}", screenshot.display()))?;
-    let image = Rgb::decode(&png)?;
+    let image = Screenshot::decode(&png)?;
     let scale = f64::from(image.width) / f64::from(VIEWPORT_WIDTH);
     let charts = boxes.iter().map(|b| measure(&image, b, scale)).collect();
 
     // The page's events come in order on the pipe: once a last round trip
     // to the page is back, every event before it has been read.
     page.evaluate(&mut browser, "0")?;
-    let seen = Seen::from_events(&browser.events, &page.session, &url);
+    let seen = Seen::from_events(&browser.events, &page.session, &loader);
     anyhow::ensure!(
         !seen.crashed,
         "the page crashed in Chromium; see {}",
@@ -303,14 +319,14 @@ struct ChartBox {
 }
 
 /// A decoded screenshot, 8-bit RGB.
-struct Rgb {
+struct Screenshot {
     width: u32,
     height: u32,
     pixels: Vec<[u8; 3]>,
 }
 
-impl Rgb {
-    fn decode(png_bytes: &[u8]) -> anyhow::Result<Rgb> {
+impl Screenshot {
+    fn decode(png_bytes: &[u8]) -> anyhow::Result<Screenshot> {
         let mut decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
         decoder.set_transformations(png::Transformations::normalize_to_color8());
         let mut reader = decoder
@@ -333,7 +349,7 @@ impl Rgb {
             .chunks_exact(channels)
             .map(|pixel| [pixel[0], pixel[1], pixel[2]])
             .collect();
-        Ok(Rgb {
+        Ok(Screenshot {
             width: frame.width,
             height: frame.height,
             pixels,
@@ -343,7 +359,7 @@ impl Rgb {
 
 /// Counts a chart's pixels. Only whole pixels inside its box count, so a
 /// neighbour's edge cannot pass for ink.
-fn measure(image: &Rgb, chart: &ChartBox, scale: f64) -> ChartPixels {
+fn measure(image: &Screenshot, chart: &ChartBox, scale: f64) -> ChartPixels {
     let inner = |start: f64, length: f64, limit: u32| {
         let first = (start * scale).ceil().clamp(0.0, f64::from(limit)) as u32;
         let end = ((start + length) * scale)
@@ -363,27 +379,52 @@ fn measure(image: &Rgb, chart: &ChartBox, scale: f64) -> ChartPixels {
         }
     }
     let total: u64 = counts.values().sum();
-    let background = counts
+    let mut by_count: Vec<([u8; 3], u64)> = counts.into_iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let background = by_count.first().copied();
+    let background_count = background.map_or(0, |(_, count)| count);
+    let ink = total - background_count;
+    let saturated: u64 = by_count
         .iter()
-        .max_by_key(|(_, count)| **count)
-        .map(|(colour, count)| (*colour, *count));
-    let ink = total - background.map_or(0, |(_, count)| count);
-    let colours = counts
+        .filter(|(colour, _)| is_saturated(*colour))
+        .map(|(_, count)| count)
+        .sum();
+    let share = |count: u64| {
+        if total == 0 {
+            0.0
+        } else {
+            count as f64 / total as f64
+        }
+    };
+    let palette: Vec<(String, f64)> = by_count
         .iter()
-        .filter(|(colour, _)| Some(**colour) != background.map(|(colour, _)| colour))
-        .filter(|(_, count)| **count as f64 >= COLOUR_MIN_SHARE * ink as f64)
-        .count();
+        .skip(1)
+        .take_while(|(_, count)| share(*count) >= COLOUR_MIN_SHARE)
+        .map(|(colour, count)| (hex(*colour), share(*count)))
+        .collect();
     ChartPixels {
         id: chart.id.clone(),
         width: chart.width.round() as u32,
         height: chart.height.round() as u32,
-        ink_fraction: if total == 0 {
-            0.0
-        } else {
-            ink as f64 / total as f64
-        },
-        colours,
+        ink_fraction: share(ink),
+        coloured_fraction: share(saturated),
+        colours: palette.len(),
+        background: background
+            .map(|(colour, _)| hex(colour))
+            .unwrap_or_default(),
+        palette,
     }
+}
+
+fn is_saturated(colour: [u8; 3]) -> bool {
+    let (Some(high), Some(low)) = (colour.iter().max(), colour.iter().min()) else {
+        return false;
+    };
+    high - low >= SATURATED_MIN_SPREAD
+}
+
+fn hex([red, green, blue]: [u8; 3]) -> String {
+    format!("#{red:02x}{green:02x}{blue:02x}")
 }
 
 /// What the page reported, read from its DevTools events.
@@ -396,7 +437,9 @@ struct Seen {
 }
 
 impl Seen {
-    fn from_events(events: &[CdpEvent], session: &str, page_url: &str) -> Seen {
+    /// `navigation` is the page load's loader id, which is also the id of
+    /// the request for the page itself.
+    fn from_events(events: &[CdpEvent], session: &str, navigation: &Value) -> Seen {
         let mut seen = Seen::default();
         // Request id → URL, to name the URL of a failed request.
         let mut request_urls: BTreeMap<&str, &str> = BTreeMap::new();
@@ -457,7 +500,8 @@ impl Seen {
                     let url = params.pointer("/request/url").and_then(Value::as_str);
                     let id = params.get("requestId").and_then(Value::as_str);
                     if let (Some(url), Some(id)) = (url, id) {
-                        if url != page_url && !url.starts_with("data:") {
+                        let the_page = params.get("requestId") == Some(navigation);
+                        if !the_page && !url.starts_with("data:") {
                             seen.requests.push(url.to_string());
                         }
                         request_urls.insert(id, url);

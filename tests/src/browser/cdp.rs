@@ -73,6 +73,9 @@ impl Chromium {
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .args(extra_args)
             .arg("about:blank")
+            // Its shared-memory files too (with --disable-dev-shm-usage they
+            // go to TMPDIR), so they go with the profile.
+            .env("TMPDIR", profile.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
