@@ -3,11 +3,12 @@
 //! written to the browser's fd 3, responses and events read from its fd 4.
 //!
 //! Why not a DevTools crate: the ones on crates.io (headless_chrome,
-//! chromiumoxide) compile a typed copy of the whole protocol, 1.5 to 2.5
-//! minutes of CI per build, and drop events their copy cannot parse. The
-//! check needs a dozen untyped messages. A pipe also needs no port (no race
-//! with a lab's listeners), and reading one ordered stream means every event
-//! before a command's response has been seen when the response arrives.
+//! chromiumoxide) compile a typed copy of the whole protocol (1 to 2.5
+//! minutes of CI per build, measured) and drop events their copy cannot
+//! parse. The check needs a dozen untyped messages. A pipe also needs no
+//! port (no race with a lab's listeners), and reading one ordered stream
+//! means every event before a command's response has been seen when the
+//! response arrives.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
