@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the lab needs to run natively and to pass its tests:
-# a MySQL-compatible server (MariaDB), etcd and HAProxy. Idempotent: does
-# nothing when they are already there. Debian and Ubuntu (apt) are
-# supported; elsewhere it names what to install.
+# a MySQL-compatible server (MariaDB), etcd and HAProxy, and for the tests
+# only, Chromium. Idempotent: does nothing when they are already there.
+# Debian and Ubuntu (apt) are supported; elsewhere it names what to install.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/local/sbin/$1" ]; }
@@ -16,6 +16,13 @@ have haproxy || missing+=(haproxy)
 # jemalloc's build also runs make.
 have cc || missing+=(gcc libc6-dev)
 have make || missing+=(make)
+# Testing only: the scenario report's browser check (tests/src/browser.rs)
+# opens report.html in headless Chromium. No runtime or Docker image needs it,
+# so it is installed here and nowhere else. Installed without recommends, so
+# no fonts come with it: DejaVu draws the charts' labels. (Ubuntu's apt
+# package only installs the snap, which needs a running snapd.)
+have chromium || have chromium-browser || missing+=(chromium)
+{ have fc-list && [ -n "$(fc-list 2>/dev/null | head -n 1)" ]; } || missing+=(fonts-dejavu-core)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     # de-duplicate
@@ -40,6 +47,7 @@ install-deps: no apt-get here. Install these with your package manager and re-ru
   - etcd >= 3.4 (etcd)
   - HAProxy >= 2.4 (haproxy)
   - a C compiler (cc) and make, to build ring and jemalloc
+  - Chromium (chromium or chromium-browser) and a font, for the report's browser check
 MSG
         exit 1
     fi
@@ -57,4 +65,4 @@ for component in rustfmt clippy; do
         }
     fi
 done
-echo "install-deps: ok ($(command -v mariadbd || command -v mysqld || echo /usr/sbin/mariadbd), $(command -v etcd), $(command -v haproxy || echo /usr/sbin/haproxy))"
+echo "install-deps: ok ($(command -v mariadbd || command -v mysqld || echo /usr/sbin/mariadbd), $(command -v etcd), $(command -v haproxy || echo /usr/sbin/haproxy), $(command -v chromium || command -v chromium-browser))"

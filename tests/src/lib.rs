@@ -5,6 +5,10 @@
 //! The service binaries must be built first (`cargo build --workspace`;
 //! `scripts/test.sh` does it): the launcher looks for them in
 //! `target/<profile>/`, next to the test executable's `deps/` folder.
+//!
+//! [`browser`] opens a scenario report in headless Chromium.
+
+pub mod browser;
 
 use std::{
     path::{Path, PathBuf},
