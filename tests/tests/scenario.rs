@@ -31,6 +31,10 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+fn share_chart(check: &lab_tests::browser::BrowserCheck) -> &lab_tests::browser::ChartPixels {
+    check.chart("chart-share").expect("a share chart")
+}
+
 fn read_recording(out: &Path) -> Recording {
     let text = std::fs::read_to_string(out.join("samples.json")).expect("samples.json written");
     serde_json::from_str(&text).expect("samples.json has the recording's schema")
@@ -133,6 +137,58 @@ fn the_lb_scenario_at_triple_speed_holds_its_verdict_and_writes_a_report() {
         html.contains("id=\"chart-share\""),
         "the share chart is in the report"
     );
+    // Opened in a real browser: every chart drawn, nothing fetched, no error.
+    let check = lab_tests::browser::check_report(&out.join("report.html"), dir.path()).unwrap();
+    let mut signals_recorded: Vec<&str> =
+        recording.series.iter().map(|s| s.signal.as_str()).collect();
+    signals_recorded.sort();
+    signals_recorded.dedup();
+    println!("screenshot: {}", check.screenshot.display());
+    for chart in &check.charts {
+        println!(
+            "{:<28} {}x{} ink {:.3} coloured {:.4} colours {}",
+            chart.id,
+            chart.width,
+            chart.height,
+            chart.ink_fraction,
+            chart.coloured_fraction,
+            chart.colours
+        );
+    }
+    assert_eq!(
+        check.charts.len(),
+        signals_recorded.len(),
+        "a chart per signal"
+    );
+    // A colour counts in `palette` only when it covers 0.1 % of the chart,
+    // which a legend swatch does not: every chart has a series line drawn
+    // in one of the report's line colours (where all instances read the
+    // same, the last one drawn covers the others), and the share chart has
+    // both Bs' (blue, orange).
+    const LINE_COLOURS: [&str; 8] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+    ];
+    let drawn = |chart: &lab_tests::browser::ChartPixels, colour: &str| {
+        chart.palette.iter().any(|(c, _)| c == colour)
+    };
+    for chart in &check.charts {
+        assert_eq!((chart.width, chart.height), (900, 300), "{}", chart.id);
+        assert!(chart.ink_fraction > 0.3, "{} is not blank", chart.id);
+        assert!(
+            LINE_COLOURS.iter().any(|colour| drawn(chart, colour)),
+            "{}: a line is drawn: {:?}",
+            chart.id,
+            chart.palette
+        );
+    }
+    assert!(drawn(share_chart(&check), "#1f77b4"), "b-1's line");
+    assert!(drawn(share_chart(&check), "#ff7f0e"), "b-2's line");
+    assert!(
+        check.console_errors.is_empty(),
+        "{:?}",
+        check.console_errors
+    );
+    assert!(check.requests.is_empty(), "{:?}", check.requests);
     assert!(
         out.join("logs").join("service-a.log").is_file(),
         "the stack's logs are kept"
