@@ -607,6 +607,12 @@ impl Stack {
         Ok(changed)
     }
 
+    /// Adds `--set KEY=VALUE` overrides for every B started from now on
+    /// (by `scale_backends` or `restart_backends`), after those it has.
+    pub fn add_backend_overrides(&mut self, extra: &[String]) {
+        self.backend_overrides.extend(extra.iter().cloned());
+    }
+
     /// Restarts every running B, one at a time, with `extra` config added
     /// after the shared config (and kept for every B started later): how a
     /// knob that is not a live switch changes, e.g.
@@ -614,7 +620,7 @@ impl Stack {
     /// stopped gracefully (it leaves etcd first) and started again on the
     /// same ports before the next one goes, so HAProxy's backends stay valid.
     pub async fn restart_backends(&mut self, extra: &[String]) -> Result<Vec<String>, LaunchError> {
-        self.backend_overrides.extend(extra.iter().cloned());
+        self.add_backend_overrides(extra);
         let bins = Binaries::find(None).await?;
         let client = probe::http_client();
         let running: Vec<ServiceRecord> = self

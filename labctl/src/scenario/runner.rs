@@ -473,6 +473,7 @@ impl Play<'_> {
                 Ok("start etcd".into())
             }
             Action::Scale(n) => {
+                self.start_new_backends_as_flipped();
                 let changed = self.stack.scale_backends(*n).await?;
                 for name in &changed {
                     self.exited.remove(name);
@@ -481,16 +482,17 @@ impl Play<'_> {
                 Ok(format!("scale to {n} B ({})", changed.join(", ")))
             }
             Action::RestartBackends(set) => {
-                let restarted = self.stack.restart_backends(set).await?;
-                for name in &restarted {
-                    self.exited.remove(name);
-                }
                 for assignment in set {
                     if let Some((key, value)) = assignment.split_once('=')
                         && let Some(switch) = key.strip_prefix("faults.")
                     {
                         self.switches.insert(switch.to_string(), value.to_string());
                     }
+                }
+                self.start_new_backends_as_flipped();
+                let restarted = self.stack.restart_backends(set).await?;
+                for name in &restarted {
+                    self.exited.remove(name);
                 }
                 self.reapply_switches().await;
                 Ok(format!(
@@ -502,8 +504,25 @@ impl Play<'_> {
         }
     }
 
-    /// A B that starts reads the configured switches; the flips made so
-    /// far are sent to it again so every B plays the same phase.
+    /// A B that starts reads its switches from its config: the B-owned
+    /// flips made so far become config overrides of every B started from
+    /// now on, so a new or restarted B never runs a switch's old form, not
+    /// even for the moment before [`Self::reapply_switches`] reaches it.
+    fn start_new_backends_as_flipped(&mut self) {
+        let overrides: Vec<String> = self
+            .switches
+            .iter()
+            .filter_map(|(switch, value)| {
+                let assignment: Assignment = format!("{switch}={value}").parse().ok()?;
+                faults::owns("service-b-1", assignment.switch)
+                    .then(|| format!("faults.{switch}={value}"))
+            })
+            .collect();
+        self.stack.add_backend_overrides(&overrides);
+    }
+
+    /// The flips made so far, sent again to every process that owns them:
+    /// also reaches a B that another labctl started meanwhile.
     async fn reapply_switches(&mut self) {
         let assignments: Vec<Assignment> = self
             .switches
