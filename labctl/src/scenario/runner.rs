@@ -596,8 +596,9 @@ async fn sample_every_second(
         tick.tick().await;
         sampler.set_targets(targets.borrow_and_update().clone());
         let t_s = started.elapsed().as_secs_f64();
+        let collected = sampler.collect().await;
         let mut recording = recording.lock().await;
-        sampler.sample(t_s, &mut recording).await;
+        sampler.write(t_s, collected, &mut recording);
         let position = position.borrow().clone();
         if let Ok(mut progress) = progress.lock() {
             progress.update(&position, t_s, &recording);

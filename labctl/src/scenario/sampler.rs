@@ -141,6 +141,12 @@ struct History {
     cpu_used: f64,
 }
 
+/// One sample's readings, not yet written (see [`Sampler::collect`]).
+pub struct Collected {
+    window: WindowStats,
+    scrapes: Vec<Option<Scrape>>,
+}
+
 impl Sampler {
     /// A sampler that reads `live` (give the same window to every
     /// [`crate::load::LoadSpec`] of the run) and no target yet.
@@ -166,14 +172,30 @@ impl Sampler {
     /// target's `/metrics` at once (each within [`SCRAPE_TIMEOUT`]), then
     /// the load generator's window.
     pub async fn sample(&mut self, t_s: f64, recording: &mut Recording) {
+        let collected = self.collect().await;
+        self.write(t_s, collected, recording);
+    }
+
+    /// The reading half of [`Self::sample`]: scrapes every target at once
+    /// and takes the load generator's window, touching no recording (so a
+    /// caller that shares the recording holds its lock only to write).
+    pub async fn collect(&self) -> Collected {
         let scrapes = futures::future::join_all(
             self.targets
                 .iter()
                 .map(|target| scrape(&self.client, target)),
         )
         .await;
-        let window = self.live.take();
-        self.record(t_s, &window, scrapes, recording);
+        Collected {
+            window: self.live.take(),
+            scrapes,
+        }
+    }
+
+    /// The writing half of [`Self::sample`]: the points of what
+    /// [`Self::collect`] read, at `t_s`.
+    pub fn write(&mut self, t_s: f64, collected: Collected, recording: &mut Recording) {
+        self.record(t_s, &collected.window, collected.scrapes, recording);
     }
 
     /// Writes the points of one sample; `scrapes` in the order of the
