@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Installs what the lab needs to run natively and to pass its tests:
-# a MySQL-compatible server (MariaDB), etcd and HAProxy, and for the tests
-# only, Chromium. Idempotent: does nothing when they are already there.
+# Installs what the lab needs to run natively: a MySQL-compatible server
+# (MariaDB), etcd and HAProxy, and a C toolchain to build it. With
+# --for-tests (scripts/test.sh passes it) also Chromium and a font, which only
+# the tests need. Idempotent: does nothing when they are already there.
 # Debian and Ubuntu (apt) are supported; elsewhere it names what to install.
 set -euo pipefail
+
+for_tests=false
+[ "${1:-}" = "--for-tests" ] && for_tests=true
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/local/sbin/$1" ]; }
 
@@ -16,13 +20,16 @@ have haproxy || missing+=(haproxy)
 # jemalloc's build also runs make.
 have cc || missing+=(gcc libc6-dev)
 have make || missing+=(make)
-# Testing only: the scenario report's browser check (tests/src/browser.rs)
-# opens report.html in headless Chromium. No runtime or Docker image needs it,
-# so it is installed here and nowhere else. Installed without recommends, so
-# no fonts come with it: DejaVu draws the charts' labels. (Ubuntu's apt
-# package only installs the snap, which needs a running snapd.)
-have chromium || have chromium-browser || missing+=(chromium)
-{ have fc-list && [ -n "$(fc-list 2>/dev/null | head -n 1)" ]; } || missing+=(fonts-dejavu-core)
+# Testing only (--for-tests): the scenario report's browser check
+# (tests/src/browser.rs) opens report.html in headless Chromium. No runtime
+# or Docker image needs it. Installed without recommends, so no fonts come
+# with it: DejaVu draws the charts' labels (fc-list comes with fontconfig,
+# which chromium depends on). (Ubuntu's apt package only installs the snap,
+# which needs a running snapd.)
+if $for_tests; then
+    have chromium || have chromium-browser || missing+=(chromium)
+    { have fc-list && [ -n "$(fc-list 2>/dev/null | head -n 1)" ]; } || missing+=(fonts-dejavu-core fontconfig)
+fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
     # de-duplicate
@@ -65,4 +72,4 @@ for component in rustfmt clippy; do
         }
     fi
 done
-echo "install-deps: ok ($(command -v mariadbd || command -v mysqld || echo /usr/sbin/mariadbd), $(command -v etcd), $(command -v haproxy || echo /usr/sbin/haproxy), $(command -v chromium || command -v chromium-browser))"
+echo "install-deps: ok ($(command -v mariadbd || command -v mysqld || echo /usr/sbin/mariadbd), $(command -v etcd), $(command -v haproxy || echo /usr/sbin/haproxy)$($for_tests && echo ", $(command -v chromium || command -v chromium-browser)"))"

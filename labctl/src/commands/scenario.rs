@@ -17,6 +17,9 @@ const BAD_INPUT: u8 = 2;
 /// Exit status when the run finished but a verdict did not hold or the run
 /// was cut short.
 const VERDICT_FAILED: u8 = 1;
+/// `--speed` bounds: beyond 100× a phase lasts less than a sample.
+const MIN_SPEED: f64 = 0.01;
+const MAX_SPEED: f64 = 100.0;
 
 pub fn list() -> anyhow::Result<()> {
     println!("{:<10} {:>7}  DESCRIPTION", "NAME", "LENGTH");
@@ -49,9 +52,9 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
             return ExitCode::from(BAD_INPUT);
         }
     };
-    if !(args.speed.is_finite() && args.speed > 0.0) {
+    if !(MIN_SPEED..=MAX_SPEED).contains(&args.speed) {
         eprintln!(
-            "error: --speed must be a positive number, got {}",
+            "error: --speed must be between {MIN_SPEED} and {MAX_SPEED}, got {}",
             args.speed
         );
         return ExitCode::from(BAD_INPUT);
@@ -65,6 +68,33 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
             .join("scenarios")
             .join(format!("{}-{stamp}", scenario.name))
     });
+    // Every config the scenario would give a process, checked before
+    // anything starts: its own `set`, the command line's, and each
+    // `restart-backends`.
+    let mut overrides = scenario.set.clone();
+    overrides.extend(args.set.iter().cloned());
+    let config = match config::load(&sources(overrides.clone())) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: in the `set` of {} or a --set: {e}", scenario.file);
+            return ExitCode::from(BAD_INPUT);
+        }
+    };
+    for (phase, action) in scenario
+        .phases
+        .iter()
+        .flat_map(|p| p.actions.iter().map(move |a| (p, a)))
+    {
+        let mut with_action = overrides.clone();
+        with_action.extend(action.set.iter().cloned());
+        if let Err(e) = config::load(&sources(with_action)) {
+            eprintln!(
+                "error: in {}, phase {:?}, the `set` of an action: {e}",
+                scenario.file, phase.name
+            );
+            return ExitCode::from(BAD_INPUT);
+        }
+    }
     let stack = if args.attach {
         if !args.set.is_empty() {
             eprintln!(
@@ -72,25 +102,18 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
             );
             return ExitCode::from(BAD_INPUT);
         }
+        if !scenario.set.is_empty() {
+            eprintln!(
+                "warning: attached: the running stack keeps its own config and number of Bs; \
+                 the scenario's ({}; backends = {}) are not applied, so its symptoms may differ",
+                scenario.set.join(" "),
+                scenario.backends
+            );
+        }
         StackChoice::Attach {
             state_dir: args.dir.state_dir.clone(),
         }
     } else {
-        // The scenario's settings, then the command line's: later wins.
-        let mut overrides = scenario.set.clone();
-        overrides.extend(args.set.iter().cloned());
-        let sources = Sources {
-            file: None,
-            env: std::env::vars().collect(),
-            overrides,
-        };
-        let config = match config::load(&sources) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: in the `set` of {} or a --set: {e}", scenario.file);
-                return ExitCode::from(BAD_INPUT);
-            }
-        };
         StackChoice::Start {
             config: Box::new(config),
             state_dir: out_dir.join("stack"),
@@ -125,6 +148,16 @@ pub async fn run(args: ScenarioRunArgs) -> ExitCode {
     }
 }
 
+/// The scenario's settings, then the command line's (later wins), over
+/// the defaults and the environment, as `labctl up` reads them.
+fn sources(overrides: Vec<String>) -> Sources {
+    Sources {
+        file: None,
+        env: std::env::vars().collect(),
+        overrides,
+    }
+}
+
 /// Ctrl-C or SIGTERM. The handlers are installed now, before the stack
 /// starts, so a Ctrl-C at any moment reaches the runner (which stops the
 /// stack and writes the report) instead of killing labctl outright.
@@ -134,10 +167,21 @@ fn stop_signal() -> StopSignal {
     let term = signal(SignalKind::terminate());
     Box::pin(async move {
         match (int, term) {
-            (Ok(mut int), Ok(mut term)) => tokio::select! {
-                _ = int.recv() => "interrupted (Ctrl-C)".to_string(),
-                _ = term.recv() => "terminated (SIGTERM)".to_string(),
-            },
+            (Ok(mut int), Ok(mut term)) => {
+                let reason = tokio::select! {
+                    _ = int.recv() => "interrupted (Ctrl-C)".to_string(),
+                    _ = term.recv() => "terminated (SIGTERM)".to_string(),
+                };
+                // Stopping takes a few seconds (each process gets SIGTERM
+                // and time to drain); a second Ctrl-C does not wait. The
+                // stack's processes die with labctl (PR_SET_PDEATHSIG).
+                tokio::spawn(async move {
+                    int.recv().await;
+                    eprintln!("second Ctrl-C: exiting now, without the report");
+                    std::process::exit(130);
+                });
+                reason
+            }
             _ => std::future::pending().await,
         }
     })
@@ -153,6 +197,16 @@ fn print_summary(outcome: &runner::RunOutcome, out_dir: &std::path::Path) {
             verdict.cause,
             verdict.explanation
         );
+    }
+    let problems: Vec<_> = outcome.problems().collect();
+    if !problems.is_empty() {
+        println!(
+            "\n{} problem(s) during the run, so it does not pass:",
+            problems.len()
+        );
+        for problem in problems {
+            println!("  t={:.1} s  {}", problem.t_s, problem.label);
+        }
     }
     if recording.interrupted {
         println!(

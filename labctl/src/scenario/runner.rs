@@ -75,9 +75,21 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
-    /// Every verdict held and every phase ran: the exit status is 0.
+    /// Every phase ran, nothing went wrong on the way (an action that
+    /// failed, a flip refused, a process that died unasked, the load or the
+    /// inflow stopping) and every verdict held: the exit status is 0.
     pub fn passed(&self) -> bool {
-        !self.recording.interrupted && self.files.verdicts.iter().all(|v| v.holds)
+        !self.recording.interrupted
+            && self.problems().next().is_none()
+            && self.files.verdicts.iter().all(|v| v.holds)
+    }
+
+    /// The problems of the run, in order.
+    pub fn problems(&self) -> impl Iterator<Item = &Event> {
+        self.recording
+            .events
+            .iter()
+            .filter(|e| e.kind == EventKind::Problem)
     }
 }
 
@@ -147,7 +159,21 @@ pub async fn run(options: RunOptions, mut stop: StopSignal) -> anyhow::Result<Ru
     }));
     let live = Arc::new(LiveWindow::default());
     let (targets_tx, targets_rx) = watch::channel(targets_of(&stack));
-    let (position_tx, position_rx) = watch::channel(Position::default());
+    let (position_tx, position_rx) = watch::channel(Position {
+        phase: scenario
+            .phases
+            .first()
+            .map(|p| p.name.clone())
+            .unwrap_or_default(),
+        index: 1,
+        phases: scenario.phases.len(),
+        in_phase: Duration::ZERO,
+        phase_length: scenario
+            .phases
+            .first()
+            .map(|p| p.duration)
+            .unwrap_or_default(),
+    });
     let sampling = tokio::spawn(sample_every_second(
         Sampler::new(live.clone()),
         targets_rx,
@@ -205,8 +231,15 @@ pub async fn run(options: RunOptions, mut stop: StopSignal) -> anyhow::Result<Ru
     }
     if owned {
         eprintln!("stopping the stack …");
-        stack.down().await?;
-        keep_logs_only(&stack.state.state_dir, &out_dir);
+        match stack.down().await {
+            Ok(()) => keep_logs_only(&stack.state.state_dir, &out_dir),
+            // The report is still written; the problem is in it.
+            Err(e) => recording.events.push(Event {
+                t_s: started.elapsed().as_secs_f64(),
+                kind: EventKind::Problem,
+                label: format!("stopping the stack failed: {e}"),
+            }),
+        }
     } else {
         eprintln!(
             "the attached stack keeps running, with the switches the scenario left: {}",
@@ -242,6 +275,29 @@ impl Play<'_> {
     fn say(&self, line: String) {
         if let Ok(progress) = self.progress.lock() {
             progress.say(&line);
+        }
+    }
+
+    /// A way for a background task to record a problem at the moment it
+    /// happens.
+    fn problem_reporter(
+        &self,
+    ) -> impl FnOnce(String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static {
+        let recording = self.recording.clone();
+        let progress = self.progress.clone();
+        let started = self.started;
+        move |label: String| {
+            Box::pin(async move {
+                let t_s = started.elapsed().as_secs_f64();
+                if let Ok(progress) = progress.lock() {
+                    progress.say(&format!("  t={t_s:>5.1} s  PROBLEM: {label}"));
+                }
+                recording.lock().await.events.push(Event {
+                    t_s,
+                    kind: EventKind::Problem,
+                    label,
+                });
+            })
         }
     }
 
@@ -297,10 +353,7 @@ impl Play<'_> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         self.flip(&flips).await;
-        let in_force = self.switches_in_force().await;
-        if let Some(span) = self.recording.lock().await.phases.last_mut() {
-            span.switches = in_force;
-        }
+        self.note_switches_in_force().await;
 
         if rps > 0.0 {
             let mut spec = LoadSpec::new(self.stack.a_url(), scenario.load.path.clone());
@@ -310,9 +363,10 @@ impl Play<'_> {
             spec.timeout = scenario.load.timeout;
             spec.seed = index as u64 + 1;
             spec.live = Some(self.live.clone());
+            let problem = self.problem_reporter();
             self.background.push(tokio::spawn(async move {
                 if let Err(e) = load::run(&spec, None).await {
-                    tracing::warn!(error = %e, "the scenario's load stopped");
+                    problem(format!("the load generator stopped: {e:#}")).await;
                 }
             }));
         }
@@ -325,9 +379,10 @@ impl Play<'_> {
                 payload_bytes: scenario.inflow.payload_bytes,
                 seed: index as u64 + 1,
             };
+            let problem = self.problem_reporter();
             self.background.push(tokio::spawn(async move {
                 if let Err(e) = jobs::produce(&spec).await {
-                    tracing::warn!(error = %e, "the scenario's job inflow stopped");
+                    problem(format!("the job inflow stopped: {e:#}")).await;
                 }
             }));
         }
@@ -341,6 +396,9 @@ impl Play<'_> {
                 Ok(action) => self.act(&action).await,
                 Err(message) => self.event(EventKind::Problem, message).await,
             }
+            // A restart changes switches too (`restart-backends` with
+            // `faults.*`): the phase shows what is in force after it.
+            self.note_switches_in_force().await;
         }
         self.wait_until(begin + phase.duration, stop, position, begin)
             .await
@@ -402,8 +460,10 @@ impl Play<'_> {
         }
         match faults::set(&self.stack.state, &self.token, &assignments).await {
             Ok(results) => {
-                for result in results {
-                    if let Some(error) = result.error {
+                let mut refused = 0;
+                for result in &results {
+                    if let Some(error) = &result.error {
+                        refused += 1;
                         self.event(
                             EventKind::Problem,
                             format!("{} did not take the flip: {error}", result.name),
@@ -411,11 +471,14 @@ impl Play<'_> {
                         .await;
                     }
                 }
-                let label = flips
+                let mut label = flips
                     .iter()
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect::<Vec<_>>()
                     .join(" ");
+                if refused > 0 {
+                    label.push_str(&format!(" (refused by {refused} of {})", results.len()));
+                }
                 self.event(EventKind::Flip, label).await;
                 for (k, v) in flips {
                     self.switches.insert(k.clone(), v.clone());
@@ -425,17 +488,49 @@ impl Play<'_> {
         }
     }
 
-    /// Every switch as the processes report it now (A's `lb`, a B's others).
-    async fn switches_in_force(&self) -> BTreeMap<String, String> {
-        let mut in_force = BTreeMap::new();
+    /// Records in the current phase every switch as the processes report
+    /// it now (A's `lb`, the Bs' others). Processes that disagree on a
+    /// switch show as `b-1:x,b-2:y`, and that is a problem: every B should
+    /// play the same phase.
+    async fn note_switches_in_force(&self) {
+        let mut seen: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for process in faults::show(&self.stack.state).await {
+            if process.error.is_some() {
+                continue;
+            }
             for (switch, value) in process.faults {
                 if let Some(value) = value.as_str() {
-                    in_force.insert(switch, value.to_string());
+                    seen.entry(switch)
+                        .or_default()
+                        .insert(process.name.clone(), value.to_string());
                 }
             }
         }
-        in_force
+        let mut in_force = BTreeMap::new();
+        let mut disagreements = Vec::new();
+        for (switch, by_process) in seen {
+            let mut values: Vec<&String> = by_process.values().collect();
+            values.dedup();
+            let shown = if values.len() == 1 {
+                values[0].clone()
+            } else {
+                let each: Vec<String> =
+                    by_process.iter().map(|(p, v)| format!("{p}:{v}")).collect();
+                disagreements.push(format!("{switch}: {}", each.join(", ")));
+                each.join(",")
+            };
+            in_force.insert(switch, shown);
+        }
+        for disagreement in disagreements {
+            self.event(
+                EventKind::Problem,
+                format!("processes disagree on a switch: {disagreement}"),
+            )
+            .await;
+        }
+        if let Some(span) = self.recording.lock().await.phases.last_mut() {
+            span.switches = in_force;
+        }
     }
 
     async fn act(&mut self, action: &Action) {
@@ -532,9 +627,22 @@ impl Play<'_> {
         if assignments.is_empty() {
             return;
         }
-        if let Err(e) = faults::set(&self.stack.state, &self.token, &assignments).await {
-            self.event(EventKind::Problem, format!("re-applying the flips: {e}"))
-                .await;
+        match faults::set(&self.stack.state, &self.token, &assignments).await {
+            Ok(results) => {
+                for result in results {
+                    if let Some(error) = result.error {
+                        self.event(
+                            EventKind::Problem,
+                            format!("{} did not take the flips again: {error}", result.name),
+                        )
+                        .await;
+                    }
+                }
+            }
+            Err(e) => {
+                self.event(EventKind::Problem, format!("re-applying the flips: {e}"))
+                    .await;
+            }
         }
     }
 
@@ -608,10 +716,18 @@ async fn sample_every_second(
 
 /// After the run's own stack is down: its logs move next to the report,
 /// the rest (MySQL's and etcd's data, certificates) goes.
+/// A report directory used before keeps its old logs: these go to
+/// `logs.1`, `logs.2`, …; if they cannot be moved, nothing is removed.
 fn keep_logs_only(state_dir: &Path, out_dir: &Path) {
     let logs = state_dir.join("logs");
     if logs.is_dir() {
-        let _ = std::fs::rename(&logs, out_dir.join("logs"));
+        let target = std::iter::once(out_dir.join("logs"))
+            .chain((1..).map(|n| out_dir.join(format!("logs.{n}"))))
+            .find(|path| !path.exists())
+            .unwrap_or_else(|| out_dir.join("logs"));
+        if std::fs::rename(&logs, &target).is_err() {
+            return;
+        }
     }
     if state_dir.starts_with(out_dir) {
         let _ = std::fs::remove_dir_all(state_dir);

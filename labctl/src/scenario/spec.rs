@@ -7,11 +7,7 @@
 //! does not exist, a verdict naming a phase or signal that does not exist —
 //! each is an error naming the file, the line and the field.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
@@ -550,6 +546,26 @@ fn check(scenario: &Scenario) -> Result<(), (String, String)> {
                 ));
             }
         }
+        if let Some(settle) = verdict.settle {
+            for phase in [Some(&verdict.buggy), verdict.fixed.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(phase) = scenario.phases.iter().find(|p| &p.name == phase)
+                    && settle >= phase.duration
+                {
+                    return Err((
+                        at("settle"),
+                        format!(
+                            "{} leaves nothing of phase {:?} ({})",
+                            humantime::format_duration(settle),
+                            phase.name,
+                            humantime::format_duration(phase.duration)
+                        ),
+                    ));
+                }
+            }
+        }
         match (verdict.above, verdict.below) {
             (Some(_), Some(_)) => {
                 return Err((at("below"), "give `above` or `below`, not both".into()));
@@ -560,8 +576,11 @@ fn check(scenario: &Scenario) -> Result<(), (String, String)> {
                     "give the symptom's threshold: `above = N` or `below = N`".into(),
                 ));
             }
-            (Some(t), None) | (None, Some(t)) if !t.is_finite() => {
+            (Some(t), None) if !t.is_finite() => {
                 return Err((at("above"), "the threshold must be a number".into()));
+            }
+            (None, Some(t)) if !t.is_finite() => {
+                return Err((at("below"), "the threshold must be a number".into()));
             }
             _ => {}
         }
@@ -654,21 +673,32 @@ pub fn built_ins() -> Vec<Result<Scenario, SpecError>> {
         .collect()
 }
 
-/// The directory of a scenario file, for messages.
-pub fn display_path(path: &Path) -> String {
-    path.display().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_built_in_scenario_parses() {
+    fn every_built_in_scenario_parses_and_its_config_loads() {
+        use lab_common::config::{Sources, load};
         for scenario in built_ins() {
             let scenario = scenario.expect("a built-in scenario is valid");
             assert!(!scenario.phases.is_empty(), "{}", scenario.name);
             assert!(!scenario.verdicts.is_empty(), "{}", scenario.name);
+            // CI plays only `lb`: a typo in another scenario's settings
+            // must still fail here, not at a user's run.
+            let mut sets = vec![scenario.set.clone()];
+            for action in scenario.phases.iter().flat_map(|p| &p.actions) {
+                sets.push([scenario.set.clone(), action.set.clone()].concat());
+            }
+            for overrides in sets {
+                let sources = Sources {
+                    overrides,
+                    ..Sources::default()
+                };
+                if let Err(e) = load(&sources) {
+                    panic!("{}: {e}", scenario.name);
+                }
+            }
         }
     }
 }
@@ -802,7 +832,27 @@ above = 16
 
     #[test]
     fn speed_divides_every_duration() {
-        let scenario = parse("t", "my.toml", GOOD).expect("valid").compressed(5.0);
+        let text = GOOD
+            .replace(
+                "switches = { worker = \"bounded\" }",
+                "switches = { worker = \"bounded\" }\naction = [{ at = \"4s\", do = \"scale\", n = 3 }]",
+            )
+            .replace("above = 16", "above = 16\nsettle = \"2s\"");
+        let scenario = parse("t", "my.toml", &text).expect("valid").compressed(5.0);
         assert_eq!(scenario.duration(), Duration::from_secs(2));
+        assert_eq!(scenario.phases[1].actions[0].at, Duration::from_millis(800));
+        assert_eq!(
+            scenario.verdicts[0].settle,
+            Some(Duration::from_millis(400))
+        );
+    }
+
+    #[test]
+    fn a_settle_as_long_as_a_phase_is_refused() {
+        let e = error_for("above = 16", "above = 16\nsettle = \"5s\"");
+        assert!(
+            e.contains("verdict[0].settle") && e.contains("leaves nothing"),
+            "{e}"
+        );
     }
 }
