@@ -313,7 +313,11 @@ fn a_restarted_process_counts_from_zero_and_no_rate_goes_negative() {
     // by the next scrape its counter is already above the old value: only
     // its new start time tells.
     let b = set_line(
-        &set_line(B_TEXT, "lab_jobs_total{outcome=\"done\"}", 6.0),
+        &set_line(
+            &set_line(B_TEXT, "lab_jobs_total{outcome=\"done\"}", 6.0),
+            "lab_jobs_duplicate_total",
+            2.0,
+        ),
         "process_cpu_seconds_total",
         1.0,
     );
@@ -331,6 +335,12 @@ fn a_restarted_process_counts_from_zero_and_no_rate_goes_negative() {
     );
     assert_eq!(at(&rec, "jobs_done", "service-b-1", 2.0), Some(3.0));
     assert_eq!(at(&rec, "cpu_percent", "service-b-1", 2.0), Some(50.0));
+    assert_eq!(at(&rec, "jobs_duplicate", "service-b-1", 1.0), Some(9.0));
+    assert_eq!(
+        at(&rec, "jobs_duplicate", "service-b-1", 2.0),
+        Some(2.0),
+        "a cumulative counter is the new process's own, as its source says"
+    );
     assert_eq!(
         at(&rec, "partner_handshakes", "partner-api", 2.0),
         Some(20.0),
