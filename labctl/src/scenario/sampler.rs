@@ -3,14 +3,17 @@
 //! writes one point per signal and instance (keys of [`super::signals`]).
 //!
 //! * Which signals an instance has follows from its name: every process
-//!   gives CPU, RSS, fds and tasks; `service-a` adds its own p99;
+//!   gives CPU, RSS, fds and tasks; `service-a` adds its own p50 and p99;
 //!   `service-b-*` the worker, pool, job and leak figures; `partner-api`
 //!   its handshakes and connections. The load generator is instance `load`,
 //!   and the share of each B is charted under the B's name.
-//! * Rates and A's p99 come from the increase between this scrape and the
-//!   previous good one of the same instance, over the real time between
-//!   them. A process that restarted (its start time changed, or a counter
+//! * Rates and A's percentiles come from the increase between this scrape
+//!   and the previous good one of the same instance, over the real time
+//!   between them. A process that restarted (its start time changed, or a counter
 //!   went down) counts from zero, so no rate is ever negative.
+//! * A metric missing from an answer is a gap, never a made-up 0; only a
+//!   labelled counter whose metric is there but whose label has no line
+//!   yet (nothing counted so far) reads 0.
 //! * A target that does not answer within [`SCRAPE_TIMEOUT`] gets a gap
 //!   (`None`) for each of its signals at that time, never its old values.
 
@@ -127,7 +130,7 @@ struct Reading {
     at: Instant,
     start_time: Option<f64>,
     cpu_seconds: Option<f64>,
-    jobs_done: f64,
+    jobs_done: Option<f64>,
     handshakes: Option<f64>,
     a_buckets: Vec<(f64, f64)>,
 }
@@ -293,9 +296,12 @@ impl History {
         let rate = |before: Option<f64>, now: Option<f64>| {
             Some(increase(before?, now?, restarted) / seconds?)
         };
-        // A labelled counter has no line until its first increment.
+        // A labelled counter has no line until its first increment: 0 while
+        // the metric is there without it, a gap when the metric is not
+        // there at all (renamed, not registered) rather than a made-up 0.
         let labelled_counter = |name: &str, label: &str, value: &str| {
-            m.get_labelled(name, label, value).unwrap_or(0.0)
+            m.has(name)
+                .then(|| m.get_labelled(name, label, value).unwrap_or(0.0))
         };
 
         let cpu_seconds = m.get("process_cpu_seconds_total");
@@ -339,12 +345,12 @@ impl History {
                 (signals::POOL_LEAKED, m.get("lab_db_connections_leaked")),
                 (
                     signals::JOBS_DONE,
-                    rate(last.as_ref().map(|l| l.jobs_done), Some(jobs_done)),
+                    rate(last.as_ref().and_then(|l| l.jobs_done), jobs_done),
                 ),
                 (signals::JOBS_DUPLICATE, m.get("lab_jobs_duplicate_total")),
                 (
                     signals::JOBS_DEAD,
-                    Some(labelled_counter("lab_jobs_total", "outcome", "dead")),
+                    labelled_counter("lab_jobs_total", "outcome", "dead"),
                 ),
                 (
                     signals::WORK_AFTER_DEADLINE,

@@ -1,7 +1,7 @@
 //! A reader of the Prometheus text exposition format (version 0.0.4), just
-//! enough for the sampler: sample lines with their labels and values.
-//! `# HELP` / `# TYPE` lines are skipped (the sampler asks for sample names
-//! such as `…_bucket` directly), and so are timestamps and exemplars.
+//! enough for the sampler: sample lines with their labels and values, and
+//! the names `# TYPE` lines declare (so "no line yet" can be told from "no
+//! such metric"). `# HELP` lines, timestamps and exemplars are skipped.
 //!
 //! Written here rather than taken from a crate: the one published parser
 //! splits labels on `,` and `=` and so misreads a label value holding
@@ -28,6 +28,8 @@ impl Sample {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Exposition {
     pub samples: Vec<Sample>,
+    /// Names declared by `# TYPE name kind` lines, in the order they came.
+    pub declared: Vec<String>,
     /// Lines that were neither comments nor readable samples; skipped so
     /// one odd line costs one number, not the whole scrape.
     pub malformed: usize,
@@ -38,7 +40,16 @@ impl Exposition {
         let mut out = Self::default();
         for line in text.lines() {
             let line = line.trim_start_matches([' ', '\t']);
-            if line.is_empty() || line.starts_with('#') {
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(comment) = line.strip_prefix('#') {
+                let mut words = comment.split_ascii_whitespace();
+                if words.next() == Some("TYPE")
+                    && let Some(name) = words.next()
+                {
+                    out.declared.push(name.to_string());
+                }
                 continue;
             }
             match parse_sample(line) {
@@ -55,6 +66,14 @@ impl Exposition {
             .iter()
             .find(|s| s.name == name)
             .map(|s| s.value)
+    }
+
+    /// Whether the scrape has the metric `name` at all: declared by a
+    /// `# TYPE` line or with any sample. A labelled counter has no line for
+    /// a label value until its first increment, but it is declared from the
+    /// start; a metric that is neither (renamed, never registered) is not.
+    pub fn has(&self, name: &str) -> bool {
+        self.declared.iter().any(|d| d == name) || self.samples.iter().any(|s| s.name == name)
     }
 
     /// The sample called `name` whose label `label` is `value`.
@@ -184,6 +203,25 @@ mod tests {
         assert_eq!(e.samples[1].label("status"), Some("200"));
         assert_eq!(e.get("lab_z"), Some(1500.0), "trailing comma, timestamp");
         assert_eq!(e.get("lab_w"), None);
+        assert_eq!(e.declared, ["lab_x"]);
+    }
+
+    #[test]
+    fn a_metric_is_there_when_declared_or_sampled() {
+        let text = "# HELP lab_jobs_total Jobs by outcome.\n\
+                    # TYPE lab_jobs_total counter\n\
+                    #  TYPE   lab_spaced gauge\n\
+                    # HELP lab_helped_only Only a help line.\n\
+                    lab_undeclared{a=\"1\"} 3\n";
+        let e = Exposition::parse(text);
+        assert_eq!(e.malformed, 0);
+        assert!(e.has("lab_jobs_total"), "declared, no sample yet");
+        assert_eq!(e.get_labelled("lab_jobs_total", "outcome", "done"), None);
+        assert!(e.has("lab_spaced"), "extra blanks in the comment");
+        assert!(e.has("lab_undeclared"), "a sample without a # TYPE line");
+        assert!(!e.has("lab_helped_only"), "a # HELP line declares nothing");
+        assert!(!e.has("lab_jobs"), "names match whole");
+        assert!(!e.has("lab_renamed_total"));
     }
 
     #[test]

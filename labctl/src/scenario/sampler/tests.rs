@@ -313,7 +313,11 @@ fn a_restarted_process_counts_from_zero_and_no_rate_goes_negative() {
     // by the next scrape its counter is already above the old value: only
     // its new start time tells.
     let b = set_line(
-        &set_line(B_TEXT, "lab_jobs_total{outcome=\"done\"}", 6.0),
+        &set_line(
+            &set_line(B_TEXT, "lab_jobs_total{outcome=\"done\"}", 6.0),
+            "lab_jobs_duplicate_total",
+            2.0,
+        ),
         "process_cpu_seconds_total",
         1.0,
     );
@@ -331,6 +335,12 @@ fn a_restarted_process_counts_from_zero_and_no_rate_goes_negative() {
     );
     assert_eq!(at(&rec, "jobs_done", "service-b-1", 2.0), Some(3.0));
     assert_eq!(at(&rec, "cpu_percent", "service-b-1", 2.0), Some(50.0));
+    assert_eq!(at(&rec, "jobs_duplicate", "service-b-1", 1.0), Some(9.0));
+    assert_eq!(
+        at(&rec, "jobs_duplicate", "service-b-1", 2.0),
+        Some(2.0),
+        "a cumulative counter is the new process's own, as its source says"
+    );
     assert_eq!(
         at(&rec, "partner_handshakes", "partner-api", 2.0),
         Some(20.0),
@@ -429,6 +439,88 @@ fn a_target_that_does_not_answer_gets_gaps_and_the_next_rate_spans_the_gap() {
     );
     assert_eq!(at(&rec, "jobs_done", "service-b-1", 3.0), Some(15.0));
     assert_eq!(at(&rec, "pool_in_use", "service-b-1", 3.0), Some(8.0));
+}
+
+/// `text` with every line (sample, `# HELP`, `# TYPE`) that mentions
+/// `metric` dropped.
+fn without_metric(text: &str, metric: &str) -> String {
+    let out: Vec<&str> = text.lines().filter(|l| !l.contains(metric)).collect();
+    assert!(out.len() < text.lines().count(), "no line of {metric}");
+    out.join("\n")
+}
+
+#[test]
+fn a_labelled_counter_with_no_line_yet_reads_0_while_its_metric_is_there() {
+    let mut sampler = sampler(vec![target("service-b-1", Some("b-1"))]);
+    let mut rec = Recording::default();
+    let t0 = Instant::now();
+    // A B that has finished no job: `lab_jobs_total` is declared (# HELP,
+    // # TYPE) but has no line for any outcome.
+    let fresh = without_metric(B_TEXT, "lab_jobs_total{");
+    assert!(fresh.contains("# TYPE lab_jobs_total counter"));
+    sampler.record(1.0, &quiet_window(), vec![scrape(t0, &fresh)], &mut rec);
+    assert_eq!(at(&rec, "jobs_dead", "service-b-1", 1.0), Some(0.0));
+
+    // Two seconds later it has done 10: 5 a second, counted from the 0.
+    let done = format!("{fresh}\nlab_jobs_total{{outcome=\"done\"}} 10\n");
+    sampler.record(
+        2.0,
+        &quiet_window(),
+        vec![scrape(t0 + Duration::from_secs(2), &done)],
+        &mut rec,
+    );
+    assert_eq!(at(&rec, "jobs_done", "service-b-1", 2.0), Some(5.0));
+    assert_eq!(at(&rec, "jobs_dead", "service-b-1", 2.0), Some(0.0));
+
+    // No # TYPE lines at all: a sample of another outcome is enough to
+    // know the metric is there.
+    let bare: String = B_TEXT
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    sampler.record(
+        3.0,
+        &quiet_window(),
+        vec![scrape(t0 + Duration::from_secs(3), &bare)],
+        &mut rec,
+    );
+    assert_eq!(at(&rec, "jobs_dead", "service-b-1", 3.0), Some(0.0));
+    assert_eq!(at(&rec, "jobs_done", "service-b-1", 3.0), Some(8.0));
+}
+
+#[test]
+fn a_missing_counter_metric_is_a_gap_not_0() {
+    let mut sampler = sampler(vec![target("service-b-1", Some("b-1"))]);
+    let mut rec = Recording::default();
+    let t0 = Instant::now();
+    // As if B had renamed the metric: no line, declared or sampled, under
+    // the name the sampler reads.
+    let renamed = B_TEXT.replace("lab_jobs_total", "lab_job_attempts_total");
+    assert!(!renamed.contains("lab_jobs_total"));
+    let missing = without_metric(B_TEXT, "lab_jobs_total");
+    for (i, text) in [&renamed, &renamed, &missing].into_iter().enumerate() {
+        let t_s = i as f64 + 1.0;
+        sampler.record(
+            t_s,
+            &quiet_window(),
+            vec![scrape(t0 + Duration::from_secs(i as u64), text)],
+            &mut rec,
+        );
+        assert_eq!(at(&rec, "jobs_dead", "service-b-1", t_s), None, "at {t_s}");
+        assert_eq!(at(&rec, "jobs_done", "service-b-1", t_s), None, "at {t_s}");
+        // The rest of the scrape is still read.
+        assert_eq!(at(&rec, "pool_in_use", "service-b-1", t_s), Some(8.0));
+    }
+    // Back: its first reading has nothing to count a rate from.
+    sampler.record(
+        4.0,
+        &quiet_window(),
+        vec![scrape(t0 + Duration::from_secs(3), B_TEXT)],
+        &mut rec,
+    );
+    assert_eq!(at(&rec, "jobs_dead", "service-b-1", 4.0), Some(0.0));
+    assert_eq!(at(&rec, "jobs_done", "service-b-1", 4.0), None);
 }
 
 #[test]
@@ -607,7 +699,8 @@ fn kinds_follow_the_instance_names() {
 
 /// `sample()` end to end: a small server stands in for the admin
 /// listeners (its texts changed between samples), one target's port is
-/// closed and one never answers.
+/// closed and three never answer. Scraped one after another, the three
+/// would take 3 × [`SCRAPE_TIMEOUT`]; at once, one.
 #[tokio::test]
 async fn sample_scrapes_every_target_at_once_and_reads_the_live_window() {
     use std::sync::Mutex;
@@ -661,6 +754,8 @@ async fn sample_scrapes_every_target_at_once_and_reads_the_live_window() {
             instance_id: Some("b-2".to_string()),
         },
         at_path("service-b-3", "stuck", Some("b-3")),
+        at_path("service-b-4", "stuck", Some("b-4")),
+        at_path("service-b-5", "stuck", Some("b-5")),
         at_path("partner-api", "p", None),
     ]);
     for served_by in ["b-1", "b-1", "b-1", "b-2"] {
@@ -678,6 +773,15 @@ async fn sample_scrapes_every_target_at_once_and_reads_the_live_window() {
     tokio::time::timeout(Duration::from_secs(5), sampler.sample(1.0, &mut rec))
         .await
         .expect("a stuck target must not hold the sample up");
+    let first = started.elapsed();
+    // Below two timeouts: even two stuck targets waited for in turn would
+    // miss it. At least one: the stuck ones really were waited for.
+    let at_once = Duration::from_millis(1500);
+    assert!(at_once < 2 * SCRAPE_TIMEOUT);
+    assert!(
+        first >= SCRAPE_TIMEOUT && first < at_once,
+        "the first sample took {first:?}"
+    );
     assert_eq!(at(&rec, "share", "service-b-1", 1.0), Some(0.75));
     assert_eq!(at(&rec, "share", "service-b-2", 1.0), Some(0.25));
     assert_eq!(
@@ -690,7 +794,7 @@ async fn sample_scrapes_every_target_at_once_and_reads_the_live_window() {
         at(&rec, "partner_connections", "partner-api", 1.0),
         Some(36.0)
     );
-    for down in ["service-b-2", "service-b-3"] {
+    for down in ["service-b-2", "service-b-3", "service-b-4", "service-b-5"] {
         assert_eq!(at(&rec, "pool_in_use", down, 1.0), None, "{down}");
         assert_eq!(at(&rec, "open_fds", down, 1.0), None, "{down}");
     }
