@@ -173,7 +173,6 @@ fn write_produces_every_file_and_the_verdicts() {
     }
     let holds: Vec<bool> = files.verdicts.iter().map(|v| v.holds).collect();
     assert_eq!(holds, [true, true, false], "{:#?}", files.verdicts);
-    assert!(!files.passed());
 
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&files.verdicts_json).unwrap()).unwrap();
@@ -345,8 +344,8 @@ fn markdown_has_the_phase_table_and_verdict_lines() {
     assert_eq!(
         lines[header],
         "| phase | duration s | switches | load rps | rps (median) | p99 ms (median) \
-         | busiest B share (median) | job tasks, all Bs (peak) \
-         | RSS MiB growth/min (max of processes) |"
+         | busiest B share (median) | job tasks (sum of each B's peak) \
+         | RSS MiB growth/min (fastest process) |"
     );
     assert!(lines[header + 1].starts_with("|---|---:|---|---:|"));
     let buggy: Vec<&str> = lines[header + 2].split(" | ").collect();
@@ -354,7 +353,8 @@ fn markdown_has_the_phase_table_and_verdict_lines() {
         buggy[..4],
         ["| buggy", "30.0", "lb=l4 worker=unbounded", "50"]
     );
-    // The busiest B's median share, the peak of 10 tasks/s × 29 s × 1.5.
+    // The busiest B's median share; B-1's peak (10 tasks/s × 29 s) plus B-2's
+    // (half that).
     assert_eq!(buggy[6], "1");
     assert_eq!(buggy[7], "435");
     let fixed: Vec<&str> = lines[header + 3].split(" | ").collect();
