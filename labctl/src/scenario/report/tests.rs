@@ -153,6 +153,55 @@ fn html_document(text: &str) -> roxmltree::Document<'_> {
         .unwrap_or_else(|e| panic!("report.html is not well-formed XML: {e}"))
 }
 
+/// The marks a chart draws for its series: 2 px lines and dots in a line
+/// colour. Axes, grid, legend swatches (3 px) and event lines (1 px, not
+/// in the palette) are polylines too, so counting polylines alone proves
+/// nothing.
+fn series_marks(svg: roxmltree::Node<'_, '_>) -> usize {
+    let palette: Vec<String> = charts::PALETTE
+        .iter()
+        .map(|c| format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2))
+        .collect();
+    let in_palette = |colour: Option<&str>| colour.is_some_and(|c| palette.iter().any(|p| p == c));
+    svg.descendants()
+        .filter(|n| {
+            (n.has_tag_name("polyline")
+                && n.attribute("stroke-width") == Some("2")
+                && in_palette(n.attribute("stroke")))
+                || (n.has_tag_name("circle") && in_palette(n.attribute("fill")))
+        })
+        .count()
+}
+
+#[test]
+fn series_marks_are_zero_for_a_chart_whose_series_have_no_values() {
+    let mut recording = synthetic_recording();
+    for t in 0..60 {
+        recording.push("open_fds", "service-b-1", f64::from(t), None);
+    }
+    let svg = charts::draw(&recording, "open_fds", "Open fds", "fds").unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    // Polylines there are (axes, legend, event lines), series none.
+    let polylines = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .count();
+    assert!(polylines > 0);
+    assert_eq!(series_marks(doc.root_element()), 0);
+    // One value at t = 7 between gaps is a dot; one run of two a line.
+    let series = recording.series_mut("open_fds", "service-b-1");
+    series.points[7].1 = Some(40.0);
+    let svg = charts::draw(&recording, "open_fds", "Open fds", "fds").unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    assert_eq!(series_marks(doc.root_element()), 1);
+    let series = recording.series_mut("open_fds", "service-b-1");
+    series.points[20].1 = Some(40.0);
+    series.points[21].1 = Some(41.0);
+    let svg = charts::draw(&recording, "open_fds", "Open fds", "fds").unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    assert_eq!(series_marks(doc.root_element()), 2);
+}
+
 #[test]
 fn write_produces_every_file_and_the_verdicts() {
     let dir = tempfile::tempdir().unwrap();
@@ -241,11 +290,7 @@ fn html_is_xml_with_a_chart_per_signal() {
             .children()
             .find(|n| n.has_tag_name(("http://www.w3.org/2000/svg", "svg")))
             .unwrap_or_else(|| panic!("figure#{id} has no inline svg"));
-        let lines = svg
-            .descendants()
-            .filter(|n| n.has_tag_name("polyline"))
-            .count();
-        assert!(lines > 0, "chart {key} draws nothing");
+        assert!(series_marks(svg) > 0, "chart {key} draws no series");
         let caption = figure
             .children()
             .find(|n| n.has_tag_name((xhtml, "figcaption")))
