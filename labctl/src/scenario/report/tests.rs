@@ -416,3 +416,99 @@ fn markdown_has_the_phase_table_and_verdict_lines() {
     assert!(verdicts[2].starts_with("- ✗ **leaks**"));
     assert_eq!(lines.last(), Some(&"samples: samples.json"));
 }
+
+/// The synthetic recording with B-2 dying unasked at 45 s.
+fn recording_with_a_problem() -> Recording {
+    let mut recording = synthetic_recording();
+    recording.events.push(Event {
+        t_s: 45.5,
+        kind: EventKind::Problem,
+        label: "service-b-2 exited | unasked".into(),
+    });
+    recording
+}
+
+#[test]
+fn markdown_lists_events_and_puts_problems_above_the_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write(dir.path(), &synthetic_recording(), &synthetic_scenario()).unwrap();
+    let text = std::fs::read_to_string(&files.markdown).unwrap();
+    assert!(!text.contains("## Problems"), "{text}");
+    let events = text.find("## Events").expect("an events section");
+    let after: Vec<&str> = text[events..].lines().collect();
+    assert_eq!(
+        after[2..6],
+        [
+            "| at s | kind | what |",
+            "|---:|---|---|",
+            "| 30 | flip | lb=etcd |",
+            "| 45 | action | kill service-b-2 |"
+        ]
+    );
+
+    let files = write(
+        dir.path(),
+        &recording_with_a_problem(),
+        &synthetic_scenario(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&files.markdown).unwrap();
+    let problems = text.find("## Problems\n").expect("a problems section");
+    assert!(problems < text.find("## Verdicts").unwrap());
+    assert!(problems < text.find("## Phases").unwrap());
+    assert!(
+        text[problems..].contains("- **at 45.5 s**: service-b-2 exited \\| unasked\n"),
+        "{text}"
+    );
+    assert!(text.contains("| 45.5 | **problem** | service-b-2 exited \\| unasked |"));
+}
+
+#[test]
+fn html_highlights_problems_above_the_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write(dir.path(), &synthetic_recording(), &synthetic_scenario()).unwrap();
+    let text = std::fs::read_to_string(&files.html).unwrap();
+    assert!(!text.contains("id=\"problems\""));
+
+    let files = write(
+        dir.path(),
+        &recording_with_a_problem(),
+        &synthetic_scenario(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&files.html).unwrap();
+    let doc = html_document(&text);
+    let sections: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("section"))
+        .filter_map(|n| n.attribute("id"))
+        .collect();
+    assert_eq!(
+        sections,
+        ["problems", "verdicts", "phases", "events", "charts"]
+    );
+    let problems = doc
+        .descendants()
+        .find(|n| n.attribute("id") == Some("problems"))
+        .unwrap();
+    let problems_text: String = problems
+        .descendants()
+        .filter(|n| n.is_text())
+        .filter_map(|n| n.text())
+        .collect();
+    assert!(
+        problems_text.contains("at 45.5 s: service-b-2 exited | unasked"),
+        "{problems_text}"
+    );
+    let highlighted: Vec<String> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("tr") && n.attribute("class") == Some("problem"))
+        .map(|row| {
+            row.descendants()
+                .filter(|n| n.is_text())
+                .filter_map(|n| n.text())
+                .collect()
+        })
+        .collect();
+    assert_eq!(highlighted, ["45.5problemservice-b-2 exited | unasked"]);
+}
