@@ -31,8 +31,8 @@ const FONT_SCALE: f64 = 1.24;
 const CHAR_WIDTH: f64 = 0.6;
 
 /// Line colours for instances (Tableau 10 without its red and grey, which
-/// mark problems and flips).
-const PALETTE: &[RGBColor] = &[
+/// mark problems and flips). Which instance gets which: [`instance_colours`].
+pub(super) const PALETTE: &[RGBColor] = &[
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -52,6 +52,49 @@ fn event_color(kind: EventKind) -> RGBColor {
         EventKind::Action => RGBColor(20, 20, 120),
         EventKind::Problem => RGBColor(200, 0, 0),
     }
+}
+
+/// Where an instance comes in the colour order: the Bs first by number (so
+/// `service-b-1` is always the palette's first colour, `service-b-2` its
+/// second), then `service-a`, `load`, `partner-api`, then any other name.
+fn colour_rank(instance: &str) -> (u8, u64, &str) {
+    if let Some(n) = instance
+        .strip_prefix("service-b-")
+        .and_then(|n| n.parse().ok())
+    {
+        return (0, n, instance);
+    }
+    let group = match instance {
+        "service-a" => 1,
+        "load" => 2,
+        "partner-api" => 3,
+        _ => 4,
+    };
+    (group, 0, instance)
+}
+
+/// Every instance of the recording with its line colour: one colour per
+/// name in every chart of a report, so a B reads the same throughout.
+pub fn instance_colours(recording: &Recording) -> Vec<(String, RGBColor)> {
+    let mut instances: Vec<&str> = recording
+        .series
+        .iter()
+        .map(|s| s.instance.as_str())
+        .collect();
+    instances.sort_by_key(|name| colour_rank(name));
+    instances.dedup();
+    instances
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| (name.to_string(), PALETTE[i % PALETTE.len()]))
+        .collect()
+}
+
+fn colour_of(colours: &[(String, RGBColor)], instance: &str) -> RGBColor {
+    colours
+        .iter()
+        .find(|(name, _)| name == instance)
+        .map_or(PALETTE[0], |(_, colour)| *colour)
 }
 
 fn kind_name(kind: EventKind) -> &'static str {
@@ -211,6 +254,7 @@ fn draw_on(
 ) -> anyhow::Result<()> {
     root.fill(&WHITE)?;
     let series: Vec<_> = recording.series_of(key).collect();
+    let colours = instance_colours(recording);
     let x_end = recording
         .phases
         .iter()
@@ -314,8 +358,8 @@ fn draw_on(
 
     // The data: one line per instance, broken where a sample is missing;
     // a lone sample between gaps is a dot.
-    for (i, s) in series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+    for s in &series {
+        let color = colour_of(&colours, &s.instance);
         for run in s.points.split(|p| p.1.is_none()) {
             let points: Vec<(f64, f64)> = run.iter().filter_map(|p| Some((p.0, p.1?))).collect();
             if let [single] = points[..] {
@@ -343,7 +387,7 @@ fn draw_on(
         ))?;
     }
 
-    draw_legend(&legend_area, &series, recording, y_pixels.start)?;
+    draw_legend(&legend_area, &series, &colours, recording, y_pixels.start)?;
     Ok(())
 }
 
@@ -352,13 +396,14 @@ fn draw_on(
 fn draw_legend(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
     series: &[&crate::scenario::recording::Series],
+    colours: &[(String, RGBColor)],
     recording: &Recording,
     top: i32,
 ) -> anyhow::Result<()> {
     let width = f64::from(LEGEND_WIDTH) - 34.0;
     let mut y = top;
-    for (i, s) in series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+    for s in series {
+        let color = colour_of(colours, &s.instance);
         area.draw(&PathElement::new(
             [(4, y + 7), (24, y + 7)],
             color.stroke_width(3),
@@ -483,6 +528,73 @@ mod tests {
             .filter(|n| n.attribute("stroke-width") == Some("2"))
             .count();
         assert_eq!(lines, 2);
+    }
+
+    /// The colours of the series lines (2 px polylines) a chart draws.
+    fn line_colours(svg: &str) -> Vec<String> {
+        let doc = roxmltree::Document::parse(svg).unwrap();
+        let mut colours: Vec<String> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke-width") == Some("2"))
+            .filter_map(|n| n.attribute("stroke").map(String::from))
+            .collect();
+        colours.sort();
+        colours.dedup();
+        colours
+    }
+
+    #[test]
+    fn an_instance_has_one_colour_in_every_chart() {
+        let mut recording = Recording {
+            duration_s: 5.0,
+            ..Recording::default()
+        };
+        for t in 0..5 {
+            let t = f64::from(t);
+            // Each chart lists its instances in another order, and some
+            // charts lack some instances.
+            recording.push("tasks_alive", "service-b-2", t, Some(3.0));
+            recording.push("tasks_alive", "service-a", t, Some(4.0));
+            recording.push("share", "service-b-2", t, Some(0.4));
+            recording.push("share", "service-b-1", t, Some(0.6));
+            recording.push("rps", "load", t, Some(50.0));
+            recording.push("partner_connections", "partner-api", t, Some(2.0));
+            recording.push("job_tasks", "service-b-1", t, Some(1.0));
+        }
+        let colours: Vec<(String, String)> = instance_colours(&recording)
+            .into_iter()
+            .map(|(name, c)| (name, format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2)))
+            .collect();
+        let expected = [
+            ("service-b-1", "#1F77B4"),
+            ("service-b-2", "#FF7F0E"),
+            ("service-a", "#2CA02C"),
+            ("load", "#9467BD"),
+            ("partner-api", "#8C564B"),
+        ];
+        assert_eq!(
+            colours,
+            expected.map(|(name, c)| (name.to_string(), c.to_string()))
+        );
+        let chart = |key: &str| line_colours(&draw(&recording, key, key, "").unwrap());
+        assert_eq!(chart("share"), ["#1F77B4", "#FF7F0E"]);
+        assert_eq!(chart("tasks_alive"), ["#2CA02C", "#FF7F0E"]);
+        assert_eq!(chart("job_tasks"), ["#1F77B4"]);
+        assert_eq!(chart("rps"), ["#9467BD"]);
+        assert_eq!(chart("partner_connections"), ["#8C564B"]);
+    }
+
+    #[test]
+    fn bs_order_by_number_not_by_text() {
+        let mut recording = Recording::default();
+        for instance in ["service-b-10", "service-b-2", "service-b-1"] {
+            recording.push("share", instance, 0.0, Some(0.3));
+        }
+        let names: Vec<String> = instance_colours(&recording)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(names, ["service-b-1", "service-b-2", "service-b-10"]);
     }
 
     #[test]

@@ -12,10 +12,10 @@ use std::fmt::Write as _;
 use super::{
     VerdictResult,
     charts::Chart,
-    markdown::{mark, tally},
+    markdown::{kind_name, mark, problems, tally},
     stats::{PhaseTable, number},
 };
-use crate::scenario::recording::Recording;
+use crate::scenario::recording::{EventKind, Recording};
 
 const STYLE: &str = "
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto; max-width: 960px; padding: 0 1rem; color: #222; }
@@ -25,6 +25,10 @@ dl.run { display: grid; grid-template-columns: max-content 1fr; gap: 0.2rem 1rem
 dl.run dt { font-weight: 600; }
 dl.run dd { margin: 0; }
 code { background: #f3f3f6; padding: 0 0.25em; border-radius: 3px; }
+.problems { background: #fdecea; border: 1px solid #b00020; padding: 0.6rem 1rem; border-radius: 4px; }
+.problems h2 { color: #b00020; margin-top: 0; }
+tr.problem td { color: #b00020; font-weight: 600; background: #fdecea; }
+.notes { color: #555; font-size: 0.85rem; }
 .banner { background: #fff3cd; border: 1px solid #e0b100; padding: 0.6rem 1rem; border-radius: 4px; }
 .tally { font-weight: 600; }
 .tally.pass, td.holds.pass { color: #137333; }
@@ -144,6 +148,7 @@ fn write_page(
     }
     writeln!(out, "</header>")?;
 
+    write_problems(out, recording)?;
     write_verdicts(out, verdicts)?;
     write_phases(out, recording, table)?;
     write_events(out, recording)?;
@@ -174,6 +179,27 @@ fn write_page(
     writeln!(out, "</body>")?;
     writeln!(out, "</html>")?;
     Ok(())
+}
+
+/// Problems above everything else: they can explain every number below.
+fn write_problems(out: &mut String, recording: &Recording) -> std::fmt::Result {
+    let problems: Vec<_> = problems(recording).collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "<section id=\"problems\" class=\"problems\">")?;
+    writeln!(out, "<h2>Problems</h2>")?;
+    writeln!(out, "<ul>")?;
+    for problem in problems {
+        writeln!(
+            out,
+            "<li><strong>at {} s</strong>: {}</li>",
+            number(problem.t_s),
+            escape(&problem.label)
+        )?;
+    }
+    writeln!(out, "</ul>")?;
+    writeln!(out, "</section>")
 }
 
 fn write_verdicts(out: &mut String, verdicts: &[VerdictResult]) -> std::fmt::Result {
@@ -254,6 +280,13 @@ fn write_phases(out: &mut String, recording: &Recording, table: &PhaseTable) -> 
         writeln!(out, "</tr>")?;
     }
     writeln!(out, "</tbody></table></div>")?;
+    if !table.notes.is_empty() {
+        writeln!(out, "<ul class=\"notes\">")?;
+        for note in &table.notes {
+            writeln!(out, "<li>{}</li>", escape(note))?;
+        }
+        writeln!(out, "</ul>")?;
+    }
     writeln!(out, "</section>")
 }
 
@@ -270,15 +303,16 @@ fn write_events(out: &mut String, recording: &Recording) -> std::fmt::Result {
     )?;
     writeln!(out, "<tbody>")?;
     for event in &recording.events {
-        let kind = serde_json::to_value(event.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
+        let class = if event.kind == EventKind::Problem {
+            " class=\"problem\""
+        } else {
+            ""
+        };
         writeln!(
             out,
-            "<tr><td class=\"number\">{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{class}><td class=\"number\">{}</td><td>{}</td><td>{}</td></tr>",
             number(event.t_s),
-            escape(&kind),
+            kind_name(event.kind),
             escape(&event.label)
         )?;
     }

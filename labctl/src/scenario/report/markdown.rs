@@ -7,7 +7,7 @@ use super::{
     VerdictResult,
     stats::{PhaseTable, number},
 };
-use crate::scenario::recording::Recording;
+use crate::scenario::recording::{Event, EventKind, Recording};
 
 /// A table cell: pipes would end the cell, newlines the row.
 fn cell(text: &str) -> String {
@@ -35,6 +35,23 @@ pub fn tally(verdicts: &[VerdictResult]) -> String {
         1 => format!("{holding} of 1 verdict holds"),
         n => format!("{holding} of {n} verdicts hold"),
     }
+}
+
+/// An event's kind as `samples.json` spells it.
+pub fn kind_name(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Flip => "flip",
+        EventKind::Action => "action",
+        EventKind::Problem => "problem",
+    }
+}
+
+/// The recording's problems (an action failed, a process died unasked).
+pub fn problems(recording: &Recording) -> impl Iterator<Item = &Event> {
+    recording
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::Problem)
 }
 
 /// The whole `report.md`.
@@ -79,6 +96,21 @@ fn write_document(
         )?;
     }
 
+    // Problems first: they can explain every number below.
+    let problems: Vec<&Event> = problems(recording).collect();
+    if !problems.is_empty() {
+        writeln!(out, "## Problems\n")?;
+        for problem in &problems {
+            writeln!(
+                out,
+                "- **at {} s**: {}",
+                number(problem.t_s),
+                cell(&problem.label)
+            )?;
+        }
+        writeln!(out)?;
+    }
+
     writeln!(out, "## Phases\n")?;
     let headers: Vec<String> = table.headers.iter().map(|h| cell(h)).collect();
     writeln!(out, "| {} |", headers.join(" | "))?;
@@ -92,6 +124,12 @@ fn write_document(
         writeln!(out, "| {} |", cells.join(" | "))?;
     }
     writeln!(out)?;
+    for note in &table.notes {
+        writeln!(out, "- {}", cell(note))?;
+    }
+    if !table.notes.is_empty() {
+        writeln!(out)?;
+    }
 
     writeln!(out, "## Verdicts: {}\n", tally(verdicts))?;
     for verdict in verdicts {
@@ -106,6 +144,25 @@ fn write_document(
     }
     if verdicts.is_empty() {
         writeln!(out, "The scenario has no verdicts.")?;
+    }
+    if !recording.events.is_empty() {
+        writeln!(out, "\n## Events\n")?;
+        writeln!(out, "| at s | kind | what |")?;
+        writeln!(out, "|---:|---|---|")?;
+        for event in &recording.events {
+            let kind = kind_name(event.kind);
+            let kind = if event.kind == EventKind::Problem {
+                format!("**{kind}**")
+            } else {
+                kind.to_string()
+            };
+            writeln!(
+                out,
+                "| {} | {kind} | {} |",
+                number(event.t_s),
+                cell(&event.label)
+            )?;
+        }
     }
     writeln!(out, "\nCharts: report.html  ")?;
     writeln!(out, "samples: samples.json")?;

@@ -56,13 +56,6 @@ pub struct ReportFiles {
     pub verdicts: Vec<VerdictResult>,
 }
 
-impl ReportFiles {
-    /// Every verdict holds (the run's exit status is 0 only then).
-    pub fn passed(&self) -> bool {
-        self.verdicts.iter().all(|v| v.holds)
-    }
-}
-
 /// Evaluates the scenario's verdicts on the recording.
 ///
 /// `scenario` is the scenario as played: with `--speed` that is

@@ -1,7 +1,11 @@
-//! Numbers drawn from a recording: a signal's instances combined into one
-//! series, a statistic of that series over a phase, the verdicts and the
+//! Numbers drawn from a recording: a statistic of each instance of a signal
+//! over a phase, those combined into one number, the verdicts and the
 //! per-phase summary table. Pure functions of the recording, so the report
 //! can be redrawn from `samples.json` alone.
+//!
+//! Each instance is reduced on its own first and the per-instance numbers
+//! are combined after: combining per second first would let one instance's
+//! missing sample, restart or flat line move (or hide) another's number.
 
 use crate::scenario::{
     recording::{PhaseSpan, Recording},
@@ -16,50 +20,112 @@ use super::VerdictResult;
 /// went through JSON may differ in its last bits).
 const SAME_T: f64 = 1e-6;
 
-/// One number per sampled second: `signal`'s instances combined with
-/// `combine` over the instances that have a value at that second. Seconds
-/// where no instance has a value are left out.
-pub fn combined(recording: &Recording, signal: &str, combine: Combine) -> Vec<(f64, f64)> {
-    let mut points: Vec<(f64, f64)> = recording
-        .series_of(signal)
-        .flat_map(|s| s.points.iter())
-        .filter_map(|&(t, v)| v.filter(|v| v.is_finite()).map(|v| (t, v)))
-        .collect();
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut out: Vec<(f64, f64)> = Vec::new();
-    let mut group_t = f64::NAN;
-    for (t, v) in points {
-        match out.last_mut() {
-            Some(last) if (t - group_t).abs() <= SAME_T => {
-                last.1 = match combine {
-                    Combine::Max => last.1.max(v),
-                    Combine::Sum => last.1 + v,
-                    Combine::Min => last.1.min(v),
-                };
-            }
-            _ => {
-                group_t = t;
-                out.push((t, v));
-            }
-        }
-    }
-    out
+/// How one instance's values over a window become one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    Stat(Stat),
+    /// A per-second rate integrated into a count (see [`total`]).
+    Total,
 }
 
-/// The points of `series` with `start_s <= t < end_s`.
-pub fn window(series: &[(f64, f64)], start_s: f64, end_s: f64) -> Vec<(f64, f64)> {
-    series
-        .iter()
-        .copied()
-        .filter(|&(t, _)| t >= start_s && t < end_s)
-        .collect()
+impl Reduce {
+    fn apply(self, points: &[(f64, f64)]) -> Option<f64> {
+        match self {
+            Reduce::Stat(stat) => statistic(points, stat),
+            Reduce::Total => total(points),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Reduce::Stat(stat) => stat.name(),
+            Reduce::Total => "total",
+        }
+    }
+}
+
+/// A signal measured over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measurement {
+    /// The per-instance numbers combined; `None` when no instance had
+    /// enough samples.
+    pub value: Option<f64>,
+    /// Distinct sample times in the window, over every instance of the
+    /// signal (values and gaps alike).
+    pub sample_times: usize,
+    /// Instances left out of `value`, each with why, e.g.
+    /// "service-b-2 left out: values in 3 of 10 s".
+    pub left_out: Vec<String>,
+}
+
+/// `signal` over `start_s <= t < end_s`: each instance reduced on its own,
+/// then the instances' numbers combined. An instance with values at fewer
+/// than half of the window's sample times is left out (a process that was
+/// down most of the window says little about it) and named in `left_out`.
+pub fn measure(
+    recording: &Recording,
+    signal: &str,
+    combine: Combine,
+    reduce: Reduce,
+    start_s: f64,
+    end_s: f64,
+) -> Measurement {
+    let in_window = |t: f64| t >= start_s && t < end_s;
+    let mut times: Vec<f64> = recording
+        .series_of(signal)
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .filter(|&t| in_window(t))
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times.dedup_by(|later, earlier| (*later - *earlier).abs() <= SAME_T);
+    let sample_times = times.len();
+
+    let mut left_out = Vec::new();
+    let mut numbers = Vec::new();
+    for series in recording.series_of(signal) {
+        let points: Vec<(f64, f64)> = series
+            .points
+            .iter()
+            .filter(|p| in_window(p.0))
+            .filter_map(|&(t, v)| v.filter(|v| v.is_finite()).map(|v| (t, v)))
+            .collect();
+        if points.is_empty() && sample_times == 0 {
+            continue;
+        }
+        if 2 * points.len() < sample_times {
+            left_out.push(format!(
+                "{} left out: values in {} of {sample_times} s",
+                series.instance,
+                points.len()
+            ));
+            continue;
+        }
+        match reduce.apply(&points) {
+            Some(number) => numbers.push(number),
+            None => left_out.push(format!(
+                "{} left out: {} needs at least 2 samples",
+                series.instance,
+                reduce.name()
+            )),
+        }
+    }
+    let value = numbers.into_iter().reduce(|a, b| match combine {
+        Combine::Max => a.max(b),
+        Combine::Sum => a + b,
+        Combine::Min => a.min(b),
+    });
+    Measurement {
+        value,
+        sample_times,
+        left_out,
+    }
 }
 
 /// A statistic of `(t, value)` points in time order. `None` when there are
 /// no points, or fewer than two for `increase` and `growth-per-min` (one
 /// sample says nothing about a change).
 pub fn statistic(points: &[(f64, f64)], stat: Stat) -> Option<f64> {
-    let (first, last) = (points.first()?, points.last()?);
+    let last = points.last()?;
     let mut values: Vec<f64> = points.iter().map(|p| p.1).collect();
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -74,10 +140,27 @@ pub fn statistic(points: &[(f64, f64)], stat: Stat) -> Option<f64> {
         Stat::Max => Some(values[n - 1]),
         Stat::Mean => Some(values.iter().sum::<f64>() / n as f64),
         Stat::Last => Some(last.1),
-        Stat::Increase if n >= 2 => Some(last.1 - first.1),
+        Stat::Increase if n >= 2 => Some(counter_increase(points)),
         Stat::GrowthPerMin if n >= 2 => slope(points).map(|per_s| per_s * 60.0),
         Stat::Increase | Stat::GrowthPerMin => None,
     }
+}
+
+/// How much a counter rose: the sum of its rises from sample to sample. A
+/// drop is a restarted process counting again from 0, so the value after
+/// the drop is all it rose since.
+fn counter_increase(points: &[(f64, f64)]) -> f64 {
+    points
+        .windows(2)
+        .map(|pair| {
+            let (before, after) = (pair[0].1, pair[1].1);
+            if after >= before {
+                after - before
+            } else {
+                after
+            }
+        })
+        .sum()
 }
 
 /// Least-squares slope of value over time (per second); `None` when every
@@ -121,14 +204,29 @@ struct PhaseReading {
     value: Option<f64>,
     /// Why there is no value, when there is none.
     missing: Option<String>,
+    /// Instances left out of the value, each with why.
+    left_out: Vec<String>,
 }
 
-fn read_phase(
-    recording: &Recording,
-    series: &[(f64, f64)],
-    spec: &VerdictSpec,
-    phase_name: &str,
-) -> PhaseReading {
+impl PhaseReading {
+    /// `"2 (> 0.9: symptom seen)"` and the like, or why there is no value;
+    /// instances left out are named inside the parentheses.
+    fn describe(&self, verdict: impl FnOnce(f64) -> String) -> String {
+        match self.value {
+            Some(v) => {
+                let mut notes = vec![verdict(v)];
+                notes.extend(self.left_out.iter().cloned());
+                format!("{} ({})", number(v), notes.join("; "))
+            }
+            None => format!(
+                "no value, {}",
+                self.missing.as_deref().unwrap_or("no samples")
+            ),
+        }
+    }
+}
+
+fn read_phase(recording: &Recording, spec: &VerdictSpec, phase_name: &str) -> PhaseReading {
     let Some(phase) = ran(recording.phase(phase_name)) else {
         let why = if recording.interrupted {
             "the phase did not run (the run was interrupted before it)"
@@ -138,13 +236,20 @@ fn read_phase(
         return PhaseReading {
             value: None,
             missing: Some(why.into()),
+            left_out: Vec::new(),
         };
     };
     let settle = spec.settle.map_or(0.0, |d| d.as_secs_f64());
-    let points = window(series, phase.start_s + settle, phase.end_s);
-    let value = statistic(&points, spec.stat);
-    let missing = value.is_none().then(|| {
-        if points.is_empty() {
+    let measured = measure(
+        recording,
+        &spec.signal,
+        spec.instances,
+        Reduce::Stat(spec.stat),
+        phase.start_s + settle,
+        phase.end_s,
+    );
+    let missing = measured.value.is_none().then(|| {
+        if measured.sample_times == 0 {
             format!(
                 "no samples of {} in the phase{}",
                 spec.signal,
@@ -155,10 +260,14 @@ fn read_phase(
                 }
             )
         } else {
-            format!("{} needs at least 2 samples", spec.stat.name())
+            format!("too few samples: {}", measured.left_out.join("; "))
         }
     });
-    PhaseReading { value, missing }
+    PhaseReading {
+        value: measured.value,
+        missing,
+        left_out: measured.left_out,
+    }
 }
 
 /// Evaluates one verdict: the statistic in the buggy phase (and the fixed
@@ -181,45 +290,34 @@ pub fn evaluate_one(recording: &Recording, spec: &VerdictSpec) -> VerdictResult 
         Stat::GrowthPerMin => format!("{base_unit}/min"),
         _ => base_unit.to_string(),
     };
-    let series = combined(recording, &spec.signal, spec.instances);
 
-    let buggy = read_phase(recording, &series, spec, &spec.buggy);
+    let buggy = read_phase(recording, spec, &spec.buggy);
     let seen = buggy.value.is_some_and(shows);
     let mut explanation = format!("{measure} over {}: ", spec.buggy);
-    match (buggy.value, &buggy.missing) {
-        (Some(v), _) if seen => {
-            explanation += &format!("{} ({threshold_text}: symptom seen)", number(v));
+    explanation += &buggy.describe(|v| {
+        if shows(v) {
+            format!("{threshold_text}: symptom seen")
+        } else {
+            format!("not {threshold_text}: symptom not seen")
         }
-        (Some(v), _) => {
-            explanation += &format!("{} (not {threshold_text}: symptom not seen)", number(v));
-        }
-        (None, why) => {
-            explanation += &format!("no value, {}", why.as_deref().unwrap_or("no samples"));
-        }
-    }
+    });
 
     let fixed = spec
         .fixed
         .as_ref()
-        .map(|name| (name, read_phase(recording, &series, spec, name)));
+        .map(|name| (name, read_phase(recording, spec, name)));
     let gone = match &fixed {
         None => true,
         Some((name, reading)) => {
             explanation += &format!("; over {name}: ");
-            match (reading.value, &reading.missing) {
-                (Some(v), _) if !shows(v) => {
-                    explanation += &format!("{} (gone)", number(v));
-                    true
+            explanation += &reading.describe(|v| {
+                if shows(v) {
+                    format!("still {threshold_text}: not gone")
+                } else {
+                    "gone".into()
                 }
-                (Some(v), _) => {
-                    explanation += &format!("{} (still {threshold_text}: not gone)", number(v));
-                    false
-                }
-                (None, why) => {
-                    explanation += &format!("no value, {}", why.as_deref().unwrap_or("no samples"));
-                    false
-                }
-            }
+            });
+            reading.value.is_some_and(|v| !shows(v))
         }
     };
 
@@ -274,15 +372,9 @@ pub fn number(v: f64) -> String {
     }
 }
 
-/// How one summary column reduces a phase.
-#[derive(Debug, Clone, Copy)]
-enum Reduce {
-    Stat(Stat),
-    /// A rate integrated into a count.
-    Total,
-}
-
-/// A summary column: a signal, combined, reduced over each phase.
+/// A summary column: a signal, each instance reduced over the phase, the
+/// instances' numbers combined (the verdicts' rule, see [`measure`]). The
+/// header says both steps where the signal has more than one instance.
 struct Column {
     header: &'static str,
     signal: &'static str,
@@ -293,6 +385,7 @@ struct Column {
 /// The per-phase summary's columns after the phase's own ones; a column
 /// whose signal the recording lacks is left out.
 const COLUMNS: &[Column] = &[
+    // The load generator's signals have one instance, `load`.
     Column {
         header: "rps (median)",
         signal: signals::RPS.key,
@@ -324,19 +417,19 @@ const COLUMNS: &[Column] = &[
         reduce: Reduce::Stat(Stat::Median),
     },
     Column {
-        header: "job tasks, all Bs (peak)",
+        header: "job tasks (sum of each B's peak)",
         signal: signals::JOB_TASKS.key,
         combine: Combine::Sum,
         reduce: Reduce::Stat(Stat::Max),
     },
     Column {
-        header: "fds growth/min (max of processes)",
+        header: "fds growth/min (fastest process)",
         signal: signals::OPEN_FDS.key,
         combine: Combine::Max,
         reduce: Reduce::Stat(Stat::GrowthPerMin),
     },
     Column {
-        header: "RSS MiB growth/min (max of processes)",
+        header: "RSS MiB growth/min (fastest process)",
         signal: signals::RSS_MIB.key,
         combine: Combine::Max,
         reduce: Reduce::Stat(Stat::GrowthPerMin),
@@ -348,7 +441,7 @@ const COLUMNS: &[Column] = &[
         reduce: Reduce::Stat(Stat::Median),
     },
     Column {
-        header: "work after deadline (increase)",
+        header: "work after deadline (increase, all Bs)",
         signal: signals::WORK_AFTER_DEADLINE.key,
         combine: Combine::Sum,
         reduce: Reduce::Stat(Stat::Increase),
@@ -360,24 +453,27 @@ const COLUMNS: &[Column] = &[
 pub struct PhaseTable {
     pub headers: Vec<String>,
     pub rows: Vec<Vec<String>>,
+    /// Instances a cell left out, e.g. "fixed, busiest B share (median):
+    /// service-b-2 left out: values in 3 of 10 s".
+    pub notes: Vec<String>,
 }
 
 /// One row per phase that ran: its length, its switches (all of them for
 /// the first phase, then only what changed), its load, and the summary
 /// columns whose signal was recorded.
 pub fn phase_table(recording: &Recording) -> PhaseTable {
-    let columns: Vec<(&Column, Vec<(f64, f64)>)> = COLUMNS
+    let columns: Vec<&Column> = COLUMNS
         .iter()
         .filter(|c| recording.series_of(c.signal).next().is_some())
-        .map(|c| (c, combined(recording, c.signal, c.combine)))
         .collect();
     let mut headers: Vec<String> = ["phase", "duration s", "switches", "load rps"]
         .into_iter()
         .map(String::from)
         .collect();
-    headers.extend(columns.iter().map(|(c, _)| c.header.to_string()));
+    headers.extend(columns.iter().map(|c| c.header.to_string()));
 
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     let mut previous: Option<&PhaseSpan> = None;
     for phase in &recording.phases {
         let switches: Vec<String> = phase
@@ -397,18 +493,28 @@ pub fn phase_table(recording: &Recording) -> PhaseTable {
             },
             number(phase.load_rps),
         ];
-        for (column, series) in &columns {
-            let points = window(series, phase.start_s, phase.end_s);
-            let value = match column.reduce {
-                Reduce::Stat(stat) => statistic(&points, stat),
-                Reduce::Total => total(&points),
-            };
-            row.push(value.map_or_else(|| "—".into(), number));
+        for column in &columns {
+            let measured = measure(
+                recording,
+                column.signal,
+                column.combine,
+                column.reduce,
+                phase.start_s,
+                phase.end_s,
+            );
+            for why in &measured.left_out {
+                notes.push(format!("{}, {}: {why}", phase.name, column.header));
+            }
+            row.push(measured.value.map_or_else(|| "—".into(), number));
         }
         rows.push(row);
         previous = Some(phase);
     }
-    PhaseTable { headers, rows }
+    PhaseTable {
+        headers,
+        rows,
+        notes,
+    }
 }
 
 #[cfg(test)]
@@ -495,7 +601,8 @@ mod tests {
         assert_eq!(statistic(&series, Stat::Max), Some(8.0));
         assert_eq!(statistic(&series, Stat::Mean), Some(5.0));
         assert_eq!(statistic(&series, Stat::Last), Some(6.0));
-        assert_eq!(statistic(&series, Stat::Increase), Some(4.0));
+        let counter = points(&[2.0, 8.0, 8.0, 9.0]);
+        assert_eq!(statistic(&counter, Stat::Increase), Some(7.0));
     }
 
     #[test]
@@ -519,26 +626,154 @@ mod tests {
     }
 
     #[test]
-    fn instances_combine_per_second_skipping_gaps() {
-        let mut recording = Recording::default();
-        recording.push("job_tasks", "service-b-1", 0.0, Some(3.0));
-        recording.push("job_tasks", "service-b-2", 0.0, Some(5.0));
-        recording.push("job_tasks", "service-b-1", 1.0, None);
-        recording.push("job_tasks", "service-b-2", 1.0, Some(7.0));
-        recording.push("job_tasks", "service-b-1", 2.0, None);
-        recording.push("job_tasks", "service-b-2", 2.0, None);
-        recording.push("other", "service-b-1", 0.0, Some(100.0));
-        assert_eq!(
-            combined(&recording, "job_tasks", Combine::Sum),
-            vec![(0.0, 8.0), (1.0, 7.0)]
+    fn increase_counts_a_restart_from_zero() {
+        // 5 → 8 (+3), restart, 2 (+2), 4 (+2).
+        let series = points(&[5.0, 8.0, 2.0, 4.0]);
+        assert_eq!(statistic(&series, Stat::Increase), Some(7.0));
+    }
+
+    /// Ten seconds of one phase, for the per-instance tests.
+    fn ten_seconds() -> Recording {
+        Recording {
+            phases: vec![phase("buggy", 0.0, 10.0), phase("fixed", 10.0, 20.0)],
+            duration_s: 20.0,
+            ..Recording::default()
+        }
+    }
+
+    #[test]
+    fn instances_reduce_on_their_own_then_combine() {
+        let mut recording = ten_seconds();
+        for t in 0..10 {
+            let t = f64::from(t);
+            recording.push("job_tasks", "service-b-1", t, Some(t));
+            recording.push("job_tasks", "service-b-2", t, Some(20.0 - t));
+        }
+        let max = Reduce::Stat(Stat::Max);
+        let of = |combine| measure(&recording, "job_tasks", combine, max, 0.0, 10.0);
+        // Each B's peak: 9 and 20. Per second, the sum would peak at 20.
+        assert_eq!(of(Combine::Sum).value, Some(29.0));
+        assert_eq!(of(Combine::Max).value, Some(20.0));
+        assert_eq!(of(Combine::Min).value, Some(9.0));
+        assert_eq!(of(Combine::Sum).sample_times, 10);
+        assert!(of(Combine::Sum).left_out.is_empty());
+    }
+
+    #[test]
+    fn a_missing_last_sample_does_not_turn_a_sum_of_increases_negative() {
+        // Two Bs each count 5 a second; B-2's last sample fails.
+        let mut recording = ten_seconds();
+        for t in 0..10 {
+            let t = f64::from(t);
+            recording.push("work_after_deadline", "service-b-1", t, Some(5.0 * t));
+            let b2 = (t < 9.0).then_some(100.0 + 5.0 * t);
+            recording.push("work_after_deadline", "service-b-2", t, b2);
+        }
+        let mut spec = verdict("work_after_deadline", Combine::Sum, Stat::Increase);
+        spec.above = Some(10.0);
+        spec.fixed = None;
+        let result = evaluate_one(&recording, &spec);
+        // 45 by B-1 over 9 s, 40 by B-2 over the 8 s it answered.
+        assert_eq!(result.buggy_value, Some(85.0));
+        assert!(result.holds, "{}", result.explanation);
+    }
+
+    #[test]
+    fn a_restarted_instance_keeps_counting_in_an_increase() {
+        let mut recording = ten_seconds();
+        let values = [50.0, 52.0, 54.0, 1.0, 3.0, 5.0];
+        for (t, v) in values.into_iter().enumerate() {
+            recording.push("jobs_duplicate", "service-b-1", t as f64, Some(v));
+        }
+        let measured = measure(
+            &recording,
+            "jobs_duplicate",
+            Combine::Sum,
+            Reduce::Stat(Stat::Increase),
+            0.0,
+            10.0,
         );
-        assert_eq!(
-            combined(&recording, "job_tasks", Combine::Max),
-            vec![(0.0, 5.0), (1.0, 7.0)]
+        // 2 + 2, then 1 after the restart, 2 + 2: last minus first says -45.
+        assert_eq!(measured.value, Some(9.0));
+    }
+
+    #[test]
+    fn growth_is_the_fastest_instance_not_the_slope_of_the_largest() {
+        // B-1 holds 500 fds, flat; B-2 leaks 30 a minute from 10.
+        let mut recording = ten_seconds();
+        for t in 0..10 {
+            let t = f64::from(t);
+            recording.push("open_fds", "service-b-1", t, Some(500.0));
+            recording.push("open_fds", "service-b-2", t, Some(10.0 + 0.5 * t));
+        }
+        let mut spec = verdict("open_fds", Combine::Max, Stat::GrowthPerMin);
+        spec.above = Some(20.0);
+        spec.fixed = None;
+        let result = evaluate_one(&recording, &spec);
+        let growth = result.buggy_value.unwrap();
+        assert!((growth - 30.0).abs() < 1e-9, "{growth}");
+        assert!(result.holds, "{}", result.explanation);
+        let table = phase_table(&recording);
+        let column = table
+            .headers
+            .iter()
+            .position(|h| h == "fds growth/min (fastest process)")
+            .unwrap();
+        assert_eq!(table.rows[0][column], "30");
+    }
+
+    #[test]
+    fn an_instance_with_values_in_under_half_the_window_is_left_out_and_named() {
+        // B-2 answers 3 of 10 s, with a huge share; B-1 answers every second.
+        let mut recording = ten_seconds();
+        for t in 0..10 {
+            let t = f64::from(t);
+            recording.push("share", "service-b-1", t, Some(0.5));
+            recording.push("share", "service-b-2", t, (t < 3.0).then_some(1.0));
+        }
+        let result = evaluate_one(&recording, &verdict("share", Combine::Max, Stat::Median));
+        assert_eq!(result.buggy_value, Some(0.5));
+        assert!(!result.holds);
+        assert!(
+            result.explanation.contains(
+                "over buggy: 0.50 (not > 0.9: symptom not seen; \
+                 service-b-2 left out: values in 3 of 10 s)"
+            ),
+            "{}",
+            result.explanation
         );
+        let table = phase_table(&recording);
         assert_eq!(
-            combined(&recording, "job_tasks", Combine::Min),
-            vec![(0.0, 3.0), (1.0, 7.0)]
+            table.notes,
+            ["buggy, busiest B share (median): service-b-2 left out: values in 3 of 10 s"]
+        );
+        // Half the window is enough.
+        recording.push("share", "service-b-2", 3.0, Some(1.0));
+        recording.push("share", "service-b-2", 4.0, Some(1.0));
+        let result = evaluate_one(&recording, &verdict("share", Combine::Max, Stat::Median));
+        assert_eq!(result.buggy_value, Some(1.0));
+    }
+
+    #[test]
+    fn no_instance_with_enough_samples_fails_with_too_few_samples() {
+        let mut recording = ten_seconds();
+        for t in 0..10 {
+            let t = f64::from(t);
+            recording.push("share", "service-b-1", t, (t < 4.0).then_some(1.0));
+            recording.push("share", "service-b-2", t, (t >= 6.0).then_some(1.0));
+        }
+        let mut spec = verdict("share", Combine::Max, Stat::Median);
+        spec.fixed = None;
+        let result = evaluate_one(&recording, &spec);
+        assert_eq!(result.buggy_value, None);
+        assert!(!result.holds);
+        assert!(
+            result.explanation.ends_with(
+                "no value, too few samples: service-b-1 left out: values in 4 of 10 s; \
+                 service-b-2 left out: values in 4 of 10 s"
+            ),
+            "{}",
+            result.explanation
         );
     }
 
