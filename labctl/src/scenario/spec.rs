@@ -228,10 +228,11 @@ pub struct VerdictSpec {
     pub symptom: String,
     /// A key of the signal catalogue.
     pub signal: String,
-    /// How the signal's instances combine each second.
+    /// How the per-instance statistics combine into one number.
     #[serde(default)]
     pub instances: Combine,
-    /// Which statistic of the combined series over the phase is compared.
+    /// Which statistic of each instance over the phase window is computed
+    /// (then combined by `instances`).
     pub stat: Stat,
     /// The phase where the symptom must show.
     pub buggy: String,
@@ -251,14 +252,17 @@ pub struct VerdictSpec {
     pub settle: Option<Duration>,
 }
 
-/// How the instances of one signal make one number per second.
+/// How the numbers of a signal's instances make one number: each
+/// instance's statistic over the phase window is computed first, then
+/// combined (an instance with values in fewer than half the window's sample
+/// times is left out and named).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Combine {
-    /// The largest (e.g. the busiest B's share).
+    /// The largest (e.g. the busiest B's median share).
     #[default]
     Max,
-    /// The total over instances (e.g. job tasks across every B).
+    /// The total over instances (e.g. the jobs every B ran twice).
     Sum,
     /// The smallest.
     Min,
@@ -274,7 +278,8 @@ pub enum Stat {
     Mean,
     /// The last value.
     Last,
-    /// Last minus first (for counters: how much it rose in the phase).
+    /// How much a counter rose over the phase (a drop counts as a restart
+    /// from 0).
     Increase,
     /// Least-squares slope, per minute (for a leak: how fast it grows).
     GrowthPerMin,
