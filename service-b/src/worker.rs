@@ -92,17 +92,24 @@ pub struct WorkerMetrics {
 impl WorkerMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let r = Registrar(registry);
+        let jobs = r.int_counter_vec(
+            "lab_jobs_total",
+            "Job attempts finished, by outcome (done, retry, failed, dead, lost).",
+            &["outcome"],
+        )?;
+        // Every outcome exported from the start, at 0: a reader (a
+        // dashboard's rate(), a scenario's sampler) then sees "none yet"
+        // rather than a metric that does not exist.
+        for outcome in ["done", "retry", "failed", "dead", "lost"] {
+            jobs.with_label_values(&[outcome]);
+        }
         Ok(Self {
             tasks_alive: r.int_gauge(
                 "lab_worker_tasks_alive",
                 "Job tasks currently alive in this B.",
             )?,
             tasks_spawned: r.int_counter("lab_worker_tasks_spawned_total", "Job tasks started.")?,
-            jobs: r.int_counter_vec(
-                "lab_jobs_total",
-                "Job attempts finished, by outcome (done, retry, failed, dead, timeout, lost).",
-                &["outcome"],
-            )?,
+            jobs,
             duplicates: r.int_counter(
                 "lab_jobs_duplicate_total",
                 "Job attempts started while another attempt of the same job was still running here.",
