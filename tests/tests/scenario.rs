@@ -31,6 +31,17 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// No process of the run's own stack is left (they are started with
+/// `--config <out>/stack/lab.toml` and data dirs under it).
+fn assert_stack_stopped(out: &Path) {
+    let out_text = out.to_string_lossy().to_string();
+    assert_eq!(
+        processes_mentioning(&out_text),
+        Vec::<String>::new(),
+        "the stack is stopped"
+    );
+}
+
 fn share_chart(check: &lab_tests::browser::BrowserCheck) -> &lab_tests::browser::ChartPixels {
     check.chart("chart-share").expect("a share chart")
 }
@@ -213,12 +224,7 @@ fn the_lb_scenario_at_triple_speed_holds_its_verdict_and_writes_a_report() {
         "the stack's logs are kept"
     );
     assert!(!out.join("stack").exists(), "the stack's data is removed");
-    let out_text = out.to_string_lossy().to_string();
-    assert_eq!(
-        processes_mentioning(&out_text),
-        Vec::<String>::new(),
-        "the stack is stopped"
-    );
+    assert_stack_stopped(&out);
 }
 
 #[test]
@@ -297,12 +303,7 @@ fn ctrl_c_stops_the_stack_and_still_writes_the_report_of_what_ran() {
             .all(|v| v["holds"] == false),
         "no verdict can hold without its fixed phase: {verdicts}"
     );
-    let out_text = out.to_string_lossy().to_string();
-    assert_eq!(
-        processes_mentioning(&out_text),
-        Vec::<String>::new(),
-        "the stack is stopped"
-    );
+    assert_stack_stopped(&out);
 }
 
 #[test]
