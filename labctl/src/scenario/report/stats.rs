@@ -81,6 +81,9 @@ pub fn measure(
     let sample_times = times.len();
 
     let mut left_out = Vec::new();
+    // Instances with no value at all in the window (not started yet,
+    // stopped, killed, or never answering): one short note for all.
+    let mut without_values = Vec::new();
     let mut numbers = Vec::new();
     for series in recording.series_of(signal) {
         let points: Vec<(f64, f64)> = series
@@ -90,6 +93,10 @@ pub fn measure(
             .filter_map(|&(t, v)| v.filter(|v| v.is_finite()).map(|v| (t, v)))
             .collect();
         if points.is_empty() && sample_times == 0 {
+            continue;
+        }
+        if points.is_empty() {
+            without_values.push(series.instance.clone());
             continue;
         }
         if 2 * points.len() < sample_times {
@@ -108,6 +115,9 @@ pub fn measure(
                 reduce.name()
             )),
         }
+    }
+    if !without_values.is_empty() {
+        left_out.push(format!("no values from {}", without_values.join(", ")));
     }
     let value = numbers.into_iter().reduce(|a, b| match combine {
         Combine::Max => a.max(b),
