@@ -117,21 +117,23 @@ fn observe_in_a(text: &str, above: f64, n: f64) -> String {
         .join("\n")
 }
 
+/// One quiet sample of A, B and partner-api as captured from a real lab,
+/// their scrapes taken at `at`.
+fn record_the_lab_as_captured(sampler: &mut Sampler, t_s: f64, at: Instant, rec: &mut Recording) {
+    let scrapes = vec![
+        scrape(at, A_TEXT),
+        scrape(at, B_TEXT),
+        scrape(at, PARTNER_TEXT),
+    ];
+    sampler.record(t_s, &quiet_window(), scrapes, rec);
+}
+
 #[test]
 fn the_first_sample_reads_every_gauge_of_every_kind() {
     let mut sampler = sampler(lab_targets());
     let mut rec = Recording::default();
     let t0 = Instant::now();
-    sampler.record(
-        1.0,
-        &quiet_window(),
-        vec![
-            scrape(t0, A_TEXT),
-            scrape(t0, B_TEXT),
-            scrape(t0, PARTNER_TEXT),
-        ],
-        &mut rec,
-    );
+    record_the_lab_as_captured(&mut sampler, 1.0, t0, &mut rec);
 
     // Every process.
     assert_eq!(
@@ -229,16 +231,7 @@ fn rates_and_a_p99_come_from_the_increase_between_two_samples() {
     let mut rec = Recording::default();
     let t0 = Instant::now();
     let t1 = t0 + Duration::from_secs(2);
-    sampler.record(
-        1.0,
-        &quiet_window(),
-        vec![
-            scrape(t0, A_TEXT),
-            scrape(t0, B_TEXT),
-            scrape(t0, PARTNER_TEXT),
-        ],
-        &mut rec,
-    );
+    record_the_lab_as_captured(&mut sampler, 1.0, t0, &mut rec);
     // Two seconds later: 100 more reads at A, all between 25 and 50 ms;
     // A used 1 s of CPU more, B 3 s; B finished 40 jobs and dead-lettered
     // 2; the partner shook hands 10 more times.
@@ -380,16 +373,7 @@ fn a_target_that_does_not_answer_gets_gaps_and_the_next_rate_spans_the_gap() {
     let mut sampler = sampler(lab_targets());
     let mut rec = Recording::default();
     let t0 = Instant::now();
-    sampler.record(
-        1.0,
-        &quiet_window(),
-        vec![
-            scrape(t0, A_TEXT),
-            scrape(t0, B_TEXT),
-            scrape(t0, PARTNER_TEXT),
-        ],
-        &mut rec,
-    );
+    record_the_lab_as_captured(&mut sampler, 1.0, t0, &mut rec);
     sampler.record(
         2.0,
         &quiet_window(),
@@ -528,16 +512,7 @@ fn a_target_that_left_and_came_back_starts_afresh() {
     let mut sampler = sampler(lab_targets());
     let mut rec = Recording::default();
     let t0 = Instant::now();
-    sampler.record(
-        1.0,
-        &quiet_window(),
-        vec![
-            scrape(t0, A_TEXT),
-            scrape(t0, B_TEXT),
-            scrape(t0, PARTNER_TEXT),
-        ],
-        &mut rec,
-    );
+    record_the_lab_as_captured(&mut sampler, 1.0, t0, &mut rec);
     sampler.set_targets(vec![target("service-a", None), target("partner-api", None)]);
     sampler.set_targets(lab_targets());
     let b = set_line(B_TEXT, "lab_jobs_total{outcome=\"done\"}", 1018.0);
