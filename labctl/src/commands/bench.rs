@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use lab_common::config;
-use labctl::bench::{self, BenchSpec};
+use labctl::bench::lb::{self as bench, BenchSpec};
 
 use crate::cli::BenchLbArgs;
 

@@ -10,6 +10,7 @@ use anyhow::Context;
 use lab_common::config::{LabConfig, LbMode};
 use serde::Serialize;
 
+use super::median;
 use crate::{
     launcher::{Stack, UpOptions},
     load::{self, LoadSpec},
@@ -40,15 +41,6 @@ pub struct ModeResult {
     pub max_backend_share: f64,
     pub errors: u64,
     pub rounds: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Runs the comparison; `progress` gets one line per finished measurement.
@@ -128,16 +120,4 @@ pub fn table(results: &[ModeResult]) -> String {
         ));
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(vec![]).is_nan());
-    }
 }

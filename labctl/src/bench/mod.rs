@@ -1,0 +1,30 @@
+//! `labctl bench …`: configurations compared under identical load, in one
+//! run, on this machine. Each benchmark is a command, not a timed test; CI
+//! runs every one once with tiny durations so they keep working.
+//!
+//! * [`lb`] — the cause-1 remedies (`l4`, `l7`, `etcd`) side by side.
+
+pub mod lb;
+
+/// The median of `v` (NaN when empty): benchmarks report medians of rounds
+/// so one noisy round on a shared machine does not decide the result.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}
