@@ -274,6 +274,10 @@ pub struct ServiceBConfig {
     pub max_connection_age_grace: Duration,
     /// Spread of `max_connection_age` per instance, as a fraction (0.1 = ±10%).
     pub max_connection_age_jitter: f64,
+    /// Items `GetItem` keeps in B's memory (0 = off: every call reads MySQL,
+    /// as the incident's B did). The catalogue is read-only, so a cached
+    /// item never goes stale; the bound keeps B's memory bounded.
+    pub item_cache_capacity: u64,
 }
 
 impl Default for ServiceBConfig {
@@ -291,6 +295,7 @@ impl Default for ServiceBConfig {
             max_connection_age: Duration::ZERO,
             max_connection_age_grace: Duration::from_secs(5),
             max_connection_age_jitter: 0.1,
+            item_cache_capacity: 0,
         }
     }
 }
@@ -973,6 +978,28 @@ mod tests {
             bad_addr.contains("service_b.listen") && bad_addr.contains("IP:PORT"),
             "{bad_addr}"
         );
+    }
+
+    #[test]
+    fn the_item_cache_is_off_by_default_and_bounded() {
+        assert_eq!(LabConfig::default().service_b.item_cache_capacity, 0);
+        let on = load(&Sources {
+            overrides: vec!["service_b.item_cache_capacity=10000".into()],
+            ..Sources::default()
+        })
+        .expect("a capacity loads");
+        assert_eq!(on.service_b.item_cache_capacity, 10_000);
+        for (value, expect) in [("-1", "-1"), ("lots", "lots"), ("20000000", "20000000")] {
+            let msg = load(&Sources {
+                env: env(&[("LAB_SERVICE_B_ITEM_CACHE_CAPACITY", value)]),
+                ..Sources::default()
+            })
+            .expect_err("rejected")
+            .to_string();
+            assert!(msg.contains("service_b.item_cache_capacity"), "{msg}");
+            assert!(msg.contains(expect), "{msg}");
+            assert!(msg.contains("LAB_SERVICE_B_ITEM_CACHE_CAPACITY"), "{msg}");
+        }
     }
 
     #[test]

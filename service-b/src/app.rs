@@ -30,7 +30,9 @@ use crate::{
     db::{self, Db},
     deadline,
     grpc::BackendService,
-    http_client, metrics, recycle,
+    http_client,
+    item_cache::{ItemCache, ItemCacheMetrics},
+    metrics, recycle,
     registry::{self, Registration, RegistrationStatus, RegistryMetrics},
     rows, worker,
 };
@@ -153,6 +155,10 @@ fn backend_service(
 ) -> BackendService {
     BackendService::new(
         db.clone(),
+        ItemCache::new(
+            config.service_b.item_cache_capacity,
+            metrics.item_cache.clone(),
+        ),
         instance_id.clone(),
         config.service_b.max_payload_bytes,
         config.service_b.handler_latency,
@@ -288,6 +294,7 @@ struct ServiceMetrics {
     deadline: deadline::DeadlineMetrics,
     pool: db::PoolMetrics,
     http: http_client::HttpClientMetrics,
+    item_cache: ItemCacheMetrics,
     job_rows: Arc<rows::JobRows>,
 }
 
@@ -301,6 +308,7 @@ impl ServiceMetrics {
             pool: db::PoolMetrics::register(registry)?,
             job_rows: Arc::new(rows::JobRows::new(faults.clone(), registry)?),
             http: http_client::HttpClientMetrics::register(registry)?,
+            item_cache: ItemCacheMetrics::register(registry)?,
         })
     }
 }

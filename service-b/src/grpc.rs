@@ -1,5 +1,5 @@
-//! The `lab.v1.Backend` service: validation, MySQL reads and writes, and the
-//! per-method metrics. Every reply, success or error, names this instance
+//! The `lab.v1.Backend` service: validation, MySQL reads and writes (items
+//! through the [`ItemCache`] when it is on), and the per-method metrics. Every reply, success or error, names this instance
 //! (`served_by` in the body, `x-served-by` in the metadata). The work of
 //! each request runs under the deadline policy of [`crate::deadline`].
 
@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
-    db::{Db, DbError},
+    db::{Db, DbError, ItemRow},
     deadline::{Arrived, DeadlinePolicy, caller_deadline},
+    item_cache::ItemCache,
     metrics::Metrics,
 };
 
@@ -28,6 +29,7 @@ pub struct BackendService {
 /// What the (possibly detached) request work needs.
 struct Inner {
     db: Db,
+    items: ItemCache,
     instance_id: Arc<str>,
     max_payload_bytes: usize,
     handler_latency: Duration,
@@ -36,6 +38,7 @@ struct Inner {
 impl BackendService {
     pub fn new(
         db: Db,
+        items: ItemCache,
         instance_id: Arc<str>,
         max_payload_bytes: usize,
         handler_latency: Duration,
@@ -45,6 +48,7 @@ impl BackendService {
         Self {
             inner: Arc::new(Inner {
                 db,
+                items,
                 instance_id,
                 max_payload_bytes,
                 handler_latency,
@@ -159,6 +163,15 @@ impl Drop for Record<'_> {
     }
 }
 
+fn item_of(row: ItemRow) -> Item {
+    Item {
+        id: row.id,
+        name: row.name,
+        price_cents: row.price_cents,
+        description: row.description,
+    }
+}
+
 fn positive_id(field: &str, id: i64) -> Result<i64, Status> {
     if id >= 1 {
         Ok(id)
@@ -179,17 +192,15 @@ impl Backend for BackendService {
         let id = request.into_inner().id;
         self.serve("GetItem", timing, move |b, deadline| async move {
             let id = positive_id("id", id)?;
-            let row =
-                b.db.get_item(id, deadline)
-                    .await?
-                    .ok_or_else(|| Status::not_found(format!("item {id} not found")))?;
+            let item = b
+                .items
+                .get_or_load(id, || async {
+                    Ok::<_, DbError>(b.db.get_item(id, deadline).await?.map(item_of))
+                })
+                .await?
+                .ok_or_else(|| Status::not_found(format!("item {id} not found")))?;
             Ok(GetItemReply {
-                item: Some(Item {
-                    id: row.id,
-                    name: row.name,
-                    price_cents: row.price_cents,
-                    description: row.description,
-                }),
+                item: Some(item),
                 served_by: b.instance_id.to_string(),
             })
         })

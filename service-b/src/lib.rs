@@ -16,6 +16,7 @@ pub mod db;
 pub mod deadline;
 pub mod grpc;
 pub mod http_client;
+pub mod item_cache;
 pub mod metrics;
 pub mod recycle;
 pub mod registry;

@@ -16,7 +16,7 @@ struct Broken {
 type Rule = fn(&LabConfig) -> Result<(), Broken>;
 
 /// Every rule, in the order they are checked.
-const RULES: [Rule; 16] = [
+const RULES: [Rule; 17] = [
     listeners_are_ip_port,
     backend_urls_are_http,
     mysql_url_is_mysql,
@@ -33,6 +33,7 @@ const RULES: [Rule; 16] = [
     registry_guard_loss_is_a_share,
     admin_token_is_strong,
     otlp_endpoint_is_http,
+    item_cache_is_bounded,
 ];
 
 /// Checks every rule; `origin_of` says where a rejected key's value came from.
@@ -259,6 +260,25 @@ fn otlp_endpoint_is_http(c: &LabConfig) -> Result<(), Broken> {
         "telemetry.otlp_endpoint",
         quoted(endpoint),
         "expected empty (no export) or an http:// or https:// base URL of an OTLP/HTTP collector",
+    ))
+}
+
+/// The largest `service_b.item_cache_capacity`: a thousand times the
+/// catalogue the lab seeds by default (10 000 items), about 1.5 GiB of B's
+/// memory at the seeded items' size.
+const ITEM_CACHE_CAPACITY_MAX: u64 = 10_000_000;
+
+/// A cache as large as the host's memory is not bounded in practice: a
+/// typo (a few zeros too many) fails at start, not when B runs out of memory.
+fn item_cache_is_bounded(c: &LabConfig) -> Result<(), Broken> {
+    let capacity = c.service_b.item_cache_capacity;
+    if capacity <= ITEM_CACHE_CAPACITY_MAX {
+        return Ok(());
+    }
+    Err(broken(
+        "service_b.item_cache_capacity",
+        capacity.to_string(),
+        &format!("expected 0 (off) up to {ITEM_CACHE_CAPACITY_MAX} items"),
     ))
 }
 
