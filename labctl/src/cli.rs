@@ -196,6 +196,53 @@ pub struct FaultsSetArgs {
 pub enum BenchCmd {
     /// Throughput and p50/p99 through A for each `faults.lb` value.
     Lb(BenchLbArgs),
+    /// B's GetItem (item cache on, and off) against a bare tonic echo,
+    /// gRPC straight at each server, in one run.
+    Grpc(BenchGrpcArgs),
+    /// The bare tonic echo `bench grpc` compares B with (started by it).
+    #[command(hide = true)]
+    GrpcEcho(BenchGrpcEchoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGrpcArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Calls in flight at once, per server (closed loop).
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the calls share (ghz's default is one).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Measured time per server and round.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured load on each server before the first round (it also
+    /// fills the cache).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Rounds (servers interleave within a round); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Item ids are drawn from 1..=N: the hot set the cached B holds.
+    #[arg(long, default_value_t = 1_000)]
+    pub id_max: i64,
+    /// `service_b.item_cache_capacity` of the cached B.
+    #[arg(long, default_value_t = 10_000)]
+    pub cache_capacity: u64,
+    /// Each call's deadline, sent as grpc-timeout.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGrpcEchoArgs {
+    /// Where to listen; port 0 picks a free one (printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]

@@ -49,6 +49,12 @@ async fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchCmd::Lb(args),
         } => commands::bench::lb(args).await,
+        Cmd::Bench {
+            what: BenchCmd::Grpc(args),
+        } => commands::bench::grpc(args).await,
+        Cmd::Bench {
+            what: BenchCmd::GrpcEcho(args),
+        } => labctl::bench::grpc::echo::serve(args.listen).await,
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => commands::config::check(&file),

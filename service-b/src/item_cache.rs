@@ -187,7 +187,10 @@ mod tests {
             cache.get_or_load(3, || loads.found(3)),
             cache.get_or_load(3, || loads.found(3)),
         );
-        assert_eq!([a, b, c], [Ok(Some(item(3))), Ok(Some(item(3))), Ok(Some(item(3)))]);
+        assert_eq!(
+            [a, b, c],
+            [Ok(Some(item(3))), Ok(Some(item(3))), Ok(Some(item(3)))]
+        );
         assert_eq!(loads.count(), 1);
         assert_eq!((metrics.hits.get(), metrics.misses.get()), (2, 1));
     }

@@ -3,7 +3,9 @@
 //! runs every one once with tiny durations so they keep working.
 //!
 //! * [`lb`] — the cause-1 remedies (`l4`, `l7`, `etcd`) side by side.
+//! * [`grpc`] — B's gRPC path (item cache on, and off) against a bare tonic echo.
 
+pub mod grpc;
 pub mod lb;
 
 /// The median of `v` (NaN when empty): benchmarks report medians of rounds

@@ -17,7 +17,7 @@
 //! * A target that does not answer within [`SCRAPE_TIMEOUT`] gets a gap
 //!   (`None`) for each of its signals at that time, never its old values.
 
-mod exposition;
+pub mod exposition;
 
 use std::{
     collections::{HashMap, VecDeque},
