@@ -390,5 +390,11 @@ mod tests {
         assert!(matches!(outcome_of(&refused), Outcome::Failed("connect")));
         let deadline = Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert!(matches!(outcome_of(&deadline), Outcome::TimedOut));
+        let mut none_registered = Status::unavailable("no B instance is registered");
+        none_registered.set_source(std::sync::Arc::new(NoEndpoint));
+        assert!(matches!(
+            outcome_of(&none_registered),
+            Outcome::Failed("no_endpoint")
+        ));
     }
 }
