@@ -27,7 +27,8 @@ pub enum Cmd {
     Status(StatusArgs),
     /// Stop everything `up` started.
     Down(DownArgs),
-    /// Send HTTP load and report latency percentiles, errors and backends.
+    /// Send HTTP load at A or gRPC load at B, closed or open loop; report
+    /// latency percentiles, errors, drops and backends.
     Load(LoadArgs),
     /// Insert jobs into the running stack's MySQL at a steady rate.
     Jobs(JobsArgs),
@@ -97,36 +98,90 @@ pub struct DownArgs {
     pub dir: StateDir,
 }
 
+/// What `labctl load --help` says each figure of the report measures.
+const LOAD_FIGURES: &str = "\
+Loops:
+  closed (no --rps)  --concurrency workers; each sends its next request when the previous
+                     one finished (as wrk does). Latency runs from the send.
+  open (--rps R)     request k is due at start + k/R and starts then, whether or not
+                     earlier ones answered. Requests in flight (HTTP: connections) grow on
+                     demand up to --max-in-flight; --concurrency of them are opened before
+                     the clock starts. Latency runs from when the request was due, so time
+                     spent behind a stalled server counts (no coordinated omission).
+
+The report (table, and --json FILE):
+  requests    requests sent that finished: answered, failed or timed out
+  ok          2xx answers (gRPC: status OK)
+  dropped     open loop: requests due while --max-in-flight were in flight; never sent,
+              not in requests, not in the latencies (json: dropped)
+  rate        finished requests per second over the whole run; open loop also shows the
+              target (json: rps, target_rps)
+  latency     p50 p90 p99 p99.9 max in ms, from an HDR histogram (3 significant digits);
+              closed loop from the send, open loop from the due time (json: latency_ms)
+  lag         open loop: how late the generator itself started requests after they were
+              due, p50 p99 max in ms; about 1 ms is tokio's timer tick, more means the
+              generator fell behind (json: dispatch_lag_ms)
+  in flight   open loop: the most requests in flight at once (json: peak_in_flight)
+  errors      HTTP: non-2xx statuses by code. gRPC: the status code's name (unavailable,
+              deadline_exceeded, ...) when B answered. Both: timeout (--timeout ran out),
+              connect and transport (no answer); etcd://: no_endpoint (no B registered)
+  served by   answers per backend: A's x-served-by header (HTTP), the reply's served_by
+              (gRPC; x-served-by metadata on errors) (json: by_backend)
+  (json only) first_error_s, last_error_s: seconds from the start to the first and last
+              failed request";
+
 #[derive(Debug, Args)]
+#[command(after_long_help = LOAD_FIGURES)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["url", "grpc"])))]
 pub struct LoadArgs {
-    /// Base URL of service A, e.g. http://127.0.0.1:8080.
+    /// What to load: http://HOST:PORT (A's HTTP front), grpc://HOST:PORT (one B) or
+    /// etcd://HOST:PORT/PREFIX (every B registered under PREFIX, e.g.
+    /// /lab/services/backend/, balanced per request by A's own balancer).
     #[arg(long)]
-    pub url: String,
-    /// Path to request; `{rand}` becomes a random item id.
-    #[arg(long, default_value = "/api/items/{rand}")]
-    pub path: String,
-    /// Number of requests to send.
+    pub url: Option<String>,
+    /// Shorthand for --url grpc://HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "url")]
+    pub grpc: Option<String>,
+    /// HTTP: path to request; `{rand}` becomes a random item id
+    /// [default: /api/items/{rand}].
+    #[arg(long)]
+    pub path: Option<String>,
+    /// gRPC: the method, with ids from 1..=--id-max (SubmitJob sends a small fixed
+    /// payload) [default: lab.v1.Backend/GetItem; also GetJob, SubmitJob].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Number of requests to send (open loop: due, whether sent or dropped).
     #[arg(long, required_unless_present = "duration")]
     pub requests: Option<u64>,
     /// How long to send for, e.g. 30s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    /// Concurrent connections (closed loop: requests in flight).
+    /// Closed loop: requests in flight (HTTP: one connection each). Open loop:
+    /// workers (HTTP: connections) opened before the clock starts.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// Open loop at this rate (latency counted from the intended send time).
+    /// Open loop at this many requests per second (latency from the due time).
     #[arg(long)]
     pub rps: Option<f64>,
+    /// Open loop: requests in flight at most; a request due past it is dropped.
+    /// The default lets 1 000 req/s ride out a 1 s stall, measured rather than
+    /// dropped, with a connection (a descriptor) per HTTP request in flight.
+    #[arg(long, default_value_t = labctl::load::DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+    /// gRPC straight at B: HTTP/2 connections, taken in turn per request
+    /// [default: 1, as ghz].
+    #[arg(long)]
+    pub connections: Option<usize>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Largest item id for `{rand}`.
+    /// Largest item id for `{rand}` and gRPC ids.
     #[arg(long, default_value_t = 10_000)]
     pub id_max: u64,
-    /// Seed for `{rand}`.
+    /// Seed for the ids.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Per-request timeout.
+    /// Per-request timeout (gRPC: also sent as the call's deadline).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
@@ -226,7 +281,7 @@ pub struct BenchGrpcArgs {
     pub rounds: usize,
     /// Item ids are drawn from 1..=N: the hot set the cached B holds.
     #[arg(long, default_value_t = 1_000)]
-    pub id_max: i64,
+    pub id_max: u64,
     /// `service_b.item_cache_capacity` of the cached B.
     #[arg(long, default_value_t = 10_000)]
     pub cache_capacity: u64,

@@ -103,7 +103,41 @@ async fn etcd_balancing_spreads_requests_over_two_and_three_backends() -> anyhow
                 share * 100.0
             );
         }
+        if backends == 2 {
+            grpc_load_reaches_the_same_backends(&lab).await?;
+        }
     }
+    Ok(())
+}
+
+/// The load generator's own gRPC: through A's balancer over the registry
+/// (`etcd://`) it spreads as A does; straight at one B (`grpc://`) it
+/// reaches that B only.
+async fn grpc_load_reaches_the_same_backends(lab: &TestLab) -> anyhow::Result<()> {
+    let config = lab.stack.config();
+    let etcd = config.etcd.endpoints[0].trim_start_matches("http://");
+    let mut spec = LoadSpec::new(
+        format!("etcd://{etcd}{}", config.etcd.prefix),
+        "lab.v1.Backend/GetItem",
+    );
+    spec.requests = Some(1000);
+    spec.concurrency = 16;
+    let report = run(&spec, None).await?;
+    assert_eq!(report.ok, 1000, "{report:?}");
+    let shares = shares(&report);
+    assert_eq!(shares.len(), 2, "{shares:?}");
+    assert!(
+        shares.iter().all(|(_, s)| (0.40..=0.60).contains(s)),
+        "{shares:?}"
+    );
+
+    let b1 = lab.stack.service("service-b-1")?.grpc_addr.clone();
+    let mut spec = LoadSpec::new(format!("grpc://{}", b1.unwrap_or_default()), "GetItem");
+    spec.requests = Some(200);
+    spec.connections = 2;
+    let report = run(&spec, None).await?;
+    assert_eq!(report.ok, 200, "{report:?}");
+    assert_eq!(report.by_backend.keys().collect::<Vec<_>>(), ["b-1"]);
     Ok(())
 }
 

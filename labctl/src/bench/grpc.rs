@@ -11,7 +11,6 @@
 //! per call (from /proc, so the echo, which exports nothing, is measured
 //! like the Bs) and the cached B's hit ratio from its own counter.
 
-pub mod driver;
 pub mod echo;
 
 use std::{
@@ -26,10 +25,10 @@ use lab_common::config::LabConfig;
 use serde::Serialize;
 use tokio::process::Child;
 
-use self::driver::{MeasureSpec, Sample, measure};
 use super::median;
 use crate::{
     launcher::{Stack, UpOptions},
+    load::{self, LoadReport, LoadSpec},
     ports::PortPolicy,
     probe,
     procs::{self, Lifetime},
@@ -48,7 +47,7 @@ pub struct GrpcBenchSpec {
     pub warmup: Duration,
     pub rounds: usize,
     /// Ids are drawn from 1..=id_max: the hot set the cache must hold.
-    pub id_max: i64,
+    pub id_max: u64,
     pub cache_capacity: u64,
     /// Each call's deadline (`grpc-timeout`).
     pub timeout: Duration,
@@ -123,7 +122,7 @@ struct Server {
 
 /// One measured round of one server.
 struct Round {
-    sample: Sample,
+    sample: LoadReport,
     cpu_seconds: f64,
     lookups: Lookups,
 }
@@ -145,7 +144,7 @@ pub async fn run(
         spec.cache_capacity >= 1,
         "--cache-capacity must be at least 1: the b-cached row needs the cache on"
     );
-    let seeded = i64::from(spec.config.mysql.seed_items);
+    let seeded = u64::from(spec.config.mysql.seed_items);
     anyhow::ensure!(
         (1..=seeded).contains(&spec.id_max),
         "--id-max {} must be between 1 and mysql.seed_items ({seeded}), or B answers NOT_FOUND",
@@ -208,17 +207,19 @@ async fn compare(
     servers: &[Server],
     progress: &mut impl FnMut(&str),
 ) -> anyhow::Result<Vec<TargetResult>> {
-    let load = |duration, seed| MeasureSpec {
-        concurrency: spec.concurrency,
-        connections: spec.connections,
-        duration,
-        id_max: spec.id_max,
-        timeout: spec.timeout,
-        seed,
+    let load = |server: &Server, duration, seed| {
+        let mut load = LoadSpec::new(format!("grpc://{}", server.addr), "lab.v1.Backend/GetItem");
+        load.concurrency = spec.concurrency;
+        load.connections = spec.connections;
+        load.duration = Some(duration);
+        load.id_max = spec.id_max;
+        load.timeout = spec.timeout;
+        load.seed = seed;
+        load
     };
     let client = probe::http_client();
     for server in servers {
-        measure(&server.addr, &load(spec.warmup, 0))
+        load::run(&load(server, spec.warmup, 0), None)
             .await
             .with_context(|| format!("warming up {}", server.target.name()))?;
     }
@@ -227,7 +228,7 @@ async fn compare(
         for (server, done) in servers.iter().zip(&mut rounds) {
             let cpu_before = cpu_seconds(server.pid)?;
             let lookups_before = lookups(&client, server).await?;
-            let sample = measure(&server.addr, &load(spec.duration, round as u64))
+            let sample = load::run(&load(server, spec.duration, round as u64), None)
                 .await
                 .with_context(|| format!("loading {}", server.target.name()))?;
             let cpu = cpu_seconds(server.pid)? - cpu_before;
@@ -237,9 +238,9 @@ async fn compare(
                 spec.rounds,
                 server.target.name(),
                 sample.rps,
-                sample.p50_ms,
-                sample.p99_ms,
-                sample.p999_ms,
+                sample.latency_ms.p50,
+                sample.latency_ms.p99,
+                sample.latency_ms.p999,
                 sample.errors.values().sum::<u64>(),
             ));
             done.push(Round {
@@ -273,7 +274,7 @@ fn summarise(servers: &[Server], rounds: Vec<Vec<Round>>) -> Vec<TargetResult> {
 }
 
 fn summarise_one(server: &Server, rounds: &[Round]) -> TargetResult {
-    let of = |f: fn(&Sample) -> f64| median(rounds.iter().map(|r| f(&r.sample)).collect());
+    let of = |f: fn(&LoadReport) -> f64| median(rounds.iter().map(|r| f(&r.sample)).collect());
     let mut error_codes = BTreeMap::new();
     let mut served_by = BTreeMap::new();
     for round in rounds {
@@ -294,9 +295,9 @@ fn summarise_one(server: &Server, rounds: &[Round]) -> TargetResult {
         addr: server.addr.clone(),
         requests: rounds.iter().map(|r| r.sample.requests).sum(),
         rps: of(|s| s.rps),
-        p50_ms: of(|s| s.p50_ms),
-        p99_ms: of(|s| s.p99_ms),
-        p999_ms: of(|s| s.p999_ms),
+        p50_ms: of(|s| s.latency_ms.p50),
+        p99_ms: of(|s| s.latency_ms.p99),
+        p999_ms: of(|s| s.latency_ms.p999),
         vs_echo: f64::NAN,
         server_cpu_us_per_request: median(
             rounds
@@ -435,16 +436,26 @@ mod tests {
         assert_eq!(parse_cpu_seconds("garbage"), None);
     }
 
-    fn sample(rps: f64, requests: u64) -> Sample {
-        Sample {
+    fn sample(rps: f64, requests: u64) -> LoadReport {
+        LoadReport {
             requests,
             ok: requests,
             errors: BTreeMap::new(),
+            dropped: 0,
             rps,
-            p50_ms: 1.0,
-            p99_ms: 2.0,
-            p999_ms: 3.0,
+            latency_ms: load::Percentiles {
+                p50: 1.0,
+                p90: 1.5,
+                p99: 2.0,
+                p999: 3.0,
+                max: 4.0,
+            },
             by_backend: BTreeMap::new(),
+            target_rps: None,
+            peak_in_flight: None,
+            dispatch_lag_ms: None,
+            first_error_s: None,
+            last_error_s: None,
         }
     }
 

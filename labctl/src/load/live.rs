@@ -40,8 +40,12 @@ pub struct WindowStats {
     pub elapsed: Duration,
     /// Requests that got an HTTP answer, any status.
     pub answered: u64,
-    /// Non-2xx answers, timeouts and transport failures.
+    /// Non-2xx answers, timeouts, transport failures, and requests the
+    /// open loop dropped at its in-flight limit (a caller went unserved).
     pub errors: u64,
+    /// Of `errors`: requests dropped at the generator's in-flight limit,
+    /// never sent.
+    pub dropped: u64,
     /// Latency percentiles of the answered and timed-out requests, in ms;
     /// `None` when there were none.
     pub p50_ms: Option<f64>,
@@ -63,6 +67,7 @@ struct Tally {
     histogram: Option<Histogram<u64>>,
     answered: u64,
     errors: u64,
+    dropped: u64,
     by_backend: BTreeMap<String, u64>,
 }
 
@@ -74,6 +79,7 @@ impl Default for LiveWindow {
                 histogram: None,
                 answered: 0,
                 errors: 0,
+                dropped: 0,
                 by_backend: BTreeMap::new(),
             }),
         }
@@ -133,6 +139,14 @@ impl LiveWindow {
         }
     }
 
+    /// Records a request the open loop dropped: due while its in-flight
+    /// limit was reached, never sent (no latency).
+    pub fn record_dropped(&self) {
+        let mut tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        tally.errors += 1;
+        tally.dropped += 1;
+    }
+
     /// Everything since the previous `take` (or since the window was made),
     /// and a fresh window from now.
     pub fn take(&self) -> WindowStats {
@@ -154,6 +168,7 @@ impl LiveWindow {
             elapsed: now.saturating_duration_since(tally.since),
             answered: tally.answered,
             errors: tally.errors,
+            dropped: tally.dropped,
             p50_ms,
             p99_ms,
             by_backend: std::mem::take(&mut tally.by_backend),
@@ -161,6 +176,7 @@ impl LiveWindow {
         tally.since = now;
         tally.answered = 0;
         tally.errors = 0;
+        tally.dropped = 0;
         stats
     }
 }

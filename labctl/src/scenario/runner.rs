@@ -359,7 +359,10 @@ impl Play<'_> {
             let mut spec = LoadSpec::new(self.stack.a_url(), scenario.load.path.clone());
             spec.rps = Some(rps);
             spec.duration = Some(phase.duration);
+            // `load.concurrency` is the most requests in flight: past it a
+            // due request is dropped (counted as an error in the window).
             spec.concurrency = scenario.load.concurrency;
+            spec.max_in_flight = scenario.load.concurrency;
             spec.timeout = scenario.load.timeout;
             spec.seed = index as u64 + 1;
             spec.live = Some(self.live.clone());

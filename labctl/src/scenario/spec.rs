@@ -85,7 +85,8 @@ pub struct Load {
     /// Path at A; `{rand}` becomes a random item id.
     #[serde(default = "default_path")]
     pub path: String,
-    /// Requests in flight at most (the generator's connections).
+    /// Requests in flight at most (the generator's connections); a request
+    /// due while this many are in flight is dropped and counted as an error.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// A request not answered within this counts as a `timeout` error.

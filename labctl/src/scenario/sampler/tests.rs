@@ -46,6 +46,7 @@ fn quiet_window() -> WindowStats {
         elapsed: Duration::from_secs(1),
         answered: 0,
         errors: 0,
+        dropped: 0,
         p50_ms: None,
         p99_ms: None,
         by_backend: BTreeMap::new(),
@@ -573,6 +574,7 @@ fn the_load_window_gives_rate_errors_latency_and_the_share_of_each_b_by_name() {
         elapsed: Duration::from_millis(2000),
         answered: 120,
         errors: 30,
+        dropped: 0,
         p50_ms: Some(12.5),
         p99_ms: Some(480.0),
         by_backend: BTreeMap::from([
