@@ -49,6 +49,12 @@ async fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchCmd::Lb(args),
         } => commands::bench::lb(args).await,
+        Cmd::Bench {
+            what: BenchCmd::Scale(args),
+        } => commands::bench::scale(args).await,
+        Cmd::Bench {
+            what: BenchCmd::Jobs(args),
+        } => commands::bench::jobs(args).await,
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => commands::config::check(&file),
