@@ -257,6 +257,13 @@ pub enum BenchCmd {
     /// The bare tonic echo `bench grpc` compares B with (started by it).
     #[command(hide = true)]
     GrpcEcho(BenchGrpcEchoArgs),
+    /// A's CPU per request, latency and memory as the Bs in etcd grow
+    /// (2, 8, 32) and as 1 000 extra keys sit in, then churn through, the
+    /// registry. Open loop at a fixed rate, fresh stack per round.
+    Scale(BenchScaleArgs),
+    /// B's job claim as the jobs table grows: latency per claim, EXPLAIN
+    /// of each of its statements and the rows they examine.
+    Jobs(BenchJobsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -322,6 +329,68 @@ pub struct BenchLbArgs {
     pub rounds: usize,
     #[arg(long, default_value = "/api/items/{rand}")]
     pub path: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchScaleArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Real B processes per case, ascending (the stack scales up through them).
+    #[arg(long, value_delimiter = ',', default_value = "2,8,32")]
+    pub backends: Vec<usize>,
+    /// Extra keys registered under the B prefix at the largest --backends,
+    /// each a fresh instance id at a real B's address (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    pub registry_keys: usize,
+    /// Extra keys replaced per second in the churn case (leave, delete,
+    /// register a new one; 0: skip the churn case).
+    #[arg(long, default_value_t = 50.0)]
+    pub churn_rate: f64,
+    /// Open-loop request rate at A, the same in every case; pick one every
+    /// case sustains (a case short of 95 % of it is flagged).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rps: f64,
+    /// The load generator's workers (connections to A).
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Measured time per case and round.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured load before each measurement (longer with extra keys: A
+    /// connects to each endpoint on its first request).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Rounds, each on a fresh stack; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long, default_value = "/api/items/{rand}")]
+    pub path: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchJobsArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Rows in the jobs table, ascending: 10000, 10k, 1M.
+    #[arg(long, value_delimiter = ',', default_value = "10k,1M", value_parser = labctl::bench::jobs::parse_count)]
+    pub sizes: Vec<u64>,
+    /// Pending jobs at each size: a count (a worker keeping up) or a share
+    /// of the table, e.g. 10% (a worker that fell behind).
+    #[arg(long, value_delimiter = ',', default_value = "100,10%")]
+    pub backlogs: Vec<labctl::bench::jobs::Backlog>,
+    /// Claims timed per size and backlog…
+    #[arg(long, default_value_t = 200)]
+    pub claims: usize,
+    /// …or fewer if they take longer than this (below
+    /// worker.visibility_timeout, so the live claims stay live).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub claim_time: Duration,
     /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,

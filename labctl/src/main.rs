@@ -55,6 +55,12 @@ async fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchCmd::GrpcEcho(args),
         } => labctl::bench::grpc::echo::serve(args.listen).await,
+        Cmd::Bench {
+            what: BenchCmd::Scale(args),
+        } => commands::bench::scale(args).await,
+        Cmd::Bench {
+            what: BenchCmd::Jobs(args),
+        } => commands::bench::jobs(args).await,
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => commands::config::check(&file),

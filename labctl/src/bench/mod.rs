@@ -4,9 +4,14 @@
 //!
 //! * [`lb`] — the cause-1 remedies (`l4`, `l7`, `etcd`) side by side.
 //! * [`grpc`] — B's gRPC path (item cache on, and off) against a bare tonic echo.
+//! * [`scale`] — A's cost per request as its registry grows and churns.
+//! * [`jobs`] — B's claim as the jobs table grows, with its plans.
 
 pub mod grpc;
+pub mod jobs;
 pub mod lb;
+pub mod process;
+pub mod scale;
 
 /// The median of `v` (NaN when empty): benchmarks report medians of rounds
 /// so one noisy round on a shared machine does not decide the result.

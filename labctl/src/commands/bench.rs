@@ -1,14 +1,17 @@
-//! `labctl bench …`: `lb`, the lb remedies side by side on fresh stacks;
-//! `grpc`, B's gRPC path against a bare tonic echo.
+//! `labctl bench …`: the lb remedies side by side on fresh stacks, B's gRPC
+//! path against a bare tonic echo, A's cost as its registry grows, B's
+//! claim as the jobs table grows.
 
 use anyhow::Context;
 use lab_common::config;
 use labctl::bench::{
     grpc::{self as grpc_bench, GrpcBenchSpec},
+    jobs::{self as jobs_bench, JobsSpec},
     lb::{self as bench, BenchSpec},
+    scale::{self as scale_bench, ScaleSpec},
 };
 
-use crate::cli::{BenchGrpcArgs, BenchLbArgs};
+use crate::cli::{BenchGrpcArgs, BenchJobsArgs, BenchLbArgs, BenchScaleArgs};
 
 pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
     let mut config = config::load_or_exit(&args.config);
@@ -64,8 +67,85 @@ pub async fn grpc(args: BenchGrpcArgs) -> anyhow::Result<()> {
         spec.duration
     );
     print!("{}", grpc_bench::table(&results));
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
+    write_json(args.json.as_deref(), &results)
+}
+
+/// The config of a benchmark's stack: `defaults` first, then the user's
+/// file, environment and flags (which win), with quiet services.
+fn bench_config(args: &config::ConfigArgs, defaults: &[&str]) -> config::LabConfig {
+    let mut sources = config::Sources::from_args(args);
+    sources
+        .overrides
+        .splice(0..0, defaults.iter().map(|d| d.to_string()));
+    let mut config = config::load(&sources).unwrap_or_else(|e| e.exit());
+    config.telemetry.log_filter = "warn".into();
+    config
+}
+
+pub async fn scale(args: BenchScaleArgs) -> anyhow::Result<()> {
+    // labctl::bench::scale's module doc says why each of these.
+    let config = bench_config(
+        &args.config,
+        &[
+            "mode=fixed",
+            "worker.enabled=false",
+            "service_b.drain_period=0s",
+        ],
+    );
+    let spec = ScaleSpec {
+        config,
+        backends: args.backends,
+        registry_keys: args.registry_keys,
+        churn_rate: args.churn_rate,
+        rps: args.rps,
+        concurrency: args.concurrency,
+        duration: args.duration,
+        warmup: args.warmup,
+        rounds: args.rounds,
+        path: args.path,
+    };
+    let results = scale_bench::run(&spec, |line| eprintln!("{line}")).await?;
+    println!(
+        "\nlb=etcd, open loop at {} req/s through A's HTTP port, {} × {:?} per case, medians:\n",
+        spec.rps, spec.rounds, spec.duration
+    );
+    print!("{}", scale_bench::table(&results));
+    if results.iter().any(|r| !r.sustained) {
+        println!(
+            "\n(short): a round of this case achieved under 95 % of {} req/s; its CPU per \
+             request is not comparable — lower --rps.",
+            spec.rps
+        );
+    }
+    write_json(args.json.as_deref(), &results)
+}
+
+pub async fn jobs(args: BenchJobsArgs) -> anyhow::Result<()> {
+    let config = bench_config(&args.config, &["mode=fixed", "worker.enabled=false"]);
+    let spec = JobsSpec {
+        config,
+        sizes: args.sizes,
+        backlogs: args.backlogs,
+        claims: args.claims,
+        claim_time: args.claim_time,
+    };
+    let results = jobs_bench::run(&spec, |line| eprintln!("{line}")).await?;
+    println!(
+        "\nB's claim of worker.pool_size = {} jobs, timed at labctl (B's own Db::claim), medians \
+         and p99 over the claims:\n",
+        spec.config.worker.pool_size
+    );
+    print!("{}", jobs_bench::table(&results));
+    print!("{}", jobs_bench::explains(&results));
+    write_json(args.json.as_deref(), &results)
+}
+
+fn write_json(
+    path: Option<&std::path::Path>,
+    results: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_vec_pretty(results)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
