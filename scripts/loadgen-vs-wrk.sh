@@ -24,8 +24,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-labctl=target/release/labctl
-for need in "$labctl" target/release/service-a target/release/service-b target/release/partner-api; do
+# labctl up runs the service binaries found next to labctl.
+bin="${CARGO_TARGET_DIR:-target}/release"
+labctl="$bin/labctl"
+for need in "$labctl" "$bin/service-a" "$bin/service-b" "$bin/partner-api"; do
     [ -x "$need" ] || { echo "missing $need: cargo build --release -p labctl -p service-a -p service-b -p partner-api" >&2; exit 1; }
 done
 command -v wrk >/dev/null || { echo "missing wrk: apt-get install wrk" >&2; exit 1; }
