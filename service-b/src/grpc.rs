@@ -10,13 +10,16 @@ use lab_proto::v1::{
     SubmitJobRequest, backend_server::Backend,
 };
 use tokio::time::Instant;
-use tonic::{Request, Response, Status, metadata::MetadataValue};
+use tonic::{
+    Request, Response, Status,
+    metadata::{Ascii, MetadataValue},
+};
 
 use crate::{
     db::{Db, DbError, ItemRow},
     deadline::{Arrived, DeadlinePolicy, caller_deadline},
     item_cache::ItemCache,
-    metrics::Metrics,
+    metrics::{MethodMetrics, Metrics},
 };
 
 /// Request handling state shared by every connection.
@@ -24,6 +27,12 @@ pub struct BackendService {
     inner: Arc<Inner>,
     policy: DeadlinePolicy,
     metrics: Metrics,
+    /// Each method's series, resolved once.
+    get_item: MethodMetrics,
+    submit_job: MethodMetrics,
+    get_job: MethodMetrics,
+    /// `x-served-by`, made once: every reply and error carries it.
+    served_by: Option<MetadataValue<Ascii>>,
 }
 
 /// What the (possibly detached) request work needs.
@@ -46,6 +55,7 @@ impl BackendService {
         metrics: Metrics,
     ) -> Self {
         Self {
+            served_by: MetadataValue::try_from(&*instance_id).ok(),
             inner: Arc::new(Inner {
                 db,
                 items,
@@ -54,6 +64,9 @@ impl BackendService {
                 handler_latency,
             }),
             policy,
+            get_item: metrics.method("GetItem"),
+            submit_job: metrics.method("SubmitJob"),
+            get_job: metrics.method("GetJob"),
             metrics,
         }
     }
@@ -83,7 +96,7 @@ impl BackendService {
     /// it, and stamps `x-served-by` on the reply or the error.
     async fn serve<T, F, Fut>(
         &self,
-        method: &'static str,
+        method: &MethodMetrics,
         (arrived, deadline): (Instant, Option<Instant>),
         work: F,
     ) -> Result<Response<T>, Status>
@@ -96,7 +109,6 @@ impl BackendService {
         // this future mid-way, and that request must be counted too.
         let _in_flight = self.metrics.in_flight();
         let mut record = Record {
-            metrics: &self.metrics,
             method,
             arrived,
             code: None,
@@ -116,7 +128,7 @@ impl BackendService {
             Err(status) => status.code(),
         });
         drop(record);
-        let served_by = MetadataValue::try_from(&*self.inner.instance_id).ok();
+        let served_by = self.served_by.clone();
         match result {
             Ok(reply) => {
                 let mut response = Response::new(reply);
@@ -143,8 +155,7 @@ impl BackendService {
 /// `Canceled` if the handler was dropped before finishing (tonic does that
 /// at the caller's deadline).
 struct Record<'a> {
-    metrics: &'a Metrics,
-    method: &'static str,
+    method: &'a MethodMetrics,
     arrived: Instant,
     code: Option<tonic::Code>,
 }
@@ -152,14 +163,8 @@ struct Record<'a> {
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        self.metrics
-            .grpc_requests
-            .with_label_values(&[self.method, lab_proto::code_name(code)])
-            .inc();
-        self.metrics
-            .grpc_duration
-            .with_label_values(&[self.method])
-            .observe(self.arrived.elapsed().as_secs_f64());
+        self.method
+            .record(code, self.arrived.elapsed().as_secs_f64());
     }
 }
 
@@ -190,12 +195,18 @@ impl Backend for BackendService {
     ) -> Result<Response<GetItemReply>, Status> {
         let timing = timing(&request);
         let id = request.into_inner().id;
-        self.serve("GetItem", timing, move |b, deadline| async move {
+        self.serve(&self.get_item, timing, move |b, deadline| async move {
             let id = positive_id("id", id)?;
             let item = b
                 .items
-                .get_or_load(id, || async {
-                    Ok::<_, DbError>(b.db.get_item(id, deadline).await?.map(item_of))
+                .get_or_load(id, || {
+                    // Boxed: the MySQL read's future is many times the size
+                    // of the rest of the request's, and every request's
+                    // future is moved whole (into its task under
+                    // `ignore`), hit or miss. Only a miss allocates this.
+                    Box::pin(async {
+                        Ok::<_, DbError>(b.db.get_item(id, deadline).await?.map(item_of))
+                    })
                 })
                 .await?
                 .ok_or_else(|| Status::not_found(format!("item {id} not found")))?;
@@ -216,7 +227,7 @@ impl Backend for BackendService {
         // Stored with the row: the job runs later, outside this request,
         // and continues its trace (docs/architecture.md, "Trace ids").
         let traceparent = lab_common::trace::current_traceparent();
-        self.serve("SubmitJob", timing, move |b, deadline| async move {
+        self.serve(&self.submit_job, timing, move |b, deadline| async move {
             if payload.is_empty() {
                 return Err(Status::invalid_argument("payload must not be empty"));
             }
@@ -245,7 +256,7 @@ impl Backend for BackendService {
     ) -> Result<Response<GetJobReply>, Status> {
         let timing = timing(&request);
         let job_id = request.into_inner().job_id;
-        self.serve("GetJob", timing, move |b, deadline| async move {
+        self.serve(&self.get_job, timing, move |b, deadline| async move {
             let id = positive_id("job_id", job_id)?;
             let row =
                 b.db.get_job(id, deadline)
