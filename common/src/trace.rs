@@ -82,14 +82,18 @@ impl Injector for OneValue {
 }
 
 /// The remote context in `headers`; an absent or malformed `traceparent`
-/// gives an empty context (the span then starts a new trace).
+/// gives an empty context (the span then starts a new trace). Extracted
+/// against an empty context, not the active one: a request's trace comes
+/// from its own headers only.
 pub fn extract(headers: &HeaderMap) -> Context {
-    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+    TraceContextPropagator::new().extract_with_context(&Context::new(), &HeaderExtractor(headers))
 }
 
-/// The remote context in a stored `traceparent` value.
+/// The remote context in a stored `traceparent` value (empty, as for
+/// [`extract`], when there is none).
 pub fn extract_traceparent(traceparent: Option<&str>) -> Context {
-    TraceContextPropagator::new().extract(&OneValue(traceparent.map(str::to_owned)))
+    TraceContextPropagator::new()
+        .extract_with_context(&Context::new(), &OneValue(traceparent.map(str::to_owned)))
 }
 
 /// Writes `span`'s context as `traceparent` into outgoing `headers`.
