@@ -124,6 +124,17 @@ pub enum SlbBalance {
     Leastconn,
 }
 
+impl SlbBalance {
+    /// The algorithm as HAProxy's `balance` line names it (the same
+    /// spelling as in the config).
+    pub fn haproxy_name(self) -> &'static str {
+        match self {
+            SlbBalance::Roundrobin => "roundrobin",
+            SlbBalance::Leastconn => "leastconn",
+        }
+    }
+}
+
 /// The load A's power-of-two-choices balancer compares between two Bs
 /// when `lb = "etcd"` (`service_a.balance_load`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -1147,6 +1158,10 @@ mod tests {
         same_names::<RowsMode>();
         same_names::<LogFormat>();
         same_names::<SlbBalance>();
+        for balance in <SlbBalance as clap::ValueEnum>::value_variants() {
+            let in_config = serde_json::to_value(balance).expect("serializes");
+            assert_eq!(in_config.as_str(), Some(balance.haproxy_name()));
+        }
         same_names::<BalanceLoad>();
         assert_eq!(
             <LbMode as clap::ValueEnum>::from_str("per-request", false).ok(),
