@@ -17,6 +17,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         duration: args.duration,
         concurrency: args.concurrency,
         rps: args.rps,
+        max_in_flight: 1024,
         id_max: args.id_max,
         seed: args.seed,
         timeout: args.timeout,
