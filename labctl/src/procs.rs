@@ -201,6 +201,26 @@ pub fn start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// The CPU time `pid` has used so far, user plus system, over all its
+/// threads: `utime + stime` from `/proc/<pid>/stat`, the kernel's own
+/// accounting, in clock ticks (10 ms on Linux). `None` once it is gone.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: utime and stime are
+    // fields 14 and 15, the 12th and 13th here.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&hz| hz > 0)?;
+    Some(Duration::from_secs_f64(
+        (utime + stime) as f64 / ticks_per_second as f64,
+    ))
+}
+
 /// True while `pid` is alive and is the process that was started at `started`.
 pub fn is_alive(pid: u32, started: u64) -> bool {
     start_time(pid) == Some(started)
@@ -274,4 +294,23 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_counts_the_cpu_this_process_burns() {
+        let me = std::process::id();
+        let before = cpu_time(me).expect("this process has a stat");
+        let give_up = std::time::Instant::now() + Duration::from_secs(20);
+        let mut spins = 0u64;
+        // Burn CPU until the kernel has charged 50 ms more to this process.
+        while cpu_time(me).expect("still here") < before + Duration::from_millis(50) {
+            spins = std::hint::black_box(spins.wrapping_add(1));
+            assert!(std::time::Instant::now() < give_up, "no CPU time charged");
+        }
+        assert_eq!(cpu_time(u32::MAX), None, "no such process");
+    }
 }
