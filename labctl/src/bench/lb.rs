@@ -27,11 +27,7 @@
 //! (`/proc/<pid>/stat`) read before and after the measured window: A plus
 //! HAProxy, and every B, per 10 000 requests sent.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::Context;
 use lab_common::config::{BalanceLoad, LabConfig, LbMode, SlbBalance};
@@ -160,8 +156,6 @@ pub struct BenchSpec {
     pub warmup: Duration,
     pub rounds: usize,
     pub path: String,
-    /// Where `service-a` and `service-b` are, if not next to labctl.
-    pub bin_dir: Option<PathBuf>,
 }
 
 impl BenchSpec {
@@ -398,7 +392,6 @@ async fn measure(
     let mut options = UpOptions::new(spec.config_for(variant), dir);
     options.backends = spec.backends;
     options.ports = PortPolicy::Auto;
-    options.bin_dir = spec.bin_dir.clone();
     if case == Case::Degraded {
         options.instance_overrides.insert(
             SLOW_B,
@@ -441,15 +434,15 @@ async fn drive(spec: &BenchSpec, case: Case, stack: &Stack) -> anyhow::Result<Sa
         stack
             .signal(&victim, nix::sys::signal::Signal::SIGKILL)
             .with_context(|| format!("killing {victim}"))?;
-        // Its reading now stands for its last: once it is gone, /proc has
-        // nothing to read.
+        // Its reading now stands for its last: the CPU it uses until the
+        // signal lands is lost in the kernel's 10 ms ticks.
         let last = now.get(&victim).copied().unwrap_or_default();
         Ok::<_, anyhow::Error>(Some((victim, last)))
     };
     let (report, killed) = tokio::join!(load::run(&load_spec, None), kill);
     let (report, killed) = (report.context("measuring")?, killed?);
-    let last_readings: BTreeMap<String, Duration> = killed.iter().cloned().collect();
-    let after = processes.cpu(&last_readings);
+    let final_readings: BTreeMap<String, Duration> = killed.iter().cloned().collect();
+    let after = processes.cpu(&final_readings);
     let affected = match (case, killed) {
         (Case::Homogeneous, _) => None,
         (Case::Degraded, _) => Some(format!("service-b-{SLOW_B}")),
@@ -503,13 +496,17 @@ impl Processes {
         }
     }
 
-    /// CPU used so far by each process; a process that is gone keeps its
-    /// reading from `last`, if any.
-    fn cpu(&self, last: &BTreeMap<String, std::time::Duration>) -> BTreeMap<String, Duration> {
+    /// CPU used so far by each process, except that a process in `settled`
+    /// keeps the reading given there (a killed B: its pid is gone, or may
+    /// even be another process's by now).
+    fn cpu(&self, settled: &BTreeMap<String, Duration>) -> BTreeMap<String, Duration> {
         self.pids
             .iter()
             .filter_map(|(name, &pid)| {
-                let used = procs::cpu_time(pid).or_else(|| last.get(name).copied())?;
+                let used = settled
+                    .get(name)
+                    .copied()
+                    .or_else(|| procs::cpu_time(pid))?;
                 Some((name.clone(), used))
             })
             .collect()

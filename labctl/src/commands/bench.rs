@@ -23,7 +23,6 @@ pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         rounds: args.rounds,
         path: args.path,
-        bin_dir: None,
     };
     let result = bench::run(&spec, |line| eprintln!("{line}")).await?;
     println!();
