@@ -108,6 +108,48 @@ pub enum RowsMode {
     Close,
 }
 
+/// HAProxy's `balance` algorithm for the `mode http` (l7) backend,
+/// spelled as HAProxy spells it (`slb.balance`). The l4 backend always
+/// uses `roundrobin`: there the balancer only sees A's one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
+pub enum SlbBalance {
+    /// Each server in turn, whatever it still has in flight.
+    #[default]
+    Roundrobin,
+    /// The server with the fewest requests in flight (plus queued). In
+    /// `mode http` HAProxy counts streams, not TCP connections: each h2
+    /// request multiplexed on a server connection counts once.
+    Leastconn,
+}
+
+impl SlbBalance {
+    /// The algorithm as HAProxy's `balance` line names it (the same
+    /// spelling as in the config).
+    pub fn haproxy_name(self) -> &'static str {
+        match self {
+            SlbBalance::Roundrobin => "roundrobin",
+            SlbBalance::Leastconn => "leastconn",
+        }
+    }
+}
+
+/// The load A's power-of-two-choices balancer compares between two Bs
+/// when `lb = "etcd"` (`service_a.balance_load`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum BalanceLoad {
+    /// Requests in flight (tower's `PendingRequests`).
+    #[default]
+    Pending,
+    /// Requests in flight weighted by a peak-sensitive moving average of
+    /// the endpoint's latency (tower's `PeakEwma`): a slow B costs more
+    /// even when it has as few requests in flight as a fast one.
+    PeakEwma,
+}
+
 /// The names a switch's values are written with (config, env, JSON,
 /// metric labels), without allocating: `lab_fault_info` and `/faults` use
 /// them on every flip and scrape. A unit test keeps them equal to serde's.
@@ -216,6 +258,11 @@ pub struct ServiceAConfig {
     /// How long a stale endpoint may stay without its key coming back.
     #[serde(with = "humantime_serde")]
     pub registry_stale_grace: Duration,
+    /// `lb = "etcd"`: the load A's balancer compares (`pending` |
+    /// `peak-ewma`). Not a live switch: A reads it at start (every
+    /// balancer it builds, also on a live flip to `etcd`, uses it), so a
+    /// change applies when A restarts.
+    pub balance_load: BalanceLoad,
 }
 
 impl Default for ServiceAConfig {
@@ -232,6 +279,7 @@ impl Default for ServiceAConfig {
             registry_guard_max_loss: 0.5,
             registry_guard_window: Duration::from_secs(5),
             registry_stale_grace: Duration::from_secs(60),
+            balance_load: BalanceLoad::Pending,
         }
     }
 }
@@ -483,6 +531,8 @@ pub struct SlbConfig {
     pub stats_listen: String,
     /// HAProxy `maxconn`; each connection needs two file descriptors.
     pub maxconn: u32,
+    /// The l7 backend's `balance` algorithm (`roundrobin` | `leastconn`).
+    pub balance: SlbBalance,
 }
 
 impl Default for SlbConfig {
@@ -492,6 +542,7 @@ impl Default for SlbConfig {
             l7_listen: "127.0.0.1:50060".into(),
             stats_listen: "127.0.0.1:8404".into(),
             maxconn: 2000,
+            balance: SlbBalance::Roundrobin,
         }
     }
 }
@@ -893,6 +944,50 @@ mod tests {
     }
 
     #[test]
+    fn balance_choices_default_to_today_and_reject_unknown_values() {
+        let c = LabConfig::default();
+        assert_eq!(c.slb.balance, SlbBalance::Roundrobin);
+        assert_eq!(c.service_a.balance_load, BalanceLoad::Pending);
+        let set = load(&Sources {
+            overrides: vec![
+                "slb.balance=leastconn".into(),
+                "service_a.balance_load=peak-ewma".into(),
+            ],
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!(set.slb.balance, SlbBalance::Leastconn);
+        assert_eq!(set.service_a.balance_load, BalanceLoad::PeakEwma);
+
+        let msg = load(&Sources {
+            env: env(&[("LAB_SLB_BALANCE", "random")]),
+            ..Sources::default()
+        })
+        .expect_err("rejected")
+        .to_string();
+        assert!(msg.contains("slb.balance"), "{msg}");
+        assert!(msg.contains("random"), "{msg}");
+        assert!(msg.contains("LAB_SLB_BALANCE"), "{msg}");
+        assert!(
+            msg.contains("`roundrobin`") && msg.contains("`leastconn`"),
+            "{msg}"
+        );
+
+        let msg = load(&Sources {
+            overrides: vec!["service_a.balance_load=ewma".into()],
+            ..Sources::default()
+        })
+        .expect_err("rejected")
+        .to_string();
+        assert!(msg.contains("service_a.balance_load"), "{msg}");
+        assert!(msg.contains("ewma"), "{msg}");
+        assert!(
+            msg.contains("`pending`") && msg.contains("`peak-ewma`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn the_otlp_endpoint_is_off_by_default_and_must_be_http() {
         assert_eq!(LabConfig::default().telemetry.otlp_endpoint, "");
         let ok = load(&Sources {
@@ -1089,6 +1184,12 @@ mod tests {
         same_names::<HttpClientMode>();
         same_names::<RowsMode>();
         same_names::<LogFormat>();
+        same_names::<SlbBalance>();
+        for balance in <SlbBalance as clap::ValueEnum>::value_variants() {
+            let in_config = serde_json::to_value(balance).expect("serializes");
+            assert_eq!(in_config.as_str(), Some(balance.haproxy_name()));
+        }
+        same_names::<BalanceLoad>();
         assert_eq!(
             <LbMode as clap::ValueEnum>::from_str("per-request", false).ok(),
             None

@@ -5,8 +5,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use lab_common::config::{ConfigArgs, LbMode};
+use lab_common::config::ConfigArgs;
 use labctl::{
+    bench::lb::{Case, Variant},
     faults::{Assignment, AssignmentError},
     ports::PortPolicy,
 };
@@ -249,7 +250,9 @@ pub struct FaultsSetArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
-    /// Throughput and p50/p99 through A for each `faults.lb` value.
+    /// The lb remedies in the cases that show what each is for: identical
+    /// Bs (closed loop), one slow B and one B killed halfway (open loop);
+    /// latency, errors and CPU per request of A+HAProxy and of the Bs.
     Lb(BenchLbArgs),
     /// B's GetItem (item cache on, and off) against a bare tonic echo,
     /// gRPC straight at each server, in one run.
@@ -311,20 +314,53 @@ pub struct BenchGrpcEchoArgs {
 pub struct BenchLbArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Which lb values, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "l4,l7,etcd")]
-    pub lbs: Vec<LbMode>,
+    /// Which variants, in order: l4, l7 (HAProxy round robin),
+    /// l7-leastconn, etcd (A's P2C over requests in flight),
+    /// etcd-peak-ewma (A's P2C over tower's PeakEwma).
+    #[arg(
+        long,
+        alias = "lbs",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "l4,l7,l7-leastconn,etcd,etcd-peak-ewma"
+    )]
+    pub variants: Vec<Variant>,
+    /// Which cases, in order: homogeneous (identical Bs, closed loop),
+    /// degraded (b-1 answers --slow-latency later, open loop), killed (b-1
+    /// SIGKILLed halfway through, open loop).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "homogeneous,degraded,killed"
+    )]
+    pub cases: Vec<Case>,
     #[arg(long, default_value_t = 2)]
     pub backends: usize,
+    /// Closed loop (homogeneous): connections, each sending its next
+    /// request when the previous one is answered.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Measured time per mode and round.
+    /// Open loop (degraded, killed): requests per second, the same for
+    /// every variant; keep it well below what the stack can serve.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rps: f64,
+    /// Open loop: requests in flight at most; a request due past it is
+    /// counted as dropped.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Degraded: latency added to every answer of b-1
+    /// (service_b.handler_latency on that instance alone).
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub slow_latency: Duration,
+    /// Measured time per case, variant and round.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Unmeasured load before each measurement.
+    /// Unmeasured load (the case's own) before each measurement.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
-    /// Rounds (modes interleave within a round); medians are reported.
+    /// Rounds (cases and variants interleave within a round); medians are
+    /// reported.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     #[arg(long, default_value = "/api/items/{rand}")]

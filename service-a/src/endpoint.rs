@@ -1,5 +1,6 @@
 //! One B endpoint inside A's client-side balancer (`lb = "etcd"`), as a
-//! tower stack: `PendingRequests<Ejection<Channel>>`.
+//! tower stack: `Ejection<Channel>`, which the balancer wraps in the load
+//! measure it compares (`crate::balancer::balanced`).
 //!
 //! * `Channel` — a tonic channel to this one B: connect timeout and HTTP/2
 //!   keepalive of about a second, so a dead or black-holed B is noticed fast.
@@ -12,7 +13,6 @@
 //!   the circuit, its failure ejects again for twice as long. The failed
 //!   call's error becomes UNAVAILABLE, which A's read retry
 //!   ([`crate::backend`]) sends to another endpoint.
-//! * `PendingRequests` — the load the balancer compares: requests in flight.
 
 use std::{
     future::Future,
@@ -29,10 +29,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 use tonic::transport::{Channel, Endpoint};
-use tower::{
-    BoxError, Service,
-    load::{CompleteOnResponse, PendingRequests},
-};
+use tower::{BoxError, Service};
 
 /// Ejection lengths: the first is short (a restarting B is back quickly),
 /// each further one without a success in between doubles, up to a cap that
@@ -59,8 +56,8 @@ const EJECT_MAX: Duration = Duration::from_secs(5);
 /// connect from taking a healthy B out of rotation.
 pub const TIMEOUT_THRESHOLD: u32 = 3;
 
-/// The balancer's view of one B.
-pub type EndpointService = PendingRequests<Ejection<Channel>, CompleteOnResponse>;
+/// The balancer's view of one B, before its load measure.
+pub type EndpointService = Ejection<Channel>;
 
 /// Builds the stack for the B registered as `id` at `addr`.
 pub fn service(
@@ -77,10 +74,7 @@ pub fn service(
         .keep_alive_timeout(Duration::from_secs(1))
         .keep_alive_while_idle(true)
         .connect_lazy();
-    Ok(PendingRequests::new(
-        Ejection::new(id, channel, ejections).reporting_to(report),
-        CompleteOnResponse::default(),
-    ))
+    Ok(Ejection::new(id, channel, ejections).reporting_to(report))
 }
 
 /// What a failed call says about its endpoint.

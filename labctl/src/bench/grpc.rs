@@ -341,21 +341,7 @@ pub fn table(results: &[TargetResult]) -> String {
 
 /// The process's CPU time so far (user + system), from /proc/PID/stat.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_cpu_seconds(&stat).with_context(|| format!("no CPU times in {path}"))
-}
-
-/// utime + stime (fields 14 and 15), in the kernel's USER_HZ ticks, which
-/// Linux fixes at 100 per second for everything it shows in /proc.
-fn parse_cpu_seconds(stat: &str) -> Option<f64> {
-    const USER_HZ: f64 = 100.0;
-    // Fields after the parenthesised command name start at field 3.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
+    Ok(super::process::usage(pid)?.cpu_seconds)
 }
 
 /// A B's `lab_item_cache_lookups_total` now (zero for the echo).
@@ -426,15 +412,6 @@ impl EchoProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_times_are_read_after_the_command_name() {
-        // A command name with spaces and parentheses, as /proc shows it.
-        let stat = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 500 0 0 0 \
-                    250 130 0 0 20 0 3 0 12345 0 0";
-        assert_eq!(parse_cpu_seconds(stat), Some(3.8));
-        assert_eq!(parse_cpu_seconds("garbage"), None);
-    }
 
     fn sample(rps: f64, requests: u64) -> LoadReport {
         LoadReport {

@@ -2,7 +2,9 @@
 //! run, on this machine. Each benchmark is a command, not a timed test; CI
 //! runs every one once with tiny durations so they keep working.
 //!
-//! * [`lb`] — the cause-1 remedies (`l4`, `l7`, `etcd`) side by side.
+//! * [`lb`] — the cause-1 remedies (`l4`, `l7` round robin and leastconn,
+//!   `etcd` over requests in flight and peak-EWMA) with identical Bs, one
+//!   slow B and one killed B.
 //! * [`grpc`] — B's gRPC path (item cache on, and off) against a bare tonic echo.
 //! * [`scale`] — A's cost per request as its registry grows and churns.
 //! * [`jobs`] — B's claim as the jobs table grows, with its plans.

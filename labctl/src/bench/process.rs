@@ -116,6 +116,25 @@ mod tests {
     }
 
     #[test]
+    fn usage_counts_the_cpu_this_process_burns() {
+        let me = std::process::id();
+        let cpu = || usage(me).expect("this process has a stat").cpu_seconds;
+        let before = cpu();
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut spins = 0u64;
+        // Burn CPU until the kernel has charged 50 ms more to this process.
+        while cpu() < before + 0.05 {
+            spins = std::hint::black_box(spins.wrapping_add(1));
+            assert!(std::time::Instant::now() < give_up, "no CPU time charged");
+        }
+        assert!(usage(me).expect("read").rss_bytes > 0);
+        assert!(
+            matches!(usage(u32::MAX), Err(UsageError::Gone { .. })),
+            "no such process"
+        );
+    }
+
+    #[test]
     fn rss_comes_from_the_vmrss_line() {
         let status = "Name:\tservice-a\nVmPeak:\t  900000 kB\nVmRSS:\t   51234 kB\nThreads:\t9\n";
         assert_eq!(vm_rss_kib(status), Some(51234));

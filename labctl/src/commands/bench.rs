@@ -19,22 +19,23 @@ pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
     config.telemetry.log_filter = "warn".into();
     let spec = BenchSpec {
         config,
-        modes: args.lbs,
+        variants: args.variants,
+        cases: args.cases,
         backends: args.backends,
         concurrency: args.concurrency,
+        rps: args.rps,
+        max_in_flight: args.max_in_flight,
+        slow_latency: args.slow_latency,
         duration: args.duration,
         warmup: args.warmup,
         rounds: args.rounds,
         path: args.path,
     };
-    let results = bench::run(&spec, |line| eprintln!("{line}")).await?;
-    println!(
-        "\n{} B, concurrency {}, {} × {:?} per mode, medians:\n",
-        spec.backends, spec.concurrency, spec.rounds, spec.duration
-    );
-    print!("{}", bench::table(&results));
+    let result = bench::run(&spec, |line| eprintln!("{line}")).await?;
+    println!();
+    print!("{}", bench::tables(&result));
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
