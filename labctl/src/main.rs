@@ -24,6 +24,7 @@ async fn main() -> ExitCode {
             otlp_endpoint: String::new(),
         },
     );
+    commands::raise_open_file_limit();
     let result = match Cli::parse().command {
         Cmd::Up(args) => commands::up::run(args).await,
         Cmd::Status(args) => commands::status::run(args).await,

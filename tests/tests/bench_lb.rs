@@ -85,6 +85,9 @@ fn every_variant_is_measured_in_every_case_and_round_robin_feeds_the_slow_b() {
         .unwrap();
     let slow_share = l7["affected_share"].as_f64().unwrap();
     assert!((0.4..=0.6).contains(&slow_share), "{l7}");
+    // …and that B really is slow: with half the calls on it, the p99 is
+    // its latency (the 20 ms default of --slow-latency) or more.
+    assert!(l7["p99_ms"].as_f64().unwrap() >= 20.0, "{l7}");
     assert!(
         stdout.contains("target: etcd p99 ≤ 0.3× l7 round-robin p99: measured "),
         "{stdout}"

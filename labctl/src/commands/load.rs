@@ -12,7 +12,6 @@ use crate::cli::LoadArgs;
 pub async fn run(mut args: LoadArgs) -> anyhow::Result<()> {
     let json = args.json.take();
     let spec = spec_of(args)?;
-    raise_open_file_limit();
     let bar = std::io::stderr()
         .is_terminal()
         .then(|| progress_bar(spec.requests));
@@ -65,18 +64,6 @@ fn spec_of(args: LoadArgs) -> anyhow::Result<LoadSpec> {
     spec.seed = args.seed;
     spec.timeout = args.timeout;
     Ok(spec)
-}
-
-/// Raises the soft limit on open files to the hard one: open loop holds a
-/// connection per HTTP request in flight (up to --max-in-flight), past a
-/// distro's 1 024 default.
-fn raise_open_file_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-    {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }
 
 /// A bar towards `requests`, or a spinner for a timed run.

@@ -20,3 +20,16 @@ fn json_str<T: serde::Serialize>(v: &T) -> String {
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
 }
+
+/// Raises the soft limit on open files to the hard one, for every command:
+/// an open-loop load (`load`, `bench`, `scenario`) holds a connection per
+/// HTTP request in flight (up to its max-in-flight), past a distro's 1 024
+/// default, and running out would show as `connect` errors blamed on the lab.
+pub fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
