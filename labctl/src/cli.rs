@@ -120,8 +120,8 @@ The report (table, and --json FILE):
   latency     p50 p90 p99 p99.9 max in ms, from an HDR histogram (3 significant digits);
               closed loop from the send, open loop from the due time (json: latency_ms)
   lag         open loop: how late the generator itself started requests after they were
-              due, p50 p99 max in ms; about 1 ms is tokio's timer tick, more means the
-              generator fell behind (json: dispatch_lag_ms)
+              due, p50 p99 max in ms; tenths of a millisecond is the clock's own wake-up,
+              more means the generator fell behind (json: dispatch_lag_ms)
   in flight   open loop: the most requests in flight at once (json: peak_in_flight)
   errors      HTTP: non-2xx statuses by code. gRPC: the status code's name (unavailable,
               deadline_exceeded, ...) when B answered. Both: timeout (--timeout ran out),
