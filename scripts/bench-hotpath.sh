@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two builds of the lab side by side on A's hot path (HTTP → gRPC → B →
-# MySQL), in one run: README, "Benchmark: the hot path, before and after".
+# MySQL), in one run: README, "The hot path, profiled: before and after".
 #
 #   scripts/bench-hotpath.sh BEFORE_BIN_DIR AFTER_BIN_DIR
 #
