@@ -14,9 +14,7 @@ use labctl::bench::{
 use crate::cli::{BenchGrpcArgs, BenchJobsArgs, BenchLbArgs, BenchScaleArgs};
 
 pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
-    let mut config = config::load_or_exit(&args.config);
-    // Quieter services: the benchmark measures, it does not debug.
-    config.telemetry.log_filter = "warn".into();
+    let config = bench_config(&args.config, &[]);
     let spec = BenchSpec {
         config,
         variants: args.variants,
@@ -34,17 +32,11 @@ pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
     let result = bench::run(&spec, |line| eprintln!("{line}")).await?;
     println!();
     print!("{}", bench::tables(&result));
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    write_json(args.json.as_deref(), &result)
 }
 
 pub async fn grpc(args: BenchGrpcArgs) -> anyhow::Result<()> {
-    let mut config = config::load_or_exit(&args.config);
-    // Quieter services: the benchmark measures, it does not debug.
-    config.telemetry.log_filter = "warn".into();
+    let config = bench_config(&args.config, &[]);
     let spec = GrpcBenchSpec {
         config,
         concurrency: args.concurrency,
@@ -72,7 +64,8 @@ pub async fn grpc(args: BenchGrpcArgs) -> anyhow::Result<()> {
 }
 
 /// The config of a benchmark's stack: `defaults` first, then the user's
-/// file, environment and flags (which win), with quiet services.
+/// file, environment and flags (which win), with quiet services (the
+/// benchmark measures, it does not debug).
 fn bench_config(args: &config::ConfigArgs, defaults: &[&str]) -> config::LabConfig {
     let mut sources = config::Sources::from_args(args);
     sources
