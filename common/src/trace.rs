@@ -309,43 +309,4 @@ mod tests {
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
     }
-
-    /// What the layer costs per request with the services' layers (spans
-    /// formatted for text logs, written nowhere) and no export. A figure,
-    /// not a check: `cargo test --release -p lab-common --lib
-    /// trace::tests::layer_cost -- --ignored --nocapture`.
-    #[tokio::test]
-    #[ignore = "a measurement; run in release"]
-    async fn layer_cost() {
-        use tower::{Layer, ServiceExt};
-        let (otel, _provider) =
-            crate::telemetry::otel_layer::<tracing_subscriber::Registry>("bench", "")
-                .expect("no exporter");
-        let _guard = tracing_subscriber::registry()
-            .with(otel)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink))
-            .set_default();
-        let ok = tower::service_fn(|_req: http::Request<()>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(()))
-        });
-        let service = TraceContextLayer.layer(ok);
-        const N: u32 = 200_000;
-        for with_parent in [false, true] {
-            let started = std::time::Instant::now();
-            for _ in 0..N {
-                let mut request = http::Request::new(());
-                if with_parent {
-                    request
-                        .headers_mut()
-                        .insert(TRACEPARENT, HeaderValue::from_static(PARENT));
-                }
-                let response = service.clone().oneshot(request).await.expect("ok");
-                assert!(response.headers().contains_key(TRACE_ID_HEADER));
-            }
-            println!(
-                "traceparent {with_parent}: {:?} per request",
-                started.elapsed() / N
-            );
-        }
-    }
 }

@@ -115,8 +115,9 @@ The report (table, and --json FILE):
   ok          2xx answers (gRPC: status OK)
   dropped     open loop: requests due while --max-in-flight were in flight; never sent,
               not in requests, not in the latencies (json: dropped)
-  rate        finished requests per second over the whole run; open loop also shows the
-              target (json: rps, target_rps)
+  rate        finished requests per second over the whole run, drain included; open loop
+              also shows the rate sent (requests not dropped per second up to the last
+              due time) and the target (json: rps, sent_rps, target_rps)
   latency     p50 p90 p99 p99.9 max in ms, from an HDR histogram (3 significant digits);
               closed loop from the send, open loop from the due time (json: latency_ms)
   lag         open loop: how late the generator itself started requests after they were
@@ -137,7 +138,8 @@ The report (table, and --json FILE):
 pub struct LoadArgs {
     /// What to load: http://HOST:PORT (A's HTTP front), grpc://HOST:PORT (one B) or
     /// etcd://HOST:PORT/PREFIX (every B registered under PREFIX, e.g.
-    /// /lab/services/backend/, balanced per request by A's own balancer).
+    /// /lab/services/backend/, balanced per request by A's own balancer; add
+    /// ?balance_load=peak-ewma to compare latency instead of requests in flight).
     #[arg(long)]
     pub url: Option<String>,
     /// Shorthand for --url grpc://HOST:PORT.

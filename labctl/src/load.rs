@@ -151,7 +151,9 @@ pub struct LoadReport {
     /// sent (not in `requests`, not in the latencies). 0 in closed loop.
     #[serde(default)]
     pub dropped: u64,
-    /// Finished requests per second of the run.
+    /// Finished requests per second of the whole run. Open loop: that
+    /// includes the drain after the last request was due, so a server that
+    /// stalls at the end lowers it; `sent_rps` is the sending rate alone.
     pub rps: f64,
     /// Closed loop: from send to answer. Open loop: from when the request
     /// was due to its answer.
@@ -160,6 +162,10 @@ pub struct LoadReport {
     /// Open loop: the rate asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_rps: Option<f64>,
+    /// Open loop: requests sent (not dropped) per second, from the start to
+    /// when the last one was due — the rate the server was offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_rps: Option<f64>,
     /// Open loop: most requests in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_in_flight: Option<u64>,
@@ -197,7 +203,13 @@ impl LoadReport {
             out.push_str(&format!("dropped   {:>10}\n", self.dropped));
         }
         out.push_str(&format!("rate      {:>10.1} req/s", self.rps));
-        if let Some(target) = self.target_rps {
+        if let Some(sent) = self.sent_rps {
+            out.push_str(&format!("  (sent {sent:.1}"));
+            if let Some(target) = self.target_rps {
+                out.push_str(&format!(", target {target:.1}"));
+            }
+            out.push(')');
+        } else if let Some(target) = self.target_rps {
             out.push_str(&format!("  (target {target:.1})"));
         }
         out.push('\n');

@@ -49,6 +49,9 @@ impl Metrics {
     }
 
     /// `method`'s series, resolved once (at start) rather than per request.
+    /// So its OK count and duration are exported at 0 before the first call
+    /// (A's series appear only once counted); a zero series is what lets
+    /// `rate()` see the first calls at all.
     pub fn method(&self, method: &'static str) -> MethodMetrics {
         MethodMetrics {
             method,

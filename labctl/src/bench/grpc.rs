@@ -13,12 +13,7 @@
 
 pub mod echo;
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::Context;
 use lab_common::config::LabConfig;
@@ -27,9 +22,8 @@ use tokio::process::Child;
 
 use super::median;
 use crate::{
-    launcher::{Stack, UpOptions},
+    launcher::Stack,
     load::{self, LoadReport, LoadSpec},
-    ports::PortPolicy,
     probe,
     procs::{self, Lifetime},
     scenario::sampler::exposition::Exposition,
@@ -150,14 +144,10 @@ pub async fn run(
         "--id-max {} must be between 1 and mysql.seed_items ({seeded}), or B answers NOT_FOUND",
         spec.id_max
     );
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("labctl-bench-grpc-{}", std::process::id()));
+    let dir = super::state_dir("grpc", "");
     let mut config = spec.config.clone();
     config.service_b.item_cache_capacity = spec.cache_capacity;
-    let mut options = UpOptions::new(config, dir.join("stack"));
-    options.backends = 1;
-    options.ports = PortPolicy::Auto;
-    let mut stack = Stack::up(options)
+    let mut stack = Stack::up(super::stack_options(config, &dir.join("stack"), 1))
         .await
         .context("starting the stack (one B, item cache on)")?;
     let outcome = async {
@@ -429,6 +419,7 @@ mod tests {
             },
             by_backend: BTreeMap::new(),
             target_rps: None,
+            sent_rps: None,
             peak_in_flight: None,
             dispatch_lag_ms: None,
             first_error_s: None,

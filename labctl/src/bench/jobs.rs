@@ -33,10 +33,7 @@ use sqlx::{
 };
 use tokio::time::Instant;
 
-use crate::{
-    launcher::{Stack, UpOptions},
-    ports::PortPolicy,
-};
+use crate::launcher::Stack;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -219,11 +216,8 @@ pub async fn run(
             worker.visibility_timeout
         );
     }
-    let dir = std::env::temp_dir().join(format!("labctl-bench-jobs-{}", std::process::id()));
-    let mut options = UpOptions::new(spec.config.clone(), &dir);
-    options.backends = 1;
-    options.ports = PortPolicy::Auto;
-    let mut stack = Stack::up(options)
+    let dir = super::state_dir("jobs", "");
+    let mut stack = Stack::up(super::stack_options(spec.config.clone(), &dir, 1))
         .await
         .context("starting the stack for bench jobs")?;
     let result = measure(spec, &stack, &mut progress).await;

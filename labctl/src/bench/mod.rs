@@ -15,6 +15,36 @@ pub mod lb;
 pub mod process;
 pub mod scale;
 
+use std::path::{Path, PathBuf};
+
+use lab_common::config::LabConfig;
+
+use crate::{launcher::UpOptions, ports::PortPolicy};
+
+/// A state dir for `bench`'s stacks, unique to this process (`tag` tells
+/// stacks of one run apart when they must not share it).
+pub fn state_dir(bench: &str, tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("labctl-bench-{bench}-{}{tag}", std::process::id()))
+}
+
+/// How every benchmark starts its stack: `backends` Bs, on free ports, so
+/// a benchmark never collides with a lab already running.
+pub fn stack_options(config: LabConfig, dir: &Path, backends: usize) -> UpOptions {
+    let mut options = UpOptions::new(config, dir);
+    options.backends = backends;
+    options.ports = PortPolicy::Auto;
+    options
+}
+
+/// CPU seconds per 10 000 requests (NaN when none were made): a process's
+/// cost per request, far less noisy on a shared machine than throughput.
+pub fn cpu_per_10k(cpu_seconds: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        return f64::NAN;
+    }
+    cpu_seconds / requests as f64 * 10_000.0
+}
+
 /// The median of `v` (NaN when empty): benchmarks report medians of rounds
 /// so one noisy round on a shared machine does not decide the result.
 pub fn median(mut v: Vec<f64>) -> f64 {

@@ -59,7 +59,6 @@
 
 use std::{
     collections::VecDeque,
-    path::PathBuf,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -73,9 +72,8 @@ use tokio::time::Instant;
 
 use super::{median, process};
 use crate::{
-    launcher::{Stack, UpOptions},
+    launcher::Stack,
     load::{self, LoadReport, LoadSpec},
-    ports::PortPolicy,
     probe,
 };
 
@@ -201,15 +199,11 @@ pub async fn run(
     let cases = cases(spec);
     let mut samples: Vec<Vec<Sample>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 1..=spec.rounds {
-        let dir: PathBuf =
-            std::env::temp_dir().join(format!("labctl-bench-scale-{}-{round}", std::process::id()));
+        let dir = super::state_dir("scale", &format!("-{round}"));
         let mut config = spec.config.clone();
         config.faults.lb = LbMode::Etcd;
-        let mut options = UpOptions::new(config, &dir);
-        options.backends = spec.backends[0];
-        options.ports = PortPolicy::Auto;
         let started = Instant::now();
-        let mut stack = Stack::up(options)
+        let mut stack = Stack::up(super::stack_options(config, &dir, spec.backends[0]))
             .await
             .context("starting the stack for bench scale")?;
         progress(&format!(
@@ -253,7 +247,7 @@ pub async fn run(
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn cpu_per_10k(sample: &Sample) -> f64 {
-    sample.cpu_seconds / sample.report.requests.max(1) as f64 * 10_000.0
+    super::cpu_per_10k(sample.cpu_seconds, sample.report.requests)
 }
 
 fn summarise(spec: &ScaleSpec, case: Case, rounds: &[Sample]) -> CaseResult {

@@ -6,11 +6,13 @@
 //!   many requests at once — up to the server's stream limit (hyper's
 //!   default is 200), past which a call waits for a stream, as in any gRPC
 //!   client.
-//! * `etcd://host:port/<prefix>` — every B registered under the prefix,
-//!   through service A's own balancer (`service_a::balancer::Dialer` with
-//!   `lb = etcd`: discovery from etcd, power-of-two-choices over requests
-//!   in flight, ejection of failing endpoints), so the load sees what A's
-//!   calls see minus A's HTTP front.
+//! * `etcd://host:port/<prefix>[?balance_load=pending|peak-ewma]` — every
+//!   B registered under the prefix, through service A's own balancer
+//!   (`service_a::balancer::Dialer` with `lb = etcd`: discovery from etcd,
+//!   power-of-two-choices over requests in flight or, with
+//!   `balance_load=peak-ewma`, over peak-EWMA latency, as A's
+//!   `service_a.balance_load`; ejection of failing endpoints), so the load
+//!   sees what A's calls see minus A's HTTP front.
 //!
 //! Errors are keyed by the status code's name (`unavailable`,
 //! `deadline_exceeded`, …) when B answered, and by what went wrong when
@@ -21,7 +23,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use lab_common::config::{LabConfig, LbMode};
+use lab_common::config::{BalanceLoad, LabConfig, LbMode};
 use lab_proto::v1::{
     GetItemRequest, GetJobRequest, SubmitJobRequest, backend_client::BackendClient,
 };
@@ -115,6 +117,21 @@ fn authority_and_path<'a>(url: &'a str, scheme: &str) -> anyhow::Result<(&'a str
     Ok((authority, path))
 }
 
+/// The load measure an `etcd://` URL's query names
+/// (`?balance_load=peak-ewma`); A's default without one.
+fn balance_load_of(query: Option<&str>) -> anyhow::Result<BalanceLoad> {
+    let Some(query) = query else {
+        return Ok(BalanceLoad::default());
+    };
+    let allowed = "pending, peak-ewma";
+    let value = query.strip_prefix("balance_load=").with_context(|| {
+        format!("unknown query {query:?} in an etcd:// URL: only balance_load=({allowed})")
+    })?;
+    <BalanceLoad as clap::ValueEnum>::from_str(value, false).map_err(|_| {
+        anyhow::anyhow!("balance_load={value:?} in an etcd:// URL: expected one of {allowed}")
+    })
+}
+
 impl Grpc {
     fn new(spec: &LoadSpec, clients: Vec<Client>) -> anyhow::Result<Self> {
         Ok(Self {
@@ -162,7 +179,12 @@ impl Grpc {
     /// `etcd://host:port/<prefix>`: the Bs registered under the prefix,
     /// balanced by A's own balancer.
     pub(crate) async fn balanced(spec: &LoadSpec) -> anyhow::Result<(Self, Discovery)> {
-        let (authority, prefix) = authority_and_path(&spec.url, "etcd")?;
+        let (url, query) = match spec.url.split_once('?') {
+            Some((url, query)) => (url, Some(query)),
+            None => (spec.url.as_str(), None),
+        };
+        let (authority, prefix) = authority_and_path(url, "etcd")?;
+        let balance_load = balance_load_of(query)?;
         if spec.connections != 1 {
             bail!(
                 "--connections is for grpc:// only: A's balancer keeps one connection per B it discovers"
@@ -176,6 +198,7 @@ impl Grpc {
         if !prefix.is_empty() && prefix != "/" {
             config.etcd.prefix = prefix.to_string();
         }
+        config.service_a.balance_load = balance_load;
         let registry = prometheus::Registry::new();
         let endpoints = prometheus::IntGauge::new(
             "lab_backend_endpoints",
@@ -370,6 +393,19 @@ mod tests {
         );
         assert!(authority_and_path("grpc:///x", "grpc").is_err());
         assert!(authority_and_path("http://h:1", "grpc").is_err());
+    }
+
+    #[test]
+    fn an_etcd_url_query_picks_the_load_measure() {
+        assert_eq!(balance_load_of(None).unwrap(), BalanceLoad::Pending);
+        assert_eq!(
+            balance_load_of(Some("balance_load=peak-ewma")).unwrap(),
+            BalanceLoad::PeakEwma
+        );
+        let err = balance_load_of(Some("balance_load=fastest")).unwrap_err();
+        assert!(err.to_string().contains("peak-ewma"), "{err}");
+        let err = balance_load_of(Some("lb=l7")).unwrap_err();
+        assert!(err.to_string().contains("\"lb=l7\""), "{err}");
     }
 
     #[test]

@@ -190,7 +190,8 @@ impl<T: Transport> Dispatcher<T> {
                 pacer.until(self.due(start, next)).await;
             }
         }
-        self.finish(start).await
+        let sending = start.elapsed();
+        self.finish(start, sending).await
     }
 
     /// When request `k` is due.
@@ -263,7 +264,8 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Nothing more is due: stops the workers as they finish and takes in
     /// their last requests.
-    async fn finish(mut self, start: Instant) -> anyhow::Result<LoadReport> {
+    /// `sending` is how long the dispatch took, up to the last due time.
+    async fn finish(mut self, start: Instant, sending: Duration) -> anyhow::Result<LoadReport> {
         // Only an idle worker is stopped: a busy one may not even have
         // taken its request out of the slot yet.
         let mut running = self.slots.len();
@@ -300,6 +302,8 @@ impl<T: Transport> Dispatcher<T> {
         let mut report = self.tally.report(elapsed);
         report.dropped = self.dropped;
         report.target_rps = Some(self.rps);
+        let sent = self.scheduled - self.dropped;
+        report.sent_rps = Some(sent as f64 / sending.as_secs_f64().max(1e-9));
         report.peak_in_flight = Some(self.peak_in_flight as u64);
         report.dispatch_lag_ms = dispatch_lag_ms;
         Ok(report)

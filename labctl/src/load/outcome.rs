@@ -230,6 +230,7 @@ impl Tally {
             latency_ms: Percentiles::of(&self.latency),
             by_backend: self.by_backend,
             target_rps: None,
+            sent_rps: None,
             peak_in_flight: None,
             dispatch_lag_ms: None,
             first_error_s: self.first_error.map(|d| d.as_secs_f64()),

@@ -152,7 +152,7 @@ async fn open_loop_keeps_starting_requests_while_the_server_stalls() {
         server.seen.arrivals(),
         "nothing was answered yet"
     );
-    let stall = server.release();
+    let held = server.release();
     let report = load.await.unwrap();
 
     assert_eq!(report.requests, 200);
@@ -167,11 +167,10 @@ async fn open_loop_keeps_starting_requests_while_the_server_stalls() {
     // The first request was due no later than it arrived and was held
     // until the release: its latency is at least the stall.
     assert!(
-        report.latency_ms.max >= stall.as_secs_f64() * 1000.0,
-        "max {} ms, stall {stall:?}",
+        report.latency_ms.max >= held.as_secs_f64() * 1000.0,
+        "max {} ms, first request held {held:?}",
         report.latency_ms.max
     );
-    assert!(report.latency_ms.p999 <= report.latency_ms.max);
 }
 
 #[tokio::test]
@@ -224,6 +223,14 @@ async fn past_max_in_flight_due_requests_are_dropped_not_sent_or_delayed() {
     assert_eq!(report.requests, 20, "drops are not requests");
     assert_eq!(report.errors, BTreeMap::from([("timeout".into(), 20)]));
     assert_eq!(report.peak_in_flight, Some(20));
+    // 20 sent while the 100 fell due (0.495 s): ~40 req/s offered. The
+    // run's rate also counts the 2 s drain of timeouts after that.
+    let sent_rps = report.sent_rps.unwrap();
+    assert!(
+        (30.0..=41.0).contains(&sent_rps),
+        "sent at {sent_rps} req/s"
+    );
+    assert!(report.rps < sent_rps / 2.0, "{report:?}");
     // Only the sent requests have latencies: each waited out the timeout.
     assert!(report.latency_ms.p50 >= 2000.0, "{:?}", report.latency_ms);
     let window = live.take();
@@ -247,7 +254,7 @@ async fn closed_loop_keeps_concurrency_requests_in_flight_and_never_more() {
         .seen
         .wait_for_arrivals(4, "closed loop did not start")
         .await;
-    let stall = server.release();
+    let held = server.release();
     let report = load.await.unwrap();
 
     assert_eq!(server.seen.most_in_flight.load(Ordering::SeqCst), 4);
@@ -256,7 +263,7 @@ async fn closed_loop_keeps_concurrency_requests_in_flight_and_never_more() {
     assert_eq!(report.dropped, 0);
     assert_eq!(report.target_rps, None);
     assert_eq!(report.dispatch_lag_ms, None);
-    assert!(report.latency_ms.max >= stall.as_secs_f64() * 1000.0 * 0.9);
+    assert!(report.latency_ms.max >= held.as_secs_f64() * 1000.0 * 0.9);
     let json = serde_json::to_value(&report).unwrap();
     assert!(json.get("dispatch_lag_ms").is_none(), "{json}");
 }
@@ -418,8 +425,8 @@ mod grpc {
             .seen
             .wait_for_arrivals(80, "calls stopped starting during the stall")
             .await;
-        let stall = server.release.send_replace(true);
-        assert!(!stall);
+        let was_released = server.release.send_replace(true);
+        assert!(!was_released, "B held every call until here");
         let report = load.await.unwrap();
 
         assert_eq!(report.requests, 150);

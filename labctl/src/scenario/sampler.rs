@@ -244,6 +244,12 @@ impl Sampler {
             per_second(window.errors),
         );
         recording.push(
+            signals::DROPPED.key,
+            LOAD_INSTANCE,
+            t_s,
+            per_second(window.dropped),
+        );
+        recording.push(
             signals::LATENCY_P50_MS.key,
             LOAD_INSTANCE,
             t_s,

@@ -38,7 +38,9 @@ signals! {
     RPS = "rps", "Requests answered", "req/s",
         "The scenario's load generator: requests answered (any status) in the last second.";
     ERRORS = "errors", "Failed requests", "req/s",
-        "The scenario's load generator: requests that got a non-2xx status, a timeout or a transport error in the last second.";
+        "The scenario's load generator: requests that got a non-2xx status, a timeout or a transport error in the last second, and those it dropped (see the next chart).";
+    DROPPED = "dropped", "Requests dropped by the generator", "req/s",
+        "The scenario's load generator (open loop): requests due in the last second while its in-flight limit (the load's concurrency) was reached, so never sent. Callers that went unserved: also counted in the failed requests.";
     LATENCY_P50_MS = "latency_p50_ms", "Latency p50 (load generator)", "ms",
         "The scenario's load generator: median latency of the requests answered or timed out in the last second, measured from when each was due (open loop). A timed-out request counts at its timeout (or more, if it went out late); one refused or cut off with no answer is left out, as its few microseconds would pull the figure down.";
     LATENCY_P99_MS = "latency_p99_ms", "Latency p99 (load generator)", "ms",

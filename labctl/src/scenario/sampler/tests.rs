@@ -574,7 +574,7 @@ fn the_load_window_gives_rate_errors_latency_and_the_share_of_each_b_by_name() {
         elapsed: Duration::from_millis(2000),
         answered: 120,
         errors: 30,
-        dropped: 0,
+        dropped: 10,
         p50_ms: Some(12.5),
         p99_ms: Some(480.0),
         by_backend: BTreeMap::from([
@@ -586,6 +586,7 @@ fn the_load_window_gives_rate_errors_latency_and_the_share_of_each_b_by_name() {
     sampler.record(1.0, &window, vec![None, None, None, None], &mut rec);
     assert_eq!(at(&rec, "rps", "load", 1.0), Some(60.0));
     assert_eq!(at(&rec, "errors", "load", 1.0), Some(15.0));
+    assert_eq!(at(&rec, "dropped", "load", 1.0), Some(5.0));
     assert_eq!(at(&rec, "latency_p50_ms", "load", 1.0), Some(12.5));
     assert_eq!(at(&rec, "latency_p99_ms", "load", 1.0), Some(480.0));
     assert_eq!(at(&rec, "share", "service-b-1", 1.0), Some(0.6));
@@ -664,7 +665,14 @@ fn kinds_follow_the_instance_names() {
         .map(|s| s.key)
         .collect();
     for signal in signals::ALL {
-        let from_load = ["rps", "errors", "latency_p50_ms", "latency_p99_ms", "share"];
+        let from_load = [
+            "rps",
+            "errors",
+            "dropped",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "share",
+        ];
         assert_eq!(
             scraped.contains(&signal.key),
             !from_load.contains(&signal.key),
