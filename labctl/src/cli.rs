@@ -139,7 +139,7 @@ pub struct LoadArgs {
     /// What to load: http://HOST:PORT (A's HTTP front), grpc://HOST:PORT (one B) or
     /// etcd://HOST:PORT/PREFIX (every B registered under PREFIX, e.g.
     /// /lab/services/backend/, balanced per request by A's own balancer; add
-    /// ?balance_load=peak-ewma to compare latency instead of requests in flight).
+    /// ?balance_load=peak-ewma to weigh requests in flight by each B's latency).
     #[arg(long)]
     pub url: Option<String>,
     /// Shorthand for --url grpc://HOST:PORT.

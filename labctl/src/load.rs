@@ -162,8 +162,9 @@ pub struct LoadReport {
     /// Open loop: the rate asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_rps: Option<f64>,
-    /// Open loop: requests sent (not dropped) per second, from the start to
-    /// when the last one was due — the rate the server was offered.
+    /// Open loop: requests sent (not dropped) per second of the sending —
+    /// the schedule's span (N requests due every 1/R take N/R seconds), or
+    /// longer if the generator fell behind it. The rate the server was offered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_rps: Option<f64>,
     /// Open loop: most requests in flight at once.

@@ -144,7 +144,7 @@ pub async fn run(
         "--id-max {} must be between 1 and mysql.seed_items ({seeded}), or B answers NOT_FOUND",
         spec.id_max
     );
-    let dir = super::state_dir("grpc", "");
+    let dir = super::state_dir("grpc", None);
     let mut config = spec.config.clone();
     config.service_b.item_cache_capacity = spec.cache_capacity;
     let mut stack = Stack::up(super::stack_options(config, &dir.join("stack"), 1))

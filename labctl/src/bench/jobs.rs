@@ -216,7 +216,7 @@ pub async fn run(
             worker.visibility_timeout
         );
     }
-    let dir = super::state_dir("jobs", "");
+    let dir = super::state_dir("jobs", None);
     let mut stack = Stack::up(super::stack_options(spec.config.clone(), &dir, 1))
         .await
         .context("starting the stack for bench jobs")?;

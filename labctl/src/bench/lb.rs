@@ -287,7 +287,7 @@ pub async fn run(spec: &BenchSpec, mut progress: impl FnMut(&str)) -> anyhow::Re
     );
     // One state dir for every stack of the run, used one after the other:
     // MySQL's data dir is initialised once, not once per stack.
-    let dir = super::state_dir("lb", "");
+    let dir = super::state_dir("lb", None);
     let measured = measure_all(spec, &dir, &mut progress).await;
     let _ = std::fs::remove_dir_all(&dir);
     let mut samples = measured?;
@@ -574,11 +574,10 @@ fn summarise(variant: Variant, samples: Vec<Sample>) -> Row {
 ///
 /// * `degraded`: etcd p99 ≤ 0.3 × l7 round robin's, and ≤ l7 leastconn's;
 /// * `homogeneous` and `degraded`: etcd's A+proxy CPU per request ≤ 0.7 ×
-///   l7's, at saturation (closed loop: each wake-up of A or HAProxy
-///   carries many requests) and at a fixed modest rate (open loop: nearly
-///   every request wakes each process on its own, and costs several times
-///   more). Not under `killed`, where HAProxy's retries to the dead B are
-///   part of l7's cost.
+///   l7's, at saturation (closed loop: many requests share each wake-up
+///   of A or HAProxy) and at a fixed modest rate (open loop: few do, and
+///   each request costs several times more). Not under `killed`, where
+///   HAProxy's retries to the dead B are part of l7's cost.
 fn targets(case: Case, rows: &[Row]) -> Vec<Target> {
     let row = |v: Variant| rows.iter().find(|r| r.variant == v && r.rounds > 0);
     let mut out = Vec::new();

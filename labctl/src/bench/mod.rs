@@ -21,10 +21,14 @@ use lab_common::config::LabConfig;
 
 use crate::{launcher::UpOptions, ports::PortPolicy};
 
-/// A state dir for `bench`'s stacks, unique to this process (`tag` tells
-/// stacks of one run apart when they must not share it).
-pub fn state_dir(bench: &str, tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("labctl-bench-{bench}-{}{tag}", std::process::id()))
+/// A state dir for `bench`'s stacks, unique to this process, and to
+/// `round` when each round needs a stack of its own.
+pub fn state_dir(bench: &str, round: Option<usize>) -> PathBuf {
+    let pid = std::process::id();
+    std::env::temp_dir().join(match round {
+        Some(round) => format!("labctl-bench-{bench}-{pid}-{round}"),
+        None => format!("labctl-bench-{bench}-{pid}"),
+    })
 }
 
 /// How every benchmark starts its stack: `backends` Bs, on free ports, so

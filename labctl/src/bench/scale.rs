@@ -199,7 +199,7 @@ pub async fn run(
     let cases = cases(spec);
     let mut samples: Vec<Vec<Sample>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 1..=spec.rounds {
-        let dir = super::state_dir("scale", &format!("-{round}"));
+        let dir = super::state_dir("scale", Some(round));
         let mut config = spec.config.clone();
         config.faults.lb = LbMode::Etcd;
         let started = Instant::now();
@@ -223,7 +223,7 @@ pub async fn run(
                 sample.report.rps,
                 sample.report.latency_ms.p50,
                 sample.report.latency_ms.p99,
-                cpu_per_10k(&sample),
+                a_cpu_per_10k(&sample),
                 sample.rss_bytes as f64 / MIB,
             ));
             samples[i].push(sample);
@@ -246,7 +246,7 @@ pub async fn run(
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn cpu_per_10k(sample: &Sample) -> f64 {
+fn a_cpu_per_10k(sample: &Sample) -> f64 {
     super::cpu_per_10k(sample.cpu_seconds, sample.report.requests)
 }
 
@@ -259,7 +259,7 @@ fn summarise(spec: &ScaleSpec, case: Case, rounds: &[Sample]) -> CaseResult {
         rps: of(&|s| s.report.rps),
         p50_ms: of(&|s| s.report.latency_ms.p50),
         p99_ms: of(&|s| s.report.latency_ms.p99),
-        a_cpu_s_per_10k: of(&cpu_per_10k),
+        a_cpu_s_per_10k: of(&a_cpu_per_10k),
         a_rss_mib: of(&|s| s.rss_bytes as f64 / MIB),
         churned_per_s: of(&|s| s.churned as f64 / spec.duration.as_secs_f64()),
         errors: rounds

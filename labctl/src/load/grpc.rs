@@ -10,7 +10,8 @@
 //!   B registered under the prefix, through service A's own balancer
 //!   (`service_a::balancer::Dialer` with `lb = etcd`: discovery from etcd,
 //!   power-of-two-choices over requests in flight or, with
-//!   `balance_load=peak-ewma`, over peak-EWMA latency, as A's
+//!   `balance_load=peak-ewma`, over requests in flight weighted by a
+//!   peak-EWMA of each B's latency, as A's
 //!   `service_a.balance_load`; ejection of failing endpoints), so the load
 //!   sees what A's calls see minus A's HTTP front.
 //!
@@ -117,6 +118,25 @@ fn authority_and_path<'a>(url: &'a str, scheme: &str) -> anyhow::Result<(&'a str
     Ok((authority, path))
 }
 
+/// The config A's balancer gets from `etcd://host:port/<prefix>[?query]`:
+/// etcd at `host:port`, the prefix exactly as the URL's path has it (the
+/// lab's default layout: `etcd://host:port/lab/services/backend/`), and the
+/// load measure the query names.
+fn balancer_config(url: &str) -> anyhow::Result<LabConfig> {
+    let (url, query) = match url.split_once('?') {
+        Some((url, query)) => (url, Some(query)),
+        None => (url, None),
+    };
+    let (authority, prefix) = authority_and_path(url, "etcd")?;
+    let mut config = LabConfig::default();
+    config.etcd.endpoints = vec![format!("http://{authority}")];
+    if !prefix.is_empty() && prefix != "/" {
+        config.etcd.prefix = prefix.to_string();
+    }
+    config.service_a.balance_load = balance_load_of(query)?;
+    Ok(config)
+}
+
 /// The load measure an `etcd://` URL's query names
 /// (`?balance_load=peak-ewma`); A's default without one.
 fn balance_load_of(query: Option<&str>) -> anyhow::Result<BalanceLoad> {
@@ -179,26 +199,13 @@ impl Grpc {
     /// `etcd://host:port/<prefix>`: the Bs registered under the prefix,
     /// balanced by A's own balancer.
     pub(crate) async fn balanced(spec: &LoadSpec) -> anyhow::Result<(Self, Discovery)> {
-        let (url, query) = match spec.url.split_once('?') {
-            Some((url, query)) => (url, Some(query)),
-            None => (spec.url.as_str(), None),
-        };
-        let (authority, prefix) = authority_and_path(url, "etcd")?;
-        let balance_load = balance_load_of(query)?;
+        let config = balancer_config(&spec.url)?;
         if spec.connections != 1 {
             bail!(
                 "--connections is for grpc:// only: A's balancer keeps one connection per B it discovers"
             );
         }
         Method::parse(&spec.path)?;
-        let mut config = LabConfig::default();
-        config.etcd.endpoints = vec![format!("http://{authority}")];
-        // The prefix exactly as the URL's path has it (the lab's default
-        // layout: etcd://host:port/lab/services/backend/).
-        if !prefix.is_empty() && prefix != "/" {
-            config.etcd.prefix = prefix.to_string();
-        }
-        config.service_a.balance_load = balance_load;
         let registry = prometheus::Registry::new();
         let endpoints = prometheus::IntGauge::new(
             "lab_backend_endpoints",
@@ -393,6 +400,19 @@ mod tests {
         );
         assert!(authority_and_path("grpc:///x", "grpc").is_err());
         assert!(authority_and_path("http://h:1", "grpc").is_err());
+    }
+
+    #[test]
+    fn an_etcd_url_configures_the_balancer() {
+        let config = balancer_config("etcd://127.0.0.1:2379/x/bs/?balance_load=peak-ewma").unwrap();
+        assert_eq!(config.etcd.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(config.etcd.prefix, "/x/bs/");
+        assert_eq!(config.service_a.balance_load, BalanceLoad::PeakEwma);
+        let default = balancer_config("etcd://h:1").unwrap();
+        assert_eq!(default.etcd.endpoints, ["http://h:1"]);
+        assert_eq!(default.etcd.prefix, LabConfig::default().etcd.prefix);
+        assert_eq!(default.service_a.balance_load, BalanceLoad::Pending);
+        assert!(balancer_config("etcd://h:1?balance_load=nope").is_err());
     }
 
     #[test]

@@ -190,7 +190,10 @@ impl<T: Transport> Dispatcher<T> {
                 pacer.until(self.due(start, next)).await;
             }
         }
-        let sending = start.elapsed();
+        // N requests due every 1/R span N/R seconds; if the dispatcher ran
+        // late, the sending took until its last dispatch plus one interval.
+        let schedule = Duration::from_secs_f64(self.scheduled as f64 / self.rps);
+        let sending = schedule.max(start.elapsed() + Duration::from_secs_f64(1.0 / self.rps));
         self.finish(start, sending).await
     }
 
@@ -264,7 +267,8 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Nothing more is due: stops the workers as they finish and takes in
     /// their last requests.
-    /// `sending` is how long the dispatch took, up to the last due time.
+    /// `sending` is how long the requests were being sent: the schedule's
+    /// span, or longer if the dispatcher fell behind it.
     async fn finish(mut self, start: Instant, sending: Duration) -> anyhow::Result<LoadReport> {
         // Only an idle worker is stopped: a busy one may not even have
         // taken its request out of the slot yet.

@@ -158,6 +158,12 @@ async fn open_loop_keeps_starting_requests_while_the_server_stalls() {
     assert_eq!(report.requests, 200);
     assert_eq!(report.ok, 200);
     assert_eq!(report.dropped, 0);
+    // Sent on schedule through the stall: the offered rate is the target.
+    let sent_rps = report.sent_rps.unwrap();
+    assert!(
+        (180.0..=200.0 + 1e-6).contains(&sent_rps),
+        "sent at {sent_rps}"
+    );
     assert_eq!(report.by_backend, BTreeMap::from([("b-1".into(), 200)]));
     assert!(report.peak_in_flight.unwrap() >= 100, "{report:?}");
     assert!(
@@ -223,7 +229,7 @@ async fn past_max_in_flight_due_requests_are_dropped_not_sent_or_delayed() {
     assert_eq!(report.requests, 20, "drops are not requests");
     assert_eq!(report.errors, BTreeMap::from([("timeout".into(), 20)]));
     assert_eq!(report.peak_in_flight, Some(20));
-    // 20 sent while the 100 fell due (0.495 s): ~40 req/s offered. The
+    // 20 sent while the 100 fell due (0.5 s): 40 req/s offered. The
     // run's rate also counts the 2 s drain of timeouts after that.
     let sent_rps = report.sent_rps.unwrap();
     assert!(
@@ -236,9 +242,15 @@ async fn past_max_in_flight_due_requests_are_dropped_not_sent_or_delayed() {
     let window = live.take();
     assert_eq!(window.dropped, 80);
     assert_eq!(window.errors, 100, "timeouts and drops");
-    assert!(report.table().contains("dropped           80"));
+    let table = report.table();
+    assert!(table.contains("dropped           80"), "{table}");
+    assert!(
+        table.contains(&format!("(sent {sent_rps:.1}, target 200.0)")),
+        "{table}"
+    );
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["dropped"], 80);
+    assert_eq!(json["sent_rps"], sent_rps);
     assert!(json["latency_ms"]["p999"].is_number());
     assert!(json["dispatch_lag_ms"]["p99"].is_number());
 }
@@ -262,10 +274,12 @@ async fn closed_loop_keeps_concurrency_requests_in_flight_and_never_more() {
     assert_eq!(report.ok, 40);
     assert_eq!(report.dropped, 0);
     assert_eq!(report.target_rps, None);
+    assert_eq!(report.sent_rps, None);
     assert_eq!(report.dispatch_lag_ms, None);
     assert!(report.latency_ms.max >= held.as_secs_f64() * 1000.0 * 0.9);
     let json = serde_json::to_value(&report).unwrap();
     assert!(json.get("dispatch_lag_ms").is_none(), "{json}");
+    assert!(json.get("sent_rps").is_none(), "{json}");
 }
 
 mod grpc {
@@ -425,8 +439,7 @@ mod grpc {
             .seen
             .wait_for_arrivals(80, "calls stopped starting during the stall")
             .await;
-        let was_released = server.release.send_replace(true);
-        assert!(!was_released, "B held every call until here");
+        server.release.send_replace(true);
         let report = load.await.unwrap();
 
         assert_eq!(report.requests, 150);
