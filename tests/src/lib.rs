@@ -285,6 +285,27 @@ pub fn plain_client() -> anyhow::Result<reqwest::Client> {
         .context("building the test HTTP client")
 }
 
+/// A client that trusts only the CA in `ca_pem` — the lab's CA, for calls
+/// straight to partner-api (ring provider, as [`plain_client`]).
+pub fn partner_client(ca_pem: &str) -> anyhow::Result<reqwest::Client> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem).context("reading the lab's CA")? {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .build()?)
+}
+
 /// A TCP relay to the lab's etcd that a test can cut: while cut, it
 /// forwards nothing in either direction and holds new connections, without
 /// closing anything — a network partition, not a refused connection.

@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, io::Read, time::Duration};
 
-use lab_tests::{TestLab, eventually, plain_client};
+use lab_tests::{TestLab, eventually, partner_client, plain_client};
 use pprof::protos::{Message, Profile};
 
 const B: &str = "service-b-1";
@@ -377,7 +377,9 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
     )
     .await?;
     // Load on every service while they are profiled: requests to A (which
-    // calls B), jobs on B (which call partner-api).
+    // calls B), jobs on B (which call partner-api), and calls straight to
+    // partner-api — on a fast machine B may have finished its jobs before
+    // the profile starts.
     lab.insert_jobs(300, 0.0).await?;
     let client = plain_client()?;
     eventually(Duration::from_secs(30), "A to answer", || async {
@@ -399,6 +401,23 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
             requests
         }
     }));
+    let partner = &lab.stack.config.partner;
+    let partner_load = futures::future::join_all((0..8).map(|_| {
+        let (client, url, profiling) = (
+            partner_client(&partner.ca_cert),
+            format!("{}/v1/enrich", partner.url),
+            &profiling,
+        );
+        async move {
+            let client = client?;
+            let mut calls = 0u32;
+            while profiling.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = client.post(&url).body(r#"{"payload":"x"}"#).send().await;
+                calls += 1;
+            }
+            anyhow::Ok(calls)
+        }
+    }));
     let cpu = "/debug/pprof/profile?seconds=1";
     let profiles = async {
         let profiles = tokio::join!(
@@ -409,9 +428,12 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
         profiling.store(false, std::sync::atomic::Ordering::SeqCst);
         profiles
     };
-    let (requests, (a, partner, b)) = tokio::join!(load, profiles);
+    let (requests, partner_calls, (a, partner, b)) = tokio::join!(load, partner_load, profiles);
     let requests: u32 = requests.iter().sum();
-    println!("{requests} requests to A during the CPU profiles");
+    let partner_calls = partner_calls.into_iter().sum::<anyhow::Result<u32>>()?;
+    println!(
+        "{requests} requests to A and {partner_calls} straight to partner-api during the CPU profiles"
+    );
     let services = [
         ("service-a", "service_a::", a?),
         ("partner-api", "partner_api::", partner?),

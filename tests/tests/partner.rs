@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lab_tests::{TestLab, eventually, metric_sum};
+use lab_tests::{TestLab, eventually, metric_sum, partner_client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partner_api_starts_before_the_bs_with_the_lab_ca() -> anyhow::Result<()> {
@@ -46,7 +46,7 @@ async fn the_partner_api_starts_before_the_bs_with_the_lab_ca() -> anyhow::Resul
     let handshakes = |text: &str| metric_sum(text, "partner_tls_handshakes_total", &[]);
     let before = handshakes(&lab.metrics("partner-api").await?)
         .ok_or_else(|| anyhow::anyhow!("no partner metrics"))?;
-    let answer = https_client(&partner.ca_cert)?
+    let answer = partner_client(&partner.ca_cert)?
         .post(format!("{}/v1/enrich", partner.url))
         .body(r#"{"payload":"hello"}"#)
         .send()
@@ -67,23 +67,4 @@ async fn the_partner_api_starts_before_the_bs_with_the_lab_ca() -> anyhow::Resul
     lab.stack.down().await?;
     assert!(!record.is_alive(), "partner-api stopped by down");
     Ok(())
-}
-
-/// A client that trusts only the CA in `ca_pem` (ring provider).
-fn https_client(ca_pem: &str) -> anyhow::Result<reqwest::Client> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_pem)? {
-        roots.add(cert?)?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .no_proxy()
-        .build()?)
 }
