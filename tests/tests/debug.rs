@@ -376,11 +376,12 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    // Load on every service while they are profiled: requests to A (which
-    // calls B), jobs on B (which call partner-api), and calls straight to
-    // partner-api — on a fast machine B may have finished its jobs before
-    // the profile starts.
-    lab.insert_jobs(300, 0.0).await?;
+    // Load on every service while it is profiled, in two windows so that
+    // neither load takes the CPU the other's profile needs (B's jobs, which
+    // build a partner client each, can take a core by themselves): first
+    // requests to A (which calls B) while A and B are profiled; then jobs on
+    // B, which call partner-api, and calls straight to partner-api while it
+    // is profiled (on a fast machine B may finish its jobs before that).
     let client = plain_client()?;
     eventually(Duration::from_secs(30), "A to answer", || async {
         let url = format!("{}/api/items/1", lab.a_url());
@@ -388,12 +389,18 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
         response.status().is_success().then_some(())
     })
     .await?;
-    let profiling = std::sync::atomic::AtomicBool::new(true);
+    #[derive(Clone, Copy, PartialEq, PartialOrd)]
+    enum Window {
+        AAndB,
+        Partner,
+        Done,
+    }
+    let (window_tx, window) = tokio::sync::watch::channel(Window::AAndB);
     let load = futures::future::join_all((0..8u32).map(|caller| {
-        let (client, a, profiling) = (client.clone(), lab.a_url(), &profiling);
+        let (client, a, window) = (client.clone(), lab.a_url(), window.clone());
         async move {
             let mut requests = 0u32;
-            while profiling.load(std::sync::atomic::Ordering::SeqCst) {
+            while *window.borrow() == Window::AAndB {
                 let url = format!("{a}/api/items/{}", (caller * 7 + requests) % 20 + 1);
                 let _ = client.get(url).send().await;
                 requests += 1;
@@ -403,15 +410,16 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
     }));
     let partner = &lab.stack.config.partner;
     let partner_load = futures::future::join_all((0..8).map(|_| {
-        let (client, url, profiling) = (
+        let (client, url, mut window) = (
             partner_client(&partner.ca_cert),
             format!("{}/v1/enrich", partner.url),
-            &profiling,
+            window.clone(),
         );
         async move {
             let client = client?;
+            window.wait_for(|w| *w >= Window::Partner).await?;
             let mut calls = 0u32;
-            while profiling.load(std::sync::atomic::Ordering::SeqCst) {
+            while *window.borrow() == Window::Partner {
                 let _ = client.post(&url).body(r#"{"payload":"x"}"#).send().await;
                 calls += 1;
             }
@@ -420,19 +428,19 @@ async fn every_service_serves_profiles_and_a_task_dump() -> anyhow::Result<()> {
     }));
     let cpu = "/debug/pprof/profile?seconds=1";
     let profiles = async {
-        let profiles = tokio::join!(
-            get_ok(&lab, "service-a", cpu),
-            get_ok(&lab, "partner-api", cpu),
-            get_ok(&lab, B, cpu)
-        );
-        profiling.store(false, std::sync::atomic::Ordering::SeqCst);
-        profiles
+        let (a, b) = tokio::join!(get_ok(&lab, "service-a", cpu), get_ok(&lab, B, cpu));
+        window_tx.send_replace(Window::Partner);
+        lab.insert_jobs(300, 0.0).await?;
+        let partner = get_ok(&lab, "partner-api", cpu).await;
+        window_tx.send_replace(Window::Done);
+        anyhow::Ok((a, partner, b))
     };
-    let (requests, partner_calls, (a, partner, b)) = tokio::join!(load, partner_load, profiles);
+    let (requests, partner_calls, profiles) = tokio::join!(load, partner_load, profiles);
+    let (a, partner, b) = profiles?;
     let requests: u32 = requests.iter().sum();
     let partner_calls = partner_calls.into_iter().sum::<anyhow::Result<u32>>()?;
     println!(
-        "{requests} requests to A and {partner_calls} straight to partner-api during the CPU profiles"
+        "{requests} requests to A while A and B were profiled, {partner_calls} straight to partner-api while it was"
     );
     let services = [
         ("service-a", "service_a::", a?),
