@@ -245,6 +245,9 @@ pub struct ServiceAConfig {
     pub connect_timeout: Duration,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// `deadline = "propagate"`: requests A works on at once; more are
+    /// answered 503 `overloaded` at once (`service-a/src/overload.rs`).
+    pub max_concurrent_requests: u32,
     /// `lb = "etcd"`: guard A's balancer against the registry dropping many
     /// Bs at once (a frozen or partitioned etcd expiring every lease); see
     /// `service-a/src/discovery.rs`. `false` honours every removal at once.
@@ -275,6 +278,7 @@ impl Default for ServiceAConfig {
             backend_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             max_body_bytes: 64 * 1024,
+            max_concurrent_requests: 256,
             registry_guard: true,
             registry_guard_max_loss: 0.5,
             registry_guard_window: Duration::from_secs(5),

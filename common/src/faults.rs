@@ -40,8 +40,9 @@ impl Switch {
         Switch::Rows,
     ];
 
-    /// The switches service A owns.
-    pub const SERVICE_A: &'static [Switch] = &[Switch::Lb];
+    /// The switches service A owns. `deadline` is also B's: the same cause
+    /// (bounded work, deadlines honoured) at each hop.
+    pub const SERVICE_A: &'static [Switch] = &[Switch::Lb, Switch::Deadline];
     /// The switches service B owns.
     pub const SERVICE_B: &'static [Switch] = &[
         Switch::Worker,
@@ -64,12 +65,15 @@ impl Switch {
         Switch::ALL.into_iter().find(|s| s.name() == name)
     }
 
-    /// The process that owns the switch, for error messages.
+    /// The process(es) that own the switch, for error messages.
     fn owner(self) -> &'static str {
-        if Switch::SERVICE_A.contains(&self) {
-            "service-a"
-        } else {
-            "service-b"
+        match (
+            Switch::SERVICE_A.contains(&self),
+            Switch::SERVICE_B.contains(&self),
+        ) {
+            (true, true) => "service-a and service-b",
+            (true, false) => "service-a",
+            _ => "service-b",
         }
     }
 
@@ -451,8 +455,12 @@ mod tests {
     #[test]
     fn only_owned_switches_are_shown_and_exported() {
         let (faults, registry) = live(Switch::SERVICE_A);
-        assert_eq!(Value::Object(faults.owned_values()), json!({"lb": "l4"}));
+        assert_eq!(
+            Value::Object(faults.owned_values()),
+            json!({"lb": "l4", "deadline": "ignore"})
+        );
         assert_eq!(info(&registry, "lb", "l4"), Some(1));
+        assert_eq!(info(&registry, "deadline", "ignore"), Some(1));
         assert_eq!(info(&registry, "worker", "unbounded"), None);
     }
 }

@@ -237,7 +237,8 @@ pub struct FaultsArgs {
 #[derive(Debug, Subcommand)]
 pub enum FaultsCmd {
     /// Flip switches live on every process that owns them: lb on
-    /// service-a; worker, deadline, http_client and rows on every B.
+    /// service-a; deadline on service-a and every B; worker, http_client
+    /// and rows on every B.
     Set(FaultsSetArgs),
 }
 

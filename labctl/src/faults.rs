@@ -3,7 +3,7 @@
 //! with the operator token of `<state-dir>/admin.token`) through each
 //! process's admin listener. Which process owns which switch is the
 //! services' own rule ([`Switch::SERVICE_A`], [`Switch::SERVICE_B`]): `lb`
-//! is A's, the others belong to every B.
+//! is A's, `deadline` A's and every B's, the others every B's.
 
 use std::{collections::BTreeMap, str::FromStr, time::Duration};
 
@@ -532,6 +532,31 @@ mod tests {
                     serde_json::json!({"worker": "bounded", "rows": "close"})
                 ),
                 ("service-a".into(), serde_json::json!({"lb": "etcd"})),
+            ]
+        );
+    }
+
+    #[test]
+    fn deadline_goes_to_a_and_to_every_b() {
+        let assignments: Vec<Assignment> = ["deadline=propagate", "lb=etcd"]
+            .iter()
+            .map(|a| a.parse().expect("valid"))
+            .collect();
+        let sent: Vec<(String, Value)> = patches(&lab(), &assignments)
+            .expect("patches")
+            .into_iter()
+            .map(|(r, p)| (r.name, Value::Object(p)))
+            .collect();
+        let deadline = serde_json::json!({"deadline": "propagate"});
+        assert_eq!(
+            sent,
+            vec![
+                ("service-b-1".into(), deadline.clone()),
+                ("service-b-2".into(), deadline),
+                (
+                    "service-a".into(),
+                    serde_json::json!({"lb": "etcd", "deadline": "propagate"})
+                ),
             ]
         );
     }

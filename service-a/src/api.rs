@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     backend::{Backend, CallError, Served},
     metrics::Metrics,
+    overload::{Admission, admit},
 };
 
 /// What every request handler needs.
@@ -37,8 +38,10 @@ const UNMATCHED: &str = "unmatched";
 /// Every `route` label A's request metrics can have.
 pub const ROUTES: [&str; 4] = [ITEM_ROUTE, JOBS_ROUTE, JOB_ROUTE, UNMATCHED];
 
-/// The public router, with request metrics around every route.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// The public router, with request metrics around every route and
+/// admission ([`crate::overload`]) inside them, so a shed request is
+/// counted with its route and status.
+pub fn router(state: AppState, admission: Admission, max_body_bytes: usize) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .route(ITEM_ROUTE, get(get_item))
@@ -47,6 +50,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .with_state(Arc::new(state))
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(admission, admit))
         .layer(middleware::from_fn_with_state(metrics, track))
         // Outermost, so every answer — 404, 413 and 5xx too — carries
         // `x-trace-id`, and the call to B runs inside the request's span.
@@ -84,6 +88,18 @@ impl ApiError {
             message: message.into(),
             served_by: None,
         }
+    }
+
+    /// A already has `max_concurrent` requests in flight (`deadline =
+    /// "propagate"`, [`crate::overload`]): 503 at once.
+    pub(crate) fn overloaded(max_concurrent: u32) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "A is working on {max_concurrent} requests (service_a.max_concurrent_requests); shedding"
+            ),
+        )
     }
 
     fn bad_request(message: impl Into<String>) -> Self {

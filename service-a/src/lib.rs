@@ -9,6 +9,8 @@
 //!   after transport failures) for the fix;
 //! * [`live_channel`] — the channel in force, rebuilt when `lb` flips live
 //!   (`PUT /faults`), without dropping calls in flight;
+//! * [`overload`] — cause 3 at A's front: whether A sheds requests past
+//!   `service_a.max_concurrent_requests`;
 //! * [`metrics`] — A's Prometheus metrics.
 
 pub mod api;
@@ -18,6 +20,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod live_channel;
 pub mod metrics;
+pub mod overload;
 
 use std::sync::Arc;
 
@@ -56,7 +59,7 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         service: "service-a",
         registry,
         config: config.clone(),
-        faults,
+        faults: faults.clone(),
         readiness,
     });
     let admin_task = lab_common::tasks::spawn(
@@ -64,11 +67,17 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         admin::serve(admin_listener, admin_router, shutdown.clone()),
     );
 
+    let admission = overload::Admission::new(
+        config.service_a.max_concurrent_requests,
+        faults.clone(),
+        metrics.shed.clone(),
+    );
     let app = api::router(
         api::AppState {
             backend: backend::Backend::new(channel, config.service_a.backend_timeout, &metrics),
             metrics,
         },
+        admission,
         config.service_a.max_body_bytes,
     );
     let addr = &config.service_a.listen;

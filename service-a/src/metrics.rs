@@ -20,6 +20,8 @@ pub struct Metrics {
     pub backend_endpoints: IntGauge,
     /// Reads retried after no B answered.
     pub backend_retries: IntCounter,
+    /// Requests answered 503 `overloaded` at admission ([`crate::overload`]).
+    pub shed: IntCounter,
 }
 
 impl Metrics {
@@ -29,6 +31,11 @@ impl Metrics {
             backend_retries: r.int_counter(
                 "lab_backend_retries_total",
                 "Reads A sent a second time because no B answered the first.",
+            )?,
+            shed: r.int_counter(
+                "lab_http_shed_total",
+                "Requests A answered 503 overloaded at once: service_a.max_concurrent_requests \
+                 were in flight (deadline = propagate).",
             )?,
             http: HttpMetrics::new(
                 r.int_counter_vec(

@@ -339,7 +339,10 @@ async fn labctl_faults_shows_and_flips_every_process_and_the_token_guards_a() ->
         .iter()
         .map(|p| (p["name"].as_str().expect("name"), &p["faults"]))
         .collect();
-    assert_eq!(by_name["service-a"], &json!({"lb": "l4"}));
+    assert_eq!(
+        by_name["service-a"],
+        &json!({"lb": "l4", "deadline": "ignore"})
+    );
     assert_eq!(by_name["partner-api"], &json!({}));
     for b in &backends {
         let keys: Vec<&str> = by_name[b.as_str()]
@@ -432,7 +435,7 @@ async fn labctl_faults_shows_and_flips_every_process_and_the_token_guards_a() ->
             .await?,
     )
     .await?;
-    assert_eq!(faults["faults"], json!({"lb": "l4"}));
+    assert_eq!(faults["faults"], json!({"lb": "l4", "deadline": "ignore"}));
     assert_eq!(
         lab.metric(
             "service-a",

@@ -176,13 +176,17 @@ fn recycle_jitter_is_at_most_half(c: &LabConfig) -> Result<(), Broken> {
     ))
 }
 
-/// Zero of these would stop the worker, B or B's partner client outright.
+/// Zero of these would stop the worker, A, B or B's partner client outright.
 fn counts_are_at_least_one(c: &LabConfig) -> Result<(), Broken> {
     all_at_least_one(&[
         ("worker.batch", c.worker.batch),
         ("worker.cap", c.worker.cap),
         ("worker.pool_size", c.worker.pool_size),
         ("worker.max_attempts", c.worker.max_attempts),
+        (
+            "service_a.max_concurrent_requests",
+            c.service_a.max_concurrent_requests,
+        ),
         (
             "service_b.max_concurrent_requests",
             c.service_b.max_concurrent_requests,
