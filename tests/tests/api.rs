@@ -142,7 +142,16 @@ async fn http_and_grpc_contracts_hold() -> anyhow::Result<()> {
         })
         .await
         .expect_err("payload over the transport limit refused");
-    assert_ne!(err.code(), tonic::Code::Ok);
+    // Over B's 1 MiB decoding limit tonic answers OUT_OF_RANGE, where gRPC's
+    // own servers say RESOURCE_EXHAUSTED. The lab keeps OUT_OF_RANGE: B says
+    // RESOURCE_EXHAUSTED when it sheds load, which callers may retry, and a
+    // message too big to decode will never fit (A answers it 400).
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("the limit is: 1048576 bytes"),
+        "{}",
+        err.message()
+    );
 
     let health = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
