@@ -6,7 +6,10 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
-    extract::{FromRequest, MatchedPath, Path, Request, State, rejection::JsonRejection},
+    extract::{
+        FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+        rejection::{JsonRejection, PathRejection},
+    },
     http::{HeaderValue, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -219,7 +222,7 @@ fn parse_id(field: &str, raw: &str) -> Result<i64, ApiError> {
 
 async fn get_item(
     State(state): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
+    PathSegment(raw_id): PathSegment<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id("id", &raw_id)?;
     let Served { reply, served_by } = state.backend.call(GetItemRequest { id }).await?;
@@ -265,6 +268,19 @@ pub struct NewJob {
     pub payload: String,
 }
 
+/// Path extractor whose rejections use the API's error shape (axum's own
+/// answer a segment that is not UTF-8 in plain text).
+#[derive(FromRequestParts)]
+#[from_request(via(Path), rejection(ApiError))]
+pub struct PathSegment<T>(T);
+
+/// A path segment axum could not decode: 400 with axum's reason.
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request(rejection.body_text())
+    }
+}
+
 /// JSON extractor whose rejections use the API's error shape.
 #[derive(FromRequest)]
 #[from_request(via(Json), rejection(ApiError))]
@@ -299,7 +315,7 @@ struct SubmittedBody<'a> {
 
 async fn get_job(
     State(state): State<Arc<AppState>>,
-    Path(raw_id): Path<String>,
+    PathSegment(raw_id): PathSegment<String>,
 ) -> Result<Response, ApiError> {
     let job_id = parse_id("id", &raw_id)?;
     let Served { reply, served_by } = state.backend.call(GetJobRequest { job_id }).await?;
@@ -352,6 +368,141 @@ async fn not_found() -> ApiError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    mod hostile_input {
+        //! Arbitrary requests against A's real router, with no B behind it
+        //! (every call to B is UNAVAILABLE): whatever arrives, A answers
+        //! with its JSON error shape and a status of the contract, never
+        //! 500, and never panics. Proptest runs 256 cases per property.
+
+        use std::time::Duration;
+
+        use axum::body::Body;
+        use lab_common::{
+            config::{Faults, Mode},
+            faults::{LiveFaults, Switch},
+        };
+        use proptest::prelude::*;
+        use tower::{ServiceExt, util::BoxCloneSyncService};
+
+        use super::super::*;
+        use crate::overload::Admission;
+
+        const MAX_BODY_BYTES: usize = 1024;
+
+        fn app() -> Router {
+            let registry = prometheus::Registry::new();
+            let metrics = Metrics::register(&registry).expect("metrics");
+            let no_b = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+                Err::<http::Response<tonic::body::Body>, _>(tonic::Status::unavailable(
+                    "no B in this test",
+                ))
+            });
+            let backend = Backend::new(
+                BoxCloneSyncService::new(no_b),
+                Duration::from_secs(1),
+                &metrics,
+            );
+            let faults = LiveFaults::new(
+                "service-a",
+                Faults::preset(Mode::Fixed),
+                Switch::SERVICE_A,
+                &registry,
+            )
+            .expect("faults");
+            let admission = Admission::new(256, faults, metrics.shed.clone());
+            router(AppState { backend, metrics }, admission, MAX_BODY_BYTES)
+        }
+
+        /// Sends `request` to a fresh A; returns the status and the JSON
+        /// body, failing if the body is not A's error shape.
+        fn answer(request: http::Request<Body>) -> Result<(StatusCode, serde_json::Value), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let response = app().oneshot(request).await.map_err(|e| e.to_string())?;
+                let status = response.status();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let body: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{status}: not JSON ({e}): {bytes:?}"))?;
+                if !(body["error"].is_string() && body["code"].is_string()) {
+                    return Err(format!("{status}: not the error shape: {body}"));
+                }
+                Ok((status, body))
+            })
+        }
+
+        proptest! {
+            /// Any id segment: a positive i64 reaches B (here: 503, no B);
+            /// anything else — negative, zero, overflowing, not a number —
+            /// is 400 naming what was sent.
+            #[test]
+            fn any_item_id_is_400_or_reaches_b(raw in prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                "[0-9]{19,30}",
+                "-?[0-9a-zA-Z%._~+-]{1,40}",
+            ]) {
+                let request = http::Request::get(format!("/api/items/{raw}"))
+                    .body(Body::empty())
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let (status, body) = answer(request).map_err(TestCaseError::fail)?;
+                match raw.parse::<i64>() {
+                    Ok(id) if id >= 1 => prop_assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
+                    _ => {
+                        prop_assert_eq!(status, StatusCode::BAD_REQUEST, "{}", body);
+                        prop_assert_eq!(&body["code"], "invalid_argument");
+                    }
+                }
+            }
+
+            /// Any bytes as a job, with or without a JSON content type:
+            /// 400 (not declared JSON, or not the JSON `{"payload": "..."}`),
+            /// 413 (over the limit) or 503 (valid, and no B).
+            #[test]
+            fn any_job_body_is_refused_with_a_reason_or_reaches_b(
+                bytes in prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..2 * MAX_BODY_BYTES),
+                    "[{}\\[\\]\":,a-z0-9 ]{0,64}".prop_map(String::into_bytes),
+                    (1usize..200).prop_map(|depth| {
+                        format!("{}{}", "[".repeat(depth * 10), "]".repeat(depth * 10)).into_bytes()
+                    }),
+                ],
+                json_type in any::<bool>(),
+            ) {
+                let mut request = http::Request::post("/api/jobs");
+                if json_type {
+                    request = request.header(http::header::CONTENT_TYPE, "application/json");
+                }
+                let request = request
+                    .body(Body::from(bytes.clone()))
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let (status, body) = answer(request).map_err(TestCaseError::fail)?;
+                let valid = serde_json::from_slice::<NewJob>(&bytes)
+                    .is_ok_and(|job| !job.payload.is_empty());
+                let expected = if !json_type {
+                    // A's contract has no 415: bad input is 400, with the
+                    // reason (here: the missing JSON content type).
+                    prop_assert!(
+                        body["error"].as_str().is_some_and(|e| e.contains("Content-Type")),
+                        "{}",
+                        body
+                    );
+                    StatusCode::BAD_REQUEST
+                } else if bytes.len() > MAX_BODY_BYTES {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else if valid {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                prop_assert_eq!(status, expected, "{}", body);
+            }
+        }
+    }
 
     /// The typed answers write, byte for byte, what the `json!` values
     /// they replaced wrote.
