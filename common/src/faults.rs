@@ -1,7 +1,7 @@
 //! The fault switches as they are *now*, changeable while the process runs.
 //!
-//! Each process owns some switches (A: `lb`; B: `worker`, `deadline`,
-//! `http_client`, `rows`; partner-api: none) and holds them in a
+//! Each process owns some switches (A: `lb`, `deadline`; B: `worker`,
+//! `deadline`, `http_client`, `rows`; partner-api: none) and holds them in a
 //! [`LiveFaults`]: the code of each cause reads the current value per call,
 //! or [subscribes](LiveFaults::subscribe) to rebuild what depends on it.
 //! `PUT /faults` on the admin listener applies a partial JSON patch through

@@ -1,4 +1,5 @@
-//! Cause 3 at A's front door — whether A bounds the requests it works on
+//! Cause 3 of the incident (requests served long after their caller gave
+//! up) at A's front door: whether A bounds the requests it works on
 //! (`faults.deadline`, the switch B reads for the same cause), both forms
 //! side by side.
 //!
@@ -14,8 +15,12 @@
 //!   admitted keep the latency of a stack at capacity.
 //!
 //! The switch is read per request, as B reads it, so `PUT /faults` on A
-//! applies to the next request. The limit is a semaphore: a request holds
-//! a permit from admission until its answer is built.
+//! applies to the next request; requests admitted under `ignore` hold no
+//! permit, so right after a flip to `propagate` A may have those and the
+//! limit's worth more. The limit is a semaphore: a request holds a permit
+//! from admission until its answer is built — also while its body is still
+//! arriving, so slow uploads count against it (A sets no body-read timeout
+//! yet).
 
 use std::sync::Arc;
 

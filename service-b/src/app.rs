@@ -39,6 +39,9 @@ use crate::{
 
 /// Largest gRPC message B decodes; job payloads have their own, smaller,
 /// limit checked in the handler so they get INVALID_ARGUMENT with a reason.
+/// Past it tonic answers OUT_OF_RANGE, which the lab keeps rather than
+/// gRPC's RESOURCE_EXHAUSTED: here that code means "shed, try again", and a
+/// message too big to decode never fits (docs/architecture.md, "B's gRPC API").
 const MAX_DECODED_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// A B that has its admin listener, its database and its gRPC port, and is

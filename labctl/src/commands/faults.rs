@@ -40,7 +40,8 @@ pub async fn show(dir: StateDir, json: bool) -> anyhow::Result<()> {
         println!("{:<14} {:<24} {switches}", p.name, p.admin_url);
     }
     println!(
-        "lb is service-a's; worker, deadline, http_client and rows belong to every B. \
+        "lb is service-a's; deadline belongs to service-a and every B (A sheds, B stops \
+         late work); worker, http_client and rows to every B. \
          Flip them with `labctl faults set KEY=VALUE...`."
     );
     Ok(())
