@@ -70,7 +70,8 @@ fn required_path<'a>(key: &str, value: &'a str) -> anyhow::Result<&'a Path> {
 pub struct ConnectionSettings {
     pub acceptor: TlsAcceptor,
     pub app: Router,
-    /// Zero turns the idle close off.
+    /// How long a kept-alive connection may wait for its next request
+    /// (`partner.idle_timeout`; the config rules refuse zero).
     pub idle_timeout: Duration,
     pub metrics: Metrics,
 }
@@ -165,11 +166,10 @@ async fn connection(
     // reads is not closed by this timer. It also bounds a client that
     // sends nothing after the handshake. It needs a timer: without one a
     // configured timeout panics (src/common/time.rs `Time::check`).
-    let idle = (!settings.idle_timeout.is_zero()).then_some(settings.idle_timeout);
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(idle)
+        .header_read_timeout(settings.idle_timeout)
         .serve_connection(TokioIo::new(tls), TowerToHyperService::new(settings.app))
         .await;
     match result {

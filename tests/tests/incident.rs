@@ -30,6 +30,9 @@ struct Chain {
     /// Growth over the run, per B.
     fds_growth: [f64; 2],
     rss_growth_mib: [f64; 2],
+    /// A's own count of requests it answered 504 at its deadline (its
+    /// `lab_http_requests_total{status="504"}`, 0 when never counted).
+    a_deadline_504s: f64,
 }
 
 async fn gauge(lab: &TestLab, b: &str, name: &str) -> anyhow::Result<f64> {
@@ -109,6 +112,10 @@ async fn preset(mode: &str) -> anyhow::Result<Chain> {
         tasks_peak,
         fds_growth: [0.0; 2],
         rss_growth_mib: [0.0; 2],
+        a_deadline_504s: lab
+            .metric("service-a", "lab_http_requests_total", &[("status", "504")])
+            .await
+            .unwrap_or(0.0),
     };
     for (i, b) in BS.iter().enumerate() {
         chain.fds_growth[i] = gauge(&lab, b, "process_open_fds").await? - fds[i];
@@ -116,7 +123,7 @@ async fn preset(mode: &str) -> anyhow::Result<Chain> {
             (gauge(&lab, b, "process_resident_memory_bytes").await? - rss[i]) / (1024.0 * 1024.0);
     }
     println!(
-        "{mode}: tasks peak {}, fds +{:?}, RSS +{:.1?} MiB, A's p50 {:.1} ms p99 {:.1} ms, {} of {} failed, by B {:?}",
+        "{mode}: tasks peak {}, fds +{:?}, RSS +{:.1?} MiB, A's p50 {:.1} ms p99 {:.1} ms, {} of {} failed ({} answered 504 by A), by B {:?}",
         chain.tasks_peak,
         chain.fds_growth,
         chain.rss_growth_mib,
@@ -124,6 +131,7 @@ async fn preset(mode: &str) -> anyhow::Result<Chain> {
         chain.load.latency_ms.p99,
         chain.load.requests - chain.load.ok,
         chain.load.requests,
+        chain.a_deadline_504s,
         chain.load.by_backend
     );
     Ok(chain)
@@ -145,9 +153,16 @@ async fn the_buggy_preset_reproduces_the_chain_and_the_fixed_preset_stays_flat()
             "{b}: memory grows with the held responses: {buggy:?}"
         );
     }
+    // A's p99 is past its deadline when at least 1 % of its requests ended
+    // there: A's own 504 count says so without the load generator's clock,
+    // which shares the saturated cores.
+    assert!(
+        buggy.a_deadline_504s >= 0.01 * buggy.load.requests as f64,
+        "A answers ≥ 1 % of requests 504 at its deadline: {buggy:?}"
+    );
     assert!(
         buggy.load.latency_ms.p99 >= DEADLINE_MS,
-        "A's p99 passes its deadline: {buggy:?}"
+        "the load generator's p99 passes A's deadline: {buggy:?}"
     );
     assert_eq!(
         buggy.load.by_backend.len(),
@@ -168,6 +183,10 @@ async fn the_buggy_preset_reproduces_the_chain_and_the_fixed_preset_stays_flat()
             "{b}: RSS flat next to the buggy run: {fixed:?}"
         );
     }
+    assert_eq!(
+        fixed.a_deadline_504s, 0.0,
+        "A never hits its deadline: {fixed:?}"
+    );
     assert!(
         fixed.load.latency_ms.p99 < DEADLINE_MS / 2.0,
         "A's p99 stays well inside its deadline: {fixed:?}"

@@ -247,6 +247,11 @@ async fn close_releases_the_connection_and_dead_letters_the_bad_row() -> anyhow:
     )
     .await?;
     assert_eq!(
+        lab.metric(B, "lab_db_connections_leaked", &[]).await,
+        Some(0.0),
+        "no connection is kept after a bad row"
+    );
+    assert_eq!(
         dead, poison,
         "each poison row dead-lettered with the reason"
     );
