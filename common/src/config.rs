@@ -245,6 +245,12 @@ pub struct ServiceAConfig {
     pub connect_timeout: Duration,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// How long a client connection may take to send a whole request head,
+    /// from when it opened or its previous answer ended. Closes connections
+    /// that trickle their headers (slowloris) or sit idle. A body gets as
+    /// long again, plus `backend_timeout`, before A answers 408.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
     /// `deadline = "propagate"`: requests A works on at once; more are
     /// answered 503 `overloaded` at once (`service-a/src/overload.rs`).
     pub max_concurrent_requests: u32,
@@ -278,6 +284,7 @@ impl Default for ServiceAConfig {
             backend_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             max_body_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
             max_concurrent_requests: 256,
             registry_guard: true,
             registry_guard_max_loss: 0.5,

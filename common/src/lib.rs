@@ -1,6 +1,7 @@
 //! What every lab binary shares: configuration and the fault switches
 //! ([`config`]), logging ([`telemetry`]), Prometheus metrics ([`metrics`]),
-//! the admin HTTP listener ([`admin`]) with its profiles ([`heap`], CPU in
+//! the HTTP listener with its limits ([`http_listener`]), the admin
+//! endpoints ([`admin`]) with their profiles ([`heap`], CPU in
 //! `admin::profiles`) and task dump ([`tasks`]), and signal-driven shutdown
 //! ([`shutdown`]).
 
@@ -8,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod faults;
 pub mod heap;
+pub mod http_listener;
 pub mod metrics;
 pub mod shutdown;
 pub mod tasks;

@@ -81,16 +81,11 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         () = https => {}
         admin = &mut admin_task => {
             shutdown.cancel();
-            return match admin {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(anyhow::Error::new(e).context("admin listener failed")),
-                Err(e) => Err(anyhow::Error::new(e).context("admin listener task failed")),
-            };
+            return admin.context("admin listener task failed");
         }
     }
     match tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, &mut admin_task).await {
-        Ok(Ok(result)) => result.context("admin listener failed")?,
-        Ok(Err(e)) => return Err(anyhow::Error::new(e).context("admin listener task failed")),
+        Ok(joined) => joined.context("admin listener task failed")?,
         Err(_) => admin_task.abort(),
     }
     tracing::info!("partner-api stopped");

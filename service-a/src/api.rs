@@ -2,10 +2,14 @@
 //! calls B with A's deadline, and answers with `served_by` in the body and
 //! the `x-served-by` header, and the request's trace id in `x-trace-id`.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
-    Json, Router,
+    BoxError, Json, Router,
+    error_handling::HandleErrorLayer,
     extract::{
         FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
         rejection::{JsonRejection, PathRejection},
@@ -41,10 +45,23 @@ const UNMATCHED: &str = "unmatched";
 /// Every `route` label A's request metrics can have.
 pub const ROUTES: [&str; 4] = [ITEM_ROUTE, JOBS_ROUTE, JOB_ROUTE, UNMATCHED];
 
+/// What the router refuses from a client.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Larger bodies get 413 (`service_a.max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// The longest one admitted request may take, body and call to B
+    /// together; past it, 408. The call to B ends at A's deadline, so only
+    /// a body sent too slowly gets there — and without this bound it would
+    /// hold one of `service_a.max_concurrent_requests` places for as long
+    /// as it liked.
+    pub request_timeout: Duration,
+}
+
 /// The public router, with request metrics around every route and
 /// admission ([`crate::overload`]) inside them, so a shed request is
 /// counted with its route and status.
-pub fn router(state: AppState, admission: Admission, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState, admission: Admission, limits: RequestLimits) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .route(ITEM_ROUTE, get(get_item))
@@ -52,7 +69,14 @@ pub fn router(state: AppState, admission: Admission, max_body_bytes: usize) -> R
         .route(JOB_ROUTE, get(get_job))
         .fallback(not_found)
         .with_state(Arc::new(state))
-        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|_: BoxError| async {
+                    ApiError::request_timeout()
+                }))
+                .timeout(limits.request_timeout),
+        )
         .layer(middleware::from_fn_with_state(admission, admit))
         .layer(middleware::from_fn_with_state(metrics, track))
         // Outermost, so every answer — 404, 413 and 5xx too — carries
@@ -102,6 +126,16 @@ impl ApiError {
             format!(
                 "A is working on {max_concurrent} requests (service_a.max_concurrent_requests); shedding"
             ),
+        )
+    }
+
+    /// An admitted request outlived [`RequestLimits::request_timeout`]: its
+    /// body came too slowly.
+    fn request_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time (service_a.header_read_timeout + service_a.backend_timeout)",
         )
     }
 
@@ -417,7 +451,11 @@ mod tests {
             )
             .expect("faults");
             let admission = Admission::new(256, faults, metrics.shed.clone());
-            router(AppState { backend, metrics }, admission, MAX_BODY_BYTES)
+            let limits = RequestLimits {
+                max_body_bytes: MAX_BODY_BYTES,
+                request_timeout: Duration::from_secs(10),
+            };
+            router(AppState { backend, metrics }, admission, limits)
         }
 
         /// Sends `request` to a fresh A; returns the status and the JSON

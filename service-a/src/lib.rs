@@ -22,12 +22,16 @@ pub mod live_channel;
 pub mod metrics;
 pub mod overload;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use lab_common::{admin, config::LabConfig};
+use lab_common::{admin, config::LabConfig, http_listener};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// Largest request head A reads (request line and headers); larger ones get
+/// 431. Its own clients send a few hundred bytes.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// Runs service A until `shutdown` is cancelled.
 pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -78,20 +82,25 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
             metrics,
         },
         admission,
-        config.service_a.max_body_bytes,
+        api::RequestLimits {
+            max_body_bytes: config.service_a.max_body_bytes,
+            // As long to read the body as the head, plus A's deadline.
+            request_timeout: config.service_a.header_read_timeout
+                + config.service_a.backend_timeout,
+        },
     );
     let addr = &config.service_a.listen;
-    let listener = TcpListener::bind(addr)
+    let listener = http_listener::bind(addr)
         .await
         .with_context(|| format!("binding HTTP listener {addr}"))?;
     tracing::info!(http = %addr, admin = %admin_addr, backend = %target, mode = ?config.mode, faults = ?config.faults, "service-a serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown({
-            let shutdown = shutdown.clone();
-            async move { shutdown.cancelled().await }
-        })
-        .await
-        .context("HTTP server failed")?;
+    let limits = http_listener::Limits {
+        header_read_timeout: config.service_a.header_read_timeout,
+        max_header_bytes: MAX_HEADER_BYTES,
+        // Requests in flight end by A's deadline.
+        drain_timeout: config.service_a.backend_timeout + Duration::from_secs(1),
+    };
+    http_listener::serve(listener, app, limits, shutdown.clone()).await;
     shutdown.cancel();
     let _ = admin_task.await;
     tracing::info!("service-a stopped");

@@ -54,7 +54,7 @@ pub struct Application {
     metrics: ServiceMetrics,
     partner: Option<Arc<http_client::PartnerClient>>,
     readiness: Readiness,
-    admin: JoinHandle<std::io::Result<()>>,
+    admin: JoinHandle<()>,
     db: Db,
     grpc_listener: TcpListener,
     shutdown: CancellationToken,
@@ -390,7 +390,7 @@ async fn start_admin(
     faults: &LiveFaults,
     readiness: &Readiness,
     shutdown: &CancellationToken,
-) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+) -> anyhow::Result<JoinHandle<()>> {
     let addr = &config.service_b.admin_listen;
     let listener = TcpListener::bind(addr)
         .await

@@ -23,7 +23,7 @@ pub mod auth;
 mod profiles;
 mod tasks;
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use axum::{
     Extension, Json, Router,
@@ -87,19 +87,18 @@ fn operator_routes() -> Router<AdminState> {
 /// Operator requests are small JSON patches.
 const MAX_OPERATOR_BODY_BYTES: usize = 4096;
 
-/// Serves `router` on `listener` until `shutdown` is cancelled. Handlers
-/// see the caller's address (`ConnectInfo`), which operator actions log.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(
+/// Serves `router` on `listener` until `shutdown` is cancelled, with the
+/// admin listeners' limits (a header read timeout among them: see
+/// [`crate::http_listener`]). Handlers see the caller's address
+/// (`ConnectInfo`), which operator actions log.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    crate::http_listener::serve(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        router,
+        crate::http_listener::Limits::default(),
+        shutdown,
     )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    .await;
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

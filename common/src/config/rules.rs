@@ -114,6 +114,10 @@ fn timeouts_are_positive(c: &LabConfig) -> Result<(), Broken> {
         ("service_a.backend_timeout", c.service_a.backend_timeout),
         ("service_a.connect_timeout", c.service_a.connect_timeout),
         (
+            "service_a.header_read_timeout",
+            c.service_a.header_read_timeout,
+        ),
+        (
             "service_a.registry_guard_window",
             c.service_a.registry_guard_window,
         ),
