@@ -986,6 +986,12 @@ async fn mysql_command(
     Ok(cmd)
 }
 
+/// How often etcd lets a client ping it. A and B ping etcd every second
+/// (`ConnectOptions::with_keep_alive`) to notice a frozen or cut-off etcd
+/// within two; etcd's default (5 s) answers such a client with GOAWAY
+/// `too_many_pings` and breaks its watch every few seconds.
+const ETCD_KEEPALIVE_MIN_TIME: &str = "500ms";
+
 /// A single-member etcd. `fresh` wipes its data dir (at `up`: the registry
 /// is ephemeral); a restart keeps it, as a real etcd restart would.
 fn etcd_command(
@@ -1009,6 +1015,9 @@ fn etcd_command(
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=lab={peer}"))
         .arg("--initial-cluster-state=new")
+        .arg(format!(
+            "--grpc-keepalive-min-time={ETCD_KEEPALIVE_MIN_TIME}"
+        ))
         .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
     Ok(cmd)
 }

@@ -110,6 +110,25 @@ async fn etcd_balancing_spreads_requests_over_two_and_three_backends() -> anyhow
     Ok(())
 }
 
+/// A and B ping etcd every second; etcd must be started to allow it, or it
+/// answers with GOAWAY `too_many_pings` and A's watch breaks every few
+/// seconds (4 times in 20 s before `labctl up` passed
+/// `--grpc-keepalive-min-time`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_watch_stays_up_on_a_quiet_lab() -> anyhow::Result<()> {
+    let lab = TestLab::start(2, &["faults.lb=etcd"]).await?;
+    until_a_sees(&lab, 2).await?;
+    let errors = || a_metric(&lab, "lab_discovery_watch_errors_total", &[]);
+    let before = errors().await;
+    // The measured window: three of etcd's default 5 s ping allowances.
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = errors().await;
+        assert_eq!(now, before, "A's registry watch broke on an idle lab");
+    }
+    Ok(())
+}
+
 /// The load generator's own gRPC: through A's balancer over the registry
 /// (`etcd://`) it spreads as A does; straight at one B (`grpc://`) it
 /// reaches that B only.
