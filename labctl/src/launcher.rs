@@ -707,11 +707,28 @@ impl Stack {
     /// [`Stack::stop_service`] (an etcd outage and recovery).
     pub async fn restart_etcd(&mut self) -> Result<(), LaunchError> {
         if self.service("etcd")?.is_alive() {
-            return Err(LaunchError::EtcdStillRunning);
+            return Err(LaunchError::ServiceStillRunning("etcd"));
         }
         let bins = Binaries::find(None).await?;
         self.spawn_etcd(&bins.etcd, false)?;
         let ready = vec![("etcd", etcd_ready(&self.ports))];
+        self.wait_ready(&probe::http_client(), Duration::from_secs(30), ready)
+            .await
+    }
+
+    /// Starts MySQL again on the same port and data after
+    /// [`Stack::stop_service`] (a database outage and recovery).
+    pub async fn restart_mysql(&mut self) -> Result<(), LaunchError> {
+        if self.service("mysql")?.is_alive() {
+            return Err(LaunchError::ServiceStillRunning("mysql"));
+        }
+        let bins = Binaries::find(None).await?;
+        let port = self.ports.mysql;
+        let cmd = mysql_command(&bins, &self.state.state_dir, port).await?;
+        self.start("mysql", cmd, |r| {
+            r.url = Some(format!("mysql://lab:lab@127.0.0.1:{port}/lab"));
+        })?;
+        let ready = vec![("mysql", Ready::MysqlGreeting(addr(port)))];
         self.wait_ready(&probe::http_client(), Duration::from_secs(30), ready)
             .await
     }

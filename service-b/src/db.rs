@@ -124,8 +124,8 @@ impl DbError {
     /// is not there to tell it (`/readyz`).
     pub fn kind(&self) -> &'static str {
         match self {
-            DbError::Unavailable(_) => "database unavailable",
-            DbError::Failed(_) => "database error",
+            DbError::Unavailable(_) => "MySQL unavailable",
+            DbError::Failed(_) => "MySQL error",
             DbError::Deadline(_) => "deadline",
         }
     }
@@ -135,8 +135,8 @@ impl DbError {
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
     /// The connection failed or was lost.
-    #[error(transparent)]
-    Connection(sqlx::Error),
+    #[error("MySQL connection failed: {0}")]
+    Connection(#[source] sqlx::Error),
     /// Every pooled connection is busy (`leak-on-error` pins them for good).
     #[error(
         "MySQL pool exhausted: all {pool_max} connections in use, none free within \
@@ -150,10 +150,10 @@ pub enum Unavailable {
     #[error("no MySQL connection within {0:?} (mysql.acquire_timeout)")]
     NoConnection(Duration),
     /// The query ran past `mysql.query_timeout`.
-    #[error("query did not finish within {0:?}")]
+    #[error("MySQL query did not finish within {0:?} (mysql.query_timeout)")]
     QueryTimeout(Duration),
     /// One start-up connection attempt ran out of `mysql.startup_timeout`.
-    #[error("connecting did not finish within {0:?}")]
+    #[error("connecting to MySQL did not finish within {0:?}")]
     ConnectTimeout(Duration),
     /// Another B kept the migration lock (see [`Db::migrate_and_seed`]).
     #[error("another instance held the schema lock for 60 s")]
@@ -905,7 +905,7 @@ mod tests {
             "MySQL pool exhausted: all 4 connections in use, none free within 500ms \
              (mysql.pool_max, mysql.acquire_timeout)"
         );
-        assert_eq!(exhausted.kind(), "database unavailable");
+        assert_eq!(exhausted.kind(), "MySQL unavailable");
         let startup = StartupError::Unreachable {
             after: Duration::from_secs(30),
             source: Unavailable::ConnectTimeout(Duration::from_secs(30)).into(),

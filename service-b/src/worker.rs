@@ -591,6 +591,9 @@ fn plan_claim(held: HashSet<i64>) -> ClaimPlan {
 /// One attempt of a claimed job (`bounded`): time-limited, fenced by the
 /// attempt number, retried or failed on error.
 async fn attempt_claimed(shared: Arc<Shared>, job: JobTask, _guard: TaskGuard) {
+    // The claim was taken moments ago, by this loop; it is ours until
+    // `visibility_timeout` from then.
+    let claim_expires = Instant::now() + shared.config.visibility_timeout;
     shared
         .metrics
         .job_lag
@@ -614,8 +617,56 @@ async fn attempt_claimed(shared: Arc<Shared>, job: JobTask, _guard: TaskGuard) {
         }
         other => other,
     };
-    record(&shared, job.id, Some(job.attempts), outcome).await;
+    record_claimed(&shared, job.id, job.attempts, outcome, claim_expires).await;
 }
+
+/// Writes a claimed job's outcome, again and again while MySQL cannot take
+/// it, until the claim expires. Giving up sooner would leave the row
+/// `running` until some B takes it back as abandoned and runs the job a
+/// second time, so a database outage shorter than the claim costs no job
+/// a second run. The worker slot stays taken meanwhile, which is the
+/// backpressure wanted: no new claim could be written either. Past expiry
+/// the attempt fence decides, as for any late attempt.
+async fn record_claimed(
+    shared: &Shared,
+    id: i64,
+    fence: u32,
+    outcome: Outcome,
+    claim_expires: Instant,
+) {
+    let mut pause = RECORD_RETRY_FIRST;
+    let mut failures = 0u32;
+    loop {
+        let error = match try_record(shared, id, Some(fence), &outcome).await {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(
+                        job = id,
+                        failures,
+                        "job outcome written after MySQL came back"
+                    );
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        failures += 1;
+        if Instant::now() + pause >= claim_expires {
+            tracing::warn!(job = id, failures, error = %error, "writing the job outcome failed until its claim expired");
+            return;
+        }
+        if failures == 1 {
+            tracing::warn!(job = id, error = %error, "writing the job outcome failed; retrying until the claim expires");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RECORD_RETRY_MAX);
+    }
+}
+
+/// The pauses between attempts to write a claimed job's outcome: doubling
+/// from the first to the most.
+const RECORD_RETRY_FIRST: Duration = Duration::from_millis(100);
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Exponential backoff with ±50 % jitter: `base × 2^(attempt−1)`, at most a
 /// minute after the jitter, so failing jobs do not retry in lockstep against
@@ -638,25 +689,39 @@ enum Outcome {
     Dead(String),
 }
 
+/// Writes a job's outcome once: the incident's loops (`unbounded` /
+/// `capped`) did not retry it, and a dead letter not written now is
+/// written when the row comes round again.
 async fn record(shared: &Shared, id: i64, fence: Option<u32>, outcome: Outcome) {
-    let (status, label, result, error, retry_after) = match &outcome {
+    if let Err(e) = try_record(shared, id, fence, &outcome).await {
+        tracing::warn!(job = id, error = %e, "writing the job outcome failed");
+    }
+}
+
+/// Writes a job's outcome and counts it.
+async fn try_record(
+    shared: &Shared,
+    id: i64,
+    fence: Option<u32>,
+    outcome: &Outcome,
+) -> Result<(), crate::db::DbError> {
+    let (status, label, result, error, retry_after) = match outcome {
         Outcome::Done(r) => ("done", "done", Some(r.as_str()), None, None),
         Outcome::Retry(e, after) => ("pending", "retry", None, Some(e.as_str()), Some(*after)),
         Outcome::Failed(e) => ("failed", "failed", None, Some(e.as_str()), None),
         Outcome::Dead(e) => ("dead", "dead", None, Some(e.as_str()), None),
     };
-    match shared
+    let written = shared
         .db
         .finish_job(id, fence, status, result, error, retry_after)
-        .await
-    {
-        Ok(true) => shared.metrics.jobs.with_label_values(&[label]).inc(),
-        Ok(false) => {
-            // Our claim was taken back (we were too slow); the new owner decides.
-            shared.metrics.jobs.with_label_values(&["lost"]).inc();
-        }
-        Err(e) => tracing::warn!(job = id, error = %e, "writing the job outcome failed"),
+        .await?;
+    if written {
+        shared.metrics.jobs.with_label_values(&[label]).inc();
+    } else {
+        // Our claim was taken back (we were too slow); the new owner decides.
+        shared.metrics.jobs.with_label_values(&["lost"]).inc();
     }
+    Ok(())
 }
 
 /// Where the handler's CPU work runs.

@@ -71,8 +71,8 @@ pub enum LaunchError {
     NotAChild { name: String },
     #[error("{name} still running after {timeout:?}")]
     StillRunning { name: String, timeout: Duration },
-    #[error("etcd is still running")]
-    EtcdStillRunning,
+    #[error("{0} is still running: stop it before starting it again")]
+    ServiceStillRunning(&'static str),
     #[error(
         "initialising the MySQL data directory failed ({status}); last lines of {}:\n{tail}",
         log.display()

@@ -1,0 +1,235 @@
+//! The fixed preset (two Bs) while a dependency fails under steady traffic:
+//! what fails, how fast, what keeps working, and that everything comes back
+//! without restarting a service and without losing or repeating a job.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lab_tests::{TestLab, eventually, get_json, request_json};
+
+const BS: [&str; 2] = ["service-b-1", "service-b-2"];
+/// Items read before the outage, so that each B has them in its cache.
+const CACHED_IDS: std::ops::RangeInclusive<u32> = 1..=10;
+
+/// One request of the steady traffic.
+#[derive(Debug, Clone)]
+struct Sample {
+    /// When it was sent, from the start of the traffic.
+    at: Duration,
+    /// `true`: a job submission (needs MySQL); `false`: a cached item read.
+    needs_mysql: bool,
+    status: u16,
+    took: Duration,
+    body: serde_json::Value,
+}
+
+/// Sends a job submission and a cached item read every 100 ms until
+/// `stop`, recording every answer.
+async fn steady_traffic(
+    a: String,
+    start: Instant,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sent = tokio::task::JoinSet::new();
+    let mut n: u32 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        n += 1;
+        let id = CACHED_IDS.start() + n % CACHED_IDS.end();
+        let at = start.elapsed();
+        let (a, samples) = (a.clone(), samples.clone());
+        // Each pair on its own task: a slow answer does not delay the next.
+        sent.spawn(async move {
+            let jobs_url = format!("{a}/api/jobs");
+            let item_url = format!("{a}/api/items/{id}");
+            let job = format!(r#"{{"payload":"steady {n}"}}"#);
+            let (submit, read) = tokio::join!(
+                request_json("POST", &jobs_url, Some(job)),
+                get_json(&item_url),
+            );
+            let mut samples = samples.lock().unwrap_or_else(|e| e.into_inner());
+            for (needs_mysql, reply) in [(true, submit), (false, read)] {
+                // A transport error (A not answering) is recorded as status 0.
+                let (status, body, took) = match reply {
+                    Ok((status, _, body, took)) => (status, body, took),
+                    Err(e) => (
+                        0,
+                        serde_json::json!({"transport": e.to_string()}),
+                        Duration::ZERO,
+                    ),
+                };
+                samples.push(Sample {
+                    at,
+                    needs_mysql,
+                    status,
+                    took,
+                    body,
+                });
+            }
+        });
+    }
+    while sent.join_next().await.is_some() {}
+}
+
+async fn count(db: &sqlx::MySqlPool, sql: &'static str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_without_a_restart()
+-> anyhow::Result<()> {
+    let mut lab = TestLab::start(
+        2,
+        &[
+            "mode=fixed",
+            "service_b.item_cache_capacity=1000",
+            "worker.tick=100ms",
+            "partner.latency=300ms",
+        ],
+    )
+    .await?;
+    let a = lab.a_url();
+    // Warm both Bs' caches: 30 reads of each id over A's balancer.
+    for _ in 0..30 {
+        for id in CACHED_IDS {
+            let (status, _, body, _) = get_json(&format!("{a}/api/items/{id}")).await?;
+            anyhow::ensure!(status == 200, "warming the cache: {body}");
+        }
+    }
+    let pids: Vec<u32> = BS
+        .iter()
+        .map(|b| lab.stack.service(b).map(|s| s.pid))
+        .collect::<Result<_, _>>()?;
+
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let traffic_start = Instant::now();
+    let traffic = tokio::spawn(steady_traffic(
+        a.clone(),
+        traffic_start,
+        samples.clone(),
+        stop_traffic.clone(),
+    ));
+    // Jobs in flight when MySQL goes: 300 at ~16 a second per B.
+    lab.insert_jobs(300, 0.0).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // healthy traffic, measured
+
+    let stopping_at = traffic_start.elapsed();
+    lab.stack.stop_service("mysql").await?;
+    let down_at = traffic_start.elapsed();
+    // While MySQL is down, B says why it is not ready.
+    let admin = lab.admin_url(BS[0])?;
+    let why = eventually(
+        Duration::from_secs(5),
+        "B's /readyz to name MySQL",
+        || async {
+            let (status, _, body, _) = get_json(&format!("{admin}/readyz")).await.ok()?;
+            (status == 503).then_some(body)
+        },
+    )
+    .await?;
+    let reason = why["reason"].as_str().unwrap_or_default().to_lowercase();
+    assert!(reason.contains("mysql"), "/readyz names MySQL: {why}");
+    tokio::time::sleep(Duration::from_secs(10)).await; // the outage, measured
+
+    let restarting_at = traffic_start.elapsed();
+    lab.stack.restart_mysql().await?;
+    let up_at = traffic_start.elapsed();
+    // The measured recovery window.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop_traffic.store(true, Ordering::Relaxed);
+    traffic.await?;
+
+    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let during: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at > down_at + Duration::from_secs(1) && s.at < restarting_at)
+        .collect();
+    let before: Vec<&Sample> = samples.iter().filter(|s| s.at < stopping_at).collect();
+    let failed_writes: Vec<&&Sample> = during.iter().filter(|s| s.needs_mysql).collect();
+    let cached_reads: Vec<&&Sample> = during.iter().filter(|s| !s.needs_mysql).collect();
+    anyhow::ensure!(!failed_writes.is_empty() && !cached_reads.is_empty());
+
+    assert!(
+        before.iter().all(|s| s.status / 100 == 2),
+        "healthy before: {:?}",
+        before.iter().find(|s| s.status / 100 != 2)
+    );
+    // Needs MySQL: 503 naming it, within the pool's acquire timeout (500 ms)
+    // and far from A's 5 s deadline.
+    for s in &failed_writes {
+        assert_eq!(s.status, 503, "{s:?}");
+        let error = s.body["error"].as_str().unwrap_or_default().to_lowercase();
+        assert!(error.contains("mysql"), "names MySQL: {s:?}");
+    }
+    let slowest_failure = failed_writes
+        .iter()
+        .map(|s| s.took)
+        .max()
+        .unwrap_or_default();
+    assert!(
+        slowest_failure < Duration::from_millis(1500),
+        "fails fast, not at A's deadline: {slowest_failure:?}"
+    );
+    // Does not need MySQL: served from the cache throughout.
+    assert!(
+        cached_reads.iter().all(|s| s.status == 200),
+        "cached reads keep working: {:?}",
+        cached_reads.iter().find(|s| s.status != 200)
+    );
+    // Back without restarting anything: every request answered 2xx from
+    // the first second after MySQL was ready.
+    let after: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at > up_at + Duration::from_secs(1))
+        .collect();
+    assert!(
+        after.iter().all(|s| s.status / 100 == 2),
+        "recovered: {:?}",
+        after.iter().find(|s| s.status / 100 != 2)
+    );
+    let first_ok = samples
+        .iter()
+        .filter(|s| s.needs_mysql && s.at >= up_at && s.status / 100 == 2)
+        .map(|s| s.at - up_at)
+        .min();
+    for (b, pid) in BS.iter().zip(&pids) {
+        assert_eq!(lab.stack.service(b)?.pid, *pid, "{b} was not restarted");
+    }
+
+    // No job lost or run twice: every row done, and partner-api (one call
+    // per attempt) served exactly as many calls as there are rows.
+    let db = lab.db().await?;
+    let jobs = count(&db, "SELECT COUNT(*) FROM jobs").await?;
+    eventually(Duration::from_secs(60), "every job done", || async {
+        let done = count(&db, "SELECT COUNT(*) FROM jobs WHERE status = 'done'")
+            .await
+            .ok()?;
+        (done == jobs).then_some(())
+    })
+    .await?;
+    let rerun = count(&db, "SELECT COUNT(*) FROM jobs WHERE attempts > 1").await?;
+    let partner_calls = lab
+        .metric("partner-api", "partner_requests_total", &[])
+        .await
+        .unwrap_or(0.0);
+    println!(
+        "MySQL down {:.1}s: {} job submissions answered 503 naming MySQL, the slowest in \
+         {slowest_failure:.2?}; {} cached reads all 200; first submission accepted {first_ok:.2?} \
+         after MySQL was ready; {jobs} jobs done, {rerun} attempted twice, partner-api calls \
+         {partner_calls}",
+        (restarting_at - down_at).as_secs_f64(),
+        failed_writes.len(),
+        cached_reads.len()
+    );
+    assert_eq!(rerun, 0, "no job attempted twice");
+    assert_eq!(partner_calls, jobs as f64, "one partner call per job");
+    Ok(())
+}
