@@ -134,9 +134,10 @@ impl DbError {
 /// MySQL could not serve the query in time; the caller may try again.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
-    /// The connection failed or was lost.
+    /// The connection failed or was lost. (The message carries sqlx's, so
+    /// it is not also given as the source: a chain would say it twice.)
     #[error("MySQL connection failed: {0}")]
-    Connection(#[source] sqlx::Error),
+    Connection(sqlx::Error),
     /// Every pooled connection is busy (`leak-on-error` pins them for good).
     #[error(
         "MySQL pool exhausted: all {pool_max} connections in use, none free within \
@@ -153,7 +154,7 @@ pub enum Unavailable {
     #[error("MySQL query did not finish within {0:?} (mysql.query_timeout)")]
     QueryTimeout(Duration),
     /// One start-up connection attempt ran out of `mysql.startup_timeout`.
-    #[error("connecting to MySQL did not finish within {0:?}")]
+    #[error("connecting did not finish within {0:?}")]
     ConnectTimeout(Duration),
     /// Another B kept the migration lock (see [`Db::migrate_and_seed`]).
     #[error("another instance held the schema lock for 60 s")]
