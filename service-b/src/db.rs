@@ -22,7 +22,14 @@
 //! under `UntilFree` looks again each `mysql.acquire_timeout` and, after a
 //! flip to `propagate`, gives up with the pool-exhausted error.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use backon::{ExponentialBuilder, Retryable};
 use lab_common::{
@@ -82,10 +89,56 @@ impl PoolMetrics {
 /// microseconds after the first and costs a MySQL round trip per query —
 /// 17 % of B's CPU samples under `perf` (README, "The hot path, profiled").
 /// A connection idle for longer (MySQL may have restarted or timed it out
-/// since) is still pinged before use. The price: if MySQL restarts within
-/// a second of a connection's last use, that connection fails one real
-/// query (at most `pool_max` of them) before sqlx drops it.
+/// since) is still pinged before use. A connection used just before MySQL
+/// restarted is not idle that long, so [`LinkTrouble`] covers it.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// How long after a query fails on its connection every pooled connection
+/// is pinged before use, however briefly it was idle (see [`LinkTrouble`]).
+const PING_ALL_AFTER_LINK_TROUBLE: Duration = Duration::from_secs(5);
+
+/// When a query last failed on its connection — MySQL stopped, restarted or
+/// cut off. Such a failure means the other connections in the pool may be
+/// dead too, even those used a moment ago, so for
+/// [`PING_ALL_AFTER_LINK_TROUBLE`] after it each one is pinged as it is
+/// taken from the pool and a dead one is dropped instead of handed out.
+/// (Measured: a burst that filled the pool, MySQL killed and back within
+/// 0.7 s; without this, a request after MySQL was back still failed on a
+/// connection last used just before the kill.) The ping costs a round trip
+/// per query only in those seconds.
+#[derive(Clone)]
+struct LinkTrouble {
+    epoch: Instant,
+    /// Microseconds from `epoch` to the last failure; 0 = none yet.
+    last_us: Arc<AtomicU64>,
+}
+
+impl LinkTrouble {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_us: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Notes `error` if it is a failure of the connection itself.
+    fn note(&self, error: &DbError) {
+        if let DbError::Unavailable(Unavailable::Connection(_)) = error {
+            let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.last_us.store(now.max(1), Ordering::Relaxed);
+        }
+    }
+
+    fn recent(&self) -> bool {
+        let last = self.last_us.load(Ordering::Relaxed);
+        last != 0
+            && self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_micros(last))
+                < PING_ALL_AFTER_LINK_TROUBLE
+    }
+}
 
 /// Schema migrations compiled into the binary (service-b/migrations).
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -246,6 +299,7 @@ pub struct Db {
     /// B's live switches: `deadline` decides the [`PoolWait`] per query.
     faults: LiveFaults,
     metrics: PoolMetrics,
+    link_trouble: LinkTrouble,
 }
 
 impl std::fmt::Debug for Db {
@@ -330,17 +384,22 @@ impl Db {
             admin.close().await;
         }
         let options: MySqlConnectOptions = config.url.parse().map_err(Failure::Url)?;
+        let link_trouble = LinkTrouble::new();
         let pool = MySqlPoolOptions::new()
             .max_connections(config.pool_max)
             .acquire_timeout(config.acquire_timeout)
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
+            .before_acquire({
+                let link_trouble = link_trouble.clone();
+                move |conn, meta| {
+                    let ping = meta.idle_for >= PING_IF_IDLE_FOR || link_trouble.recent();
+                    Box::pin(async move {
+                        if ping {
+                            conn.ping().await?;
+                        }
+                        Ok(true)
+                    })
+                }
             })
             .connect_with(options)
             .await?;
@@ -351,6 +410,7 @@ impl Db {
             pool_max: config.pool_max,
             faults,
             metrics,
+            link_trouble,
         })
     }
 
@@ -673,7 +733,11 @@ impl Db {
             return Err(DeadlineCut::NoTimeLeft.into());
         }
         match tokio::time::timeout(budget, query).await {
-            Ok(result) => result.map_err(DbError::from),
+            Ok(result) => result.map_err(|e| {
+                let error = DbError::from(e);
+                self.link_trouble.note(&error);
+                error
+            }),
             Err(_) if budget < self.query_timeout => Err(DeadlineCut::Query(budget).into()),
             Err(_) => Err(Unavailable::QueryTimeout(self.query_timeout).into()),
         }

@@ -233,3 +233,78 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
     assert_eq!(partner_calls, jobs as f64, "one partner call per job");
     Ok(())
 }
+
+/// MySQL killed (its connections cut without a goodbye) and started again
+/// at once: B's pools hold connections to a server that is gone, and must
+/// not hand them out once MySQL is back. Without B's ping after a failed
+/// connection (`service-b/src/db.rs`, `LinkTrouble`), the run that found it
+/// had one request fail after MySQL was back; without any ping, three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow::Result<()> {
+    let mut lab = TestLab::start(2, &["mode=fixed", "service_b.item_cache_capacity=1000"]).await?;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let traffic_start = Instant::now();
+    let traffic = tokio::spawn(steady_traffic(
+        lab.a_url(),
+        traffic_start,
+        samples.clone(),
+        stop_traffic.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await; // healthy traffic, measured
+    // A burst fills both pools with open connections, more than the outage's
+    // few requests can wear out: most are still in the pool, dead, when
+    // MySQL is back.
+    let burst: Vec<_> = (0..64)
+        .map(|i| {
+            let url = format!("{}/api/jobs", lab.a_url());
+            tokio::spawn(async move {
+                request_json("POST", &url, Some(format!(r#"{{"payload":"burst {i}"}}"#))).await
+            })
+        })
+        .collect();
+    for sent in burst {
+        let (status, _, body, _) = sent.await??;
+        anyhow::ensure!(status == 202, "burst: {body}");
+    }
+    let pooled = lab
+        .metric(BS[0], "lab_db_pool_connections", &[])
+        .await
+        .unwrap_or(0.0);
+    let killed_at = traffic_start.elapsed();
+    lab.stack
+        .signal("mysql", nix::sys::signal::Signal::SIGKILL)?;
+    lab.stack
+        .wait_exit("mysql", Duration::from_secs(10))
+        .await?;
+    lab.stack.restart_mysql().await?;
+    let up_at = traffic_start.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await; // the measured recovery window
+    stop_traffic.store(true, Ordering::Relaxed);
+    traffic.await?;
+
+    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let writes = |from: Duration, to: Duration| {
+        samples
+            .iter()
+            .filter(|s| s.needs_mysql && s.at >= from && s.at < to)
+            .collect::<Vec<_>>()
+    };
+    let before = writes(Duration::ZERO, killed_at);
+    let outage = writes(killed_at, up_at);
+    let after = writes(up_at, Duration::MAX);
+    let failed_after: Vec<_> = after.iter().filter(|s| s.status / 100 != 2).collect();
+    println!(
+        "{pooled} connections in b-1's pool; MySQL killed and back in {:.1}s: {} of {} \
+         submissions failed during it, {} of {} after it was back: {:?}",
+        (up_at - killed_at).as_secs_f64(),
+        outage.iter().filter(|s| s.status / 100 != 2).count(),
+        outage.len(),
+        failed_after.len(),
+        after.len(),
+        failed_after.first()
+    );
+    assert!(before.iter().all(|s| s.status / 100 == 2), "healthy before");
+    assert!(failed_after.is_empty(), "no dead connection handed out");
+    Ok(())
+}
