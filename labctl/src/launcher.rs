@@ -734,7 +734,7 @@ impl Stack {
     }
 
     /// Rewrites HAProxy's backends for the current Bs and restarts it.
-    async fn restart_slb(&mut self) -> Result<(), LaunchError> {
+    pub async fn restart_slb(&mut self) -> Result<(), LaunchError> {
         if self.state.service("slb").is_none() {
             return Ok(());
         }

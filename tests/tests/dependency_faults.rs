@@ -308,3 +308,75 @@ async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow
     assert!(failed_after.is_empty(), "no dead connection handed out");
     Ok(())
 }
+
+/// HAProxy restarted while A sends it steady traffic, under `lb = "l4"` and
+/// `lb = "l7"`: A reconnects by itself, and the requests that fail are
+/// those of about a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_restarted_under_l4_and_l7_costs_about_a_second_of_requests() -> anyhow::Result<()>
+{
+    for lb in ["l4", "l7"] {
+        let lb_switch = format!("faults.lb={lb}");
+        let mut lab = TestLab::start(
+            2,
+            &[
+                "mode=fixed",
+                &lb_switch,
+                "service_b.item_cache_capacity=1000",
+            ],
+        )
+        .await?;
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop_traffic = Arc::new(AtomicBool::new(false));
+        let traffic_start = Instant::now();
+        let traffic = tokio::spawn(steady_traffic(
+            lab.a_url(),
+            traffic_start,
+            samples.clone(),
+            stop_traffic.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await; // healthy traffic, measured
+        let restart_at = traffic_start.elapsed();
+        lab.stack.restart_slb().await?;
+        let back_at = traffic_start.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await; // the measured recovery window
+        stop_traffic.store(true, Ordering::Relaxed);
+        traffic.await?;
+
+        let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let failed: Vec<&Sample> = samples.iter().filter(|s| s.status / 100 != 2).collect();
+        let first = failed.iter().map(|s| s.at).min();
+        let last = failed.iter().map(|s| s.at).max();
+        let window = first.zip(last).map(|(f, l)| l - f);
+        println!(
+            "lb={lb}: HAProxy restart took {:.2?}; {} of {} requests failed, sent between \
+             {first:.2?} and {last:.2?} (restart began at {restart_at:.2?}); codes {:?}",
+            back_at - restart_at,
+            failed.len(),
+            samples.len(),
+            failed
+                .iter()
+                .map(|s| s.body["code"].as_str().unwrap_or("?").to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+        );
+        // Failures only around the restart, spread over about a second.
+        if let (Some(first), Some(window)) = (first, window) {
+            // (A request sent in the same tick as the restart may be
+            // stamped a moment before it.)
+            assert!(
+                first + Duration::from_millis(100) >= restart_at,
+                "nothing failed before the restart"
+            );
+            assert!(
+                window <= (back_at - restart_at) + Duration::from_millis(1500),
+                "lb={lb}: failures over {window:?}"
+            );
+        }
+        let late: Vec<&&Sample> = failed
+            .iter()
+            .filter(|s| s.at > back_at + Duration::from_secs(2))
+            .collect();
+        assert!(late.is_empty(), "lb={lb}: A is back: {late:?}");
+    }
+    Ok(())
+}
