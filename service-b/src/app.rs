@@ -37,6 +37,15 @@ use crate::{
     rows, worker,
 };
 
+/// Streams one client connection may have open at once. A multiplexes all
+/// its calls to a B on one connection; under `deadline = "propagate"` it
+/// admits at most `service_a.max_concurrent_requests` (256), well inside
+/// this. Under `ignore` A admits everything, and calls past this limit wait
+/// in A's HTTP/2 client for a stream to end (the incident's grpc-go server
+/// had no limit: the difference shows only past 1 000 calls in flight on
+/// one connection).
+const MAX_STREAMS_PER_CONNECTION: u32 = 1000;
+
 /// Largest gRPC message B decodes; job payloads have their own, smaller,
 /// limit checked in the handler so they get INVALID_ARGUMENT with a reason.
 /// Past it tonic answers OUT_OF_RANGE, which the lab keeps rather than
@@ -201,7 +210,11 @@ fn grpc_server(
         config.service_b.max_connection_age_jitter,
     );
     let hard_limit = (!age.is_zero()).then(|| age + config.service_b.max_connection_age_grace);
-    let mut server = Server::builder();
+    // tonic passes no stream limit of its own, which overrides hyper's
+    // default of 200 with none at all (grpc-go's default is none too): one
+    // connection could then open streams, each a handler task, without
+    // bound. Past this many, a client waits for one to end.
+    let mut server = Server::builder().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     if !age.is_zero() {
         tracing::info!(?age, grace = ?config.service_b.max_connection_age_grace, "connection recycling on");
         server = server.max_connection_age(age);
