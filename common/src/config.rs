@@ -135,6 +135,21 @@ impl SlbBalance {
     }
 }
 
+/// What partner-api answers (`partner.answer`): the contract, or one of the
+/// broken answers real partners send, for B's client to survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum PartnerAnswer {
+    /// `{"score":…,…}` of `partner.body_bytes`.
+    #[default]
+    Json,
+    /// Promises `partner.body_bytes`, sends half, and closes the connection.
+    Truncated,
+    /// An HTML page of `partner.body_bytes` with a 200: not the JSON asked for.
+    NotJson,
+}
+
 /// The load A's power-of-two-choices balancer compares between two Bs
 /// when `lb = "etcd"` (`service_a.balance_load`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -430,6 +445,9 @@ pub struct PartnerConfig {
     /// partner-api: how long an idle keep-alive connection stays open.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// partner-api: a well-formed answer, or a broken one (see
+    /// [`PartnerAnswer`]).
+    pub answer: PartnerAnswer,
     /// partner-api: certificate chain (PEM) and private key (PEM).
     pub cert: String,
     pub key: String,
@@ -457,6 +475,7 @@ impl Default for PartnerConfig {
             latency: Duration::from_millis(800),
             body_bytes: 256 * 1024,
             idle_timeout: Duration::from_secs(90),
+            answer: PartnerAnswer::Json,
             cert: String::new(),
             key: String::new(),
             url: "https://127.0.0.1:8443".into(),

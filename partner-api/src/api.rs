@@ -26,6 +26,8 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use serde_json::json;
 
+use lab_common::config::PartnerAnswer;
+
 use crate::metrics::Metrics;
 
 /// Largest request body; larger ones get 413.
@@ -35,6 +37,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub struct Enrich {
     latency: Duration,
     body_bytes: usize,
+    answer: PartnerAnswer,
     /// `body_bytes` of padding made once: each answer takes a slice of it
     /// (a reference count, no copy).
     padding: Bytes,
@@ -45,13 +48,44 @@ impl Enrich {
         Self {
             latency,
             body_bytes,
+            answer: PartnerAnswer::Json,
             padding: Bytes::from(vec![b'x'; body_bytes]),
         }
+    }
+
+    /// Answers as `partner.answer` says, well-formed by default.
+    pub fn answering(mut self, answer: PartnerAnswer) -> Self {
+        self.answer = answer;
+        self
     }
 
     /// `{"score":…,"request_bytes":…,"padding":"xx…"}`, exactly
     /// `body_bytes` long unless the JSON needs more.
     fn answer(&self, request: &[u8]) -> Response {
+        match self.answer {
+            PartnerAnswer::Json => self.json(request),
+            PartnerAnswer::Truncated => {
+                // The length of the whole answer, half of it, then the end:
+                // hyper finds the body short of its length and closes the
+                // connection, which is what the client sees.
+                let half = self.padding.slice(..self.body_bytes / 2);
+                let body = Chunks::promising(self.body_bytes as u64, vec![half]);
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    Body::new(body),
+                )
+                    .into_response()
+            }
+            PartnerAnswer::NotJson => {
+                const HEAD: &[u8] = b"<html><body>";
+                let pad = self.body_bytes.saturating_sub(HEAD.len());
+                let body = Chunks::new(vec![Bytes::from_static(HEAD), self.padding.slice(..pad)]);
+                ([(header::CONTENT_TYPE, "text/html")], Body::new(body)).into_response()
+            }
+        }
+    }
+
+    fn json(&self, request: &[u8]) -> Response {
         const TAIL: &[u8] = b"\"}";
         let head = format!(
             "{{\"score\":{},\"request_bytes\":{},\"padding\":\"",
@@ -159,10 +193,18 @@ struct Chunks {
 
 impl Chunks {
     fn new(chunks: Vec<Bytes>) -> Self {
+        let length = chunks.iter().map(|c| c.len() as u64).sum();
+        Self::promising(length, chunks)
+    }
+
+    /// A body that announces `length` whatever `chunks` add up to.
+    fn promising(length: u64, chunks: Vec<Bytes>) -> Self {
         let mut rest: Vec<Bytes> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
         rest.reverse();
-        let remaining = rest.iter().map(|c| c.len() as u64).sum();
-        Self { rest, remaining }
+        Self {
+            rest,
+            remaining: length,
+        }
     }
 }
 
@@ -176,7 +218,7 @@ impl http_body::Body for Chunks {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         Poll::Ready(this.rest.pop().map(|chunk| {
-            this.remaining -= chunk.len() as u64;
+            this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
             Ok(Frame::data(chunk))
         }))
     }
@@ -200,6 +242,26 @@ mod tests {
         let body = response.into_body();
         let exact = http_body::Body::size_hint(&body).exact();
         (exact, body.collect().await.expect("body").to_bytes())
+    }
+
+    #[tokio::test]
+    async fn broken_answers_are_what_they_say() {
+        use http_body::Body as _;
+        let truncated = Enrich::new(Duration::ZERO, 4096).answering(PartnerAnswer::Truncated);
+        let body = truncated.answer(b"{}").into_body();
+        assert_eq!(
+            body.size_hint().exact(),
+            Some(4096),
+            "promises the whole answer"
+        );
+        let sent = body.collect().await.expect("body").to_bytes();
+        assert_eq!(sent.len(), 2048, "sends half");
+
+        let html = Enrich::new(Duration::ZERO, 4096).answering(PartnerAnswer::NotJson);
+        let (_, body) = body_of(html.answer(b"{}")).await;
+        assert_eq!(body.len(), 4096);
+        assert!(body.starts_with(b"<html>"));
+        assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err());
     }
 
     #[tokio::test]

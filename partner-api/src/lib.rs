@@ -68,7 +68,8 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
         "partner-api serving HTTPS"
     );
 
-    let enrich = Arc::new(api::Enrich::new(partner.latency, partner.body_bytes));
+    let enrich =
+        Arc::new(api::Enrich::new(partner.latency, partner.body_bytes).answering(partner.answer));
     let settings = server::ConnectionSettings {
         acceptor: tokio_rustls::TlsAcceptor::from(tls),
         app: api::router(enrich, metrics.clone()),

@@ -19,8 +19,9 @@
 //! permit, so right after a flip to `propagate` A may have those and the
 //! limit's worth more. The limit is a semaphore: a request holds a permit
 //! from admission until its answer is built — also while its body is still
-//! arriving, so slow uploads count against it (A sets no body-read timeout
-//! yet).
+//! arriving, which is why a request may hold one for at most
+//! `header_read_timeout` + `backend_timeout` before it is answered 408
+//! (`api::RequestLimits`).
 
 use std::sync::Arc;
 

@@ -68,3 +68,110 @@ async fn the_partner_api_starts_before_the_bs_with_the_lab_ca() -> anyhow::Resul
     assert!(!record.is_alive(), "partner-api stopped by down");
     Ok(())
 }
+
+/// How B's jobs ended when every partner answer was broken in one way.
+async fn jobs_against_a_broken_partner(
+    lab: &mut TestLab,
+    jobs: u64,
+) -> anyhow::Result<Vec<(String, u32, String)>> {
+    lab.insert_jobs(jobs, 0.0).await?;
+    let db = lab.db().await?;
+    eventually(Duration::from_secs(30), "every job to end", || async {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE status NOT IN ('done', 'failed', 'dead')",
+        )
+        .fetch_one(&db)
+        .await
+        .ok()?;
+        (open == 0).then_some(())
+    })
+    .await?;
+    Ok(
+        sqlx::query_as("SELECT status, attempts, COALESCE(last_error, '') FROM jobs ORDER BY id")
+            .fetch_all(&db)
+            .await?,
+    )
+}
+
+/// partner-api answering broken bodies, too much, or with a certificate
+/// from a CA B does not trust: under `http_client = "shared"` every attempt
+/// fails with the reason, each job is retried up to `worker.max_attempts`
+/// and then failed — none hangs, none is lost — and B keeps no connection
+/// or response of any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_partner_answers_fail_each_attempt_with_the_reason() -> anyhow::Result<()> {
+    let cases = [
+        (
+            "partner.answer=truncated",
+            "partner.body_bytes=262144",
+            "error decoding response body",
+        ),
+        (
+            "partner.answer=not-json",
+            "partner.body_bytes=262144",
+            "not JSON",
+        ),
+        (
+            "partner.answer=json",
+            "partner.body_bytes=2097152",
+            "larger than 1048576 bytes",
+        ),
+        // The other CA has the same name as the lab's, so rustls finds the
+        // issuer and refuses its signature.
+        (
+            "partner.answer=json",
+            "partner.body_bytes=262144",
+            "invalid peer certificate",
+        ),
+    ];
+    let foreign = tempfile::tempdir()?;
+    let foreign_ca = partner_api::certs::ensure(foreign.path(), &["127.0.0.1"])?.ca_cert;
+    for (answer, size, reason) in cases {
+        let mut lab = TestLab::start(
+            1,
+            &[
+                "mode=fixed",
+                answer,
+                size,
+                "partner.latency=0s",
+                "worker.tick=100ms",
+                "worker.max_attempts=2",
+                "worker.retry_backoff=100ms",
+            ],
+        )
+        .await?;
+        if reason == "invalid peer certificate" {
+            // B restarted trusting another CA than the one partner-api's
+            // certificate comes from.
+            lab.stack
+                .restart_backends(&[format!("partner.ca_cert={}", foreign_ca.display())])
+                .await?;
+        }
+        let rows = jobs_against_a_broken_partner(&mut lab, 5).await?;
+        let b = "service-b-1";
+        let unclosed = lab.metric(b, "lab_http_responses_unclosed", &[]).await;
+        let alive = lab.metric(b, "lab_worker_tasks_alive", &[]).await;
+        let failed = rows
+            .iter()
+            .filter(|(status, ..)| status == "failed")
+            .count();
+        let first_error = rows.first().map_or("", |(.., error)| error.as_str());
+        println!(
+            "{answer} {size}: {failed} of {} jobs failed after their attempts ({first_error}); \
+             responses kept {unclosed:?}, worker tasks alive {alive:?}",
+            rows.len()
+        );
+        assert_eq!(rows.len(), 5, "no job lost");
+        for (status, attempts, error) in &rows {
+            assert_eq!(status, "failed", "{answer}: {rows:?}");
+            assert_eq!(*attempts, 2, "retried once, then failed: {rows:?}");
+            assert!(
+                error.contains(reason),
+                "{answer}: names {reason:?}: {error}"
+            );
+        }
+        assert_eq!(unclosed, Some(0.0), "no response kept");
+        assert_eq!(alive, Some(0.0), "no worker task left waiting");
+    }
+    Ok(())
+}
