@@ -147,7 +147,7 @@ pub async fn serve(
     {
         tracing::warn!(
             drain_timeout = ?limits.drain_timeout,
-            "connections still answering at shutdown were dropped"
+            "stopped waiting for connections still answering; they end with the process"
         );
     }
 }
@@ -164,12 +164,13 @@ fn log_connection_end(peer: SocketAddr, error: &hyper::Error) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::{sync::Arc, time::Instant};
 
     use axum::routing::get;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpStream,
+        sync::Notify,
         task::JoinHandle,
     };
 
@@ -177,10 +178,14 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_millis(300);
 
+    /// Signalled when `/slow` starts handling a request.
+    static SLOW_ENTERED: std::sync::OnceLock<Arc<Notify>> = std::sync::OnceLock::new();
+
     /// A listener on a free port with a 300 ms header read timeout and an
     /// 1 KiB head limit: `/peer` answers the caller's address as A's handlers
-    /// would see it, `/slow` answers after 300 ms.
+    /// would see it, `/slow` answers 300 ms after it signals `SLOW_ENTERED`.
     async fn listener() -> (SocketAddr, CancellationToken, JoinHandle<()>) {
+        let entered = SLOW_ENTERED.get_or_init(|| Arc::new(Notify::new())).clone();
         let router = Router::new()
             .route(
                 "/peer",
@@ -188,7 +193,8 @@ mod tests {
             )
             .route(
                 "/slow",
-                get(|| async {
+                get(move || async move {
+                    entered.notify_one();
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     "done"
                 }),
@@ -312,8 +318,12 @@ mod tests {
             .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("write");
-        // Give the request time to reach its handler, then shut down.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Shut down once the request is in its handler.
+        SLOW_ENTERED
+            .get()
+            .expect("the listener made it")
+            .notified()
+            .await;
         shutdown.cancel();
         let (seen, closed) = read_to_close(&mut stream).await;
         assert!(

@@ -97,7 +97,8 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let limits = http_listener::Limits {
         header_read_timeout: config.service_a.header_read_timeout,
         max_header_bytes: MAX_HEADER_BYTES,
-        // Requests in flight end by A's deadline.
+        // Calls to B end by A's deadline; a client still sending its body
+        // (it may take `request_timeout`) is not waited for.
         drain_timeout: config.service_a.backend_timeout + Duration::from_secs(1),
     };
     http_listener::serve(listener, app, limits, shutdown.clone()).await;

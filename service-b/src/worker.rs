@@ -466,6 +466,7 @@ async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(shared.config.pool_size as usize));
     // Ticks in a row deferred so far: one warning per streak, not per tick.
     let mut deferred_streak: u64 = 0;
+    let mut claim_expires = Instant::now();
     loop {
         // Backpressure: wait for a free slot before reading anything.
         let first = tokio::select! {
@@ -491,6 +492,9 @@ async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
                 Vec::new()
             }
             ClaimPlan::Claim { skip } => {
+                // The claim is this loop's until `visibility_timeout` from
+                // (at the latest) now.
+                claim_expires = Instant::now() + shared.config.visibility_timeout;
                 if deferred_streak > 0 {
                     tracing::info!(
                         ticks = deferred_streak,
@@ -541,7 +545,7 @@ async fn bounded(shared: Arc<Shared>, stop: CancellationToken) {
                 let shared = shared.clone();
                 lab_common::tasks::spawn("worker.job", async move {
                     let _slot = permit;
-                    attempt_claimed(shared, job, guard).await;
+                    attempt_claimed(shared, job, guard, claim_expires).await;
                 });
             })
             .await;
@@ -590,10 +594,12 @@ fn plan_claim(held: HashSet<i64>) -> ClaimPlan {
 
 /// One attempt of a claimed job (`bounded`): time-limited, fenced by the
 /// attempt number, retried or failed on error.
-async fn attempt_claimed(shared: Arc<Shared>, job: JobTask, _guard: TaskGuard) {
-    // The claim was taken moments ago, by this loop; it is ours until
-    // `visibility_timeout` from then.
-    let claim_expires = Instant::now() + shared.config.visibility_timeout;
+async fn attempt_claimed(
+    shared: Arc<Shared>,
+    job: JobTask,
+    _guard: TaskGuard,
+    claim_expires: Instant,
+) {
     shared
         .metrics
         .job_lag

@@ -205,7 +205,9 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
     }
 
     // No job lost or run twice: every row done, and partner-api (one call
-    // per attempt) served exactly as many calls as there are rows.
+    // per run of a job) served exactly as many calls as there are rows.
+    // (`attempts` is no measure: a claim counts one, so a row claimed just
+    // as MySQL stopped and never started reads 2 once it is taken back.)
     let db = lab.db().await?;
     let jobs = count(&db, "SELECT COUNT(*) FROM jobs").await?;
     eventually(Duration::from_secs(60), "every job done", || async {
@@ -215,7 +217,6 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
         (done == jobs).then_some(())
     })
     .await?;
-    let rerun = count(&db, "SELECT COUNT(*) FROM jobs WHERE attempts > 1").await?;
     let partner_calls = lab
         .metric("partner-api", "partner_requests_total", &[])
         .await
@@ -223,25 +224,32 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
     println!(
         "MySQL down {:.1}s: {} job submissions answered 503 naming MySQL, the slowest in \
          {slowest_failure:.2?}; {} cached reads all 200; first submission accepted {first_ok:.2?} \
-         after MySQL was ready; {jobs} jobs done, {rerun} attempted twice, partner-api calls \
-         {partner_calls}",
+         after MySQL was ready; {jobs} jobs done, partner-api calls {partner_calls}",
         (restarting_at - down_at).as_secs_f64(),
         failed_writes.len(),
         cached_reads.len()
     );
-    assert_eq!(rerun, 0, "no job attempted twice");
     assert_eq!(partner_calls, jobs as f64, "one partner call per job");
     Ok(())
 }
 
 /// MySQL killed (its connections cut without a goodbye) and started again
 /// at once: B's pools hold connections to a server that is gone, and must
-/// not hand them out once MySQL is back. Without B's ping after a failed
-/// connection (`service-b/src/db.rs`, `LinkTrouble`), the run that found it
-/// had one request fail after MySQL was back; without any ping, three.
+/// not hand them out once MySQL is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow::Result<()> {
-    let mut lab = TestLab::start(2, &["mode=fixed", "service_b.item_cache_capacity=1000"]).await?;
+    // Pools of 4: the steady traffic then takes each connection again
+    // within a second of its last use (sqlx hands out the longest idle
+    // first), so B's ping after idleness alone would not catch the dead ones.
+    let mut lab = TestLab::start(
+        2,
+        &[
+            "mode=fixed",
+            "service_b.item_cache_capacity=1000",
+            "mysql.pool_max=4",
+        ],
+    )
+    .await?;
     let samples = Arc::new(Mutex::new(Vec::new()));
     let stop_traffic = Arc::new(AtomicBool::new(false));
     let traffic_start = Instant::now();
@@ -255,7 +263,7 @@ async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow
     // A burst fills both pools with open connections, more than the outage's
     // few requests can wear out: most are still in the pool, dead, when
     // MySQL is back.
-    let burst: Vec<_> = (0..64)
+    let burst: Vec<_> = (0..16)
         .map(|i| {
             let url = format!("{}/api/jobs", lab.a_url());
             tokio::spawn(async move {
@@ -271,6 +279,7 @@ async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow
         .metric(BS[0], "lab_db_pool_connections", &[])
         .await
         .unwrap_or(0.0);
+    anyhow::ensure!(pooled >= 3.0, "the burst filled b-1's pool: {pooled}");
     let killed_at = traffic_start.elapsed();
     lab.stack
         .signal("mysql", nix::sys::signal::Signal::SIGKILL)?;

@@ -4,8 +4,8 @@
 //! request-smuggling attempts, a body that never finishes. None of them may
 //! crash A, keep its file descriptors, or stop it serving everyone else.
 //!
-//! A's header read timeout is 2 s here (default 10 s) and its deadline 1 s,
-//! so a body gets 2 s + 1 s before A answers 408.
+//! A's header read timeout is 4 s here (default 10 s) and its deadline 1 s,
+//! so a body gets 4 s + 1 s before A answers 408.
 
 use std::{
     net::SocketAddr,
@@ -18,19 +18,28 @@ use tokio::{
     net::TcpStream,
 };
 
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(4);
 const A: &str = "service-a";
 
-async fn start() -> anyhow::Result<TestLab> {
-    TestLab::start(
-        1,
-        &[
-            "mode=fixed",
-            "service_a.header_read_timeout=2s",
-            "service_a.backend_timeout=1s",
-        ],
-    )
-    .await
+/// A lab with A's timeouts as above, and `extra` settings.
+async fn start(extra: &[&str]) -> anyhow::Result<TestLab> {
+    let mut settings = vec![
+        "mode=fixed",
+        "service_a.header_read_timeout=4s",
+        "service_a.backend_timeout=1s",
+    ];
+    settings.extend_from_slice(extra);
+    TestLab::start(1, &settings).await
+}
+
+/// This test holds over 2 000 sockets; a soft limit of 1 024 is common.
+fn raise_open_file_limit() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(())
 }
 
 /// A's address (parsed once: connecting by a `host:port` string would ask
@@ -95,7 +104,8 @@ async fn route_count(lab: &TestLab, route: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_connections_are_closed_and_everyone_else_is_served() -> anyhow::Result<()> {
-    let lab = start().await?;
+    raise_open_file_limit()?;
+    let lab = start(&[]).await?;
     let addr = a_addr(&lab)?;
     let fds_before = a_gauge(&lab, "process_open_fds").await?;
     let rss_before = a_gauge(&lab, "process_resident_memory_bytes").await?;
@@ -124,10 +134,11 @@ async fn slow_and_idle_connections_are_closed_and_everyone_else_is_served() -> a
 
     // 2 000 connections that send nothing at all.
     let mut idle = Vec::new();
-    let opened = Instant::now();
+    let connecting = Instant::now();
     for _ in 0..2000 {
-        idle.push(TcpStream::connect(addr).await?);
+        idle.push((TcpStream::connect(addr).await?, Instant::now()));
     }
+    let connected_in = connecting.elapsed();
     let peak_fds = eventually(
         Duration::from_secs(5),
         "A to hold the idle connections",
@@ -166,11 +177,18 @@ async fn slow_and_idle_connections_are_closed_and_everyone_else_is_served() -> a
 
     // Every idle connection is closed too, and A's fds come back.
     let mut idle_closed = Vec::new();
-    for stream in &mut idle {
-        let (_, closed) = read_until_closed(stream, opened, Duration::from_secs(15)).await;
+    for (stream, opened) in &mut idle {
+        let (_, closed) = read_until_closed(stream, *opened, Duration::from_secs(15)).await;
         idle_closed.push(closed.ok_or_else(|| anyhow::anyhow!("an idle connection stayed open"))?);
     }
-    let last_idle = idle_closed.iter().max().copied().unwrap_or_default();
+    let (first_idle, last_idle) = (
+        idle_closed.iter().min().copied().unwrap_or_default(),
+        idle_closed.iter().max().copied().unwrap_or_default(),
+    );
+    assert!(
+        first_idle >= HEADER_READ_TIMEOUT - Duration::from_millis(100),
+        "{first_idle:?}"
+    );
     let fds_after = eventually(
         Duration::from_secs(5),
         "A's fds back to where they were",
@@ -184,8 +202,9 @@ async fn slow_and_idle_connections_are_closed_and_everyone_else_is_served() -> a
     let mib = |b: f64| b / (1024.0 * 1024.0);
     println!(
         "slowloris: 50 connections closed {first:.2?}–{last:.2?} after opening; \
-         2 000 idle: A's fds {fds_before} → {peak_fds} → {fds_after}, the last closed \
-         {last_idle:.2?} after the first opened; A's RSS {:.1} → {:.1} → {:.1} MiB",
+         2 000 idle (connected in {connected_in:.2?}): A's fds {fds_before} → {peak_fds} → \
+         {fds_after}, each closed {first_idle:.2?}–{last_idle:.2?} after it opened; A's RSS \
+         {:.1} → {:.1} → {:.1} MiB",
         mib(rss_before),
         mib(peak_rss),
         mib(rss_after)
@@ -195,7 +214,9 @@ async fn slow_and_idle_connections_are_closed_and_everyone_else_is_served() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_heads_and_smuggling_attempts_get_one_clear_answer() -> anyhow::Result<()> {
-    let lab = start().await?;
+    // One admission place: if the stalled body below kept its place, the
+    // request after it would be shed.
+    let lab = start(&["service_a.max_concurrent_requests=1"]).await?;
     const ITEMS: &str = "/api/items/{id}";
 
     // A head over 32 KiB, and one with more header fields than 100: 431.
@@ -235,8 +256,8 @@ Content-Length: 50\r\n\r\nhello";
     );
 
     // A body that stops halfway: 408 once the request has had the header
-    // read timeout plus A's deadline (2 s + 1 s), and the place it held is
-    // free again.
+    // read timeout plus A's deadline (4 s + 1 s), and the one admission
+    // place it held is free again.
     let mut stream = TcpStream::connect(a_addr(&lab)?).await?;
     stream
         .write_all(
@@ -254,7 +275,7 @@ Content-Length: 100\r\n\r\n{\"payload\":",
     assert!(took < bound + Duration::from_secs(2), "{took:?}");
     println!("a body that stopped halfway: 408 after {took:.2?} (bound {bound:?})");
 
-    // A is still whole.
+    // A is still whole, and its one admission place free.
     let (status, _, body, _) = get_json(&format!("{}/api/items/7", lab.a_url())).await?;
     assert_eq!(status, 200, "{body}");
     Ok(())
