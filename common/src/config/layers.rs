@@ -364,4 +364,159 @@ mod tests {
             Some(("faults.http_client", Kind::Str))
         );
     }
+
+    /// Property tests over every key the loader knows: whatever value a
+    /// user gives, the loader answers with a config or an error naming the
+    /// key; and whichever layers set a key, the latest one wins.
+    mod properties {
+        use std::io::Write;
+
+        use proptest::{prelude::*, sample::Index};
+
+        use super::*;
+        use crate::config::{Sources, env_var_for, load};
+
+        /// Values a user might type, and some no one would.
+        fn any_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|f| f.to_string()),
+                (
+                    0u32..100_000,
+                    prop::sample::select(vec!["ms", "s", "m", "h", "", "d"])
+                )
+                    .prop_map(|(n, unit)| format!("{n}{unit}")),
+                prop::sample::select(vec![
+                    "true",
+                    "false",
+                    "l4",
+                    "l7",
+                    "etcd",
+                    "buggy",
+                    "fixed",
+                    "bounded",
+                    "propagate",
+                    "shared",
+                    "close",
+                    "json",
+                    "peak-ewma",
+                    "127.0.0.1:1",
+                    "http://127.0.0.1:2379",
+                    "mysql://u:p@h:1/db",
+                    "[]",
+                    "a,b",
+                ])
+                .prop_map(String::from),
+                "\\PC{0,16}",
+            ]
+        }
+
+        fn all_keys() -> Vec<String> {
+            Keys::known().expect("keys").0.into_keys().collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            #[test]
+            fn any_value_for_any_key_loads_or_names_the_key(
+                key in any::<Index>(),
+                value in any_value(),
+            ) {
+                let keys = all_keys();
+                let key = key.get(&keys);
+                let sources = Sources {
+                    overrides: vec![format!("{key}={value}")],
+                    ..Sources::default()
+                };
+                if let Err(e) = load(&sources) {
+                    let message = e.to_string();
+                    prop_assert!(
+                        message.contains(key.as_str()),
+                        "--set {key}={value:?}: {message}"
+                    );
+                }
+            }
+        }
+
+        /// One value: (TOML, env and `--set`, the loaded config's JSON).
+        type LayeredValue = (String, String, serde_json::Value);
+
+        /// A key of each kind with three valid values: as written in TOML
+        /// (file), as typed in env and `--set`, and as the loaded config
+        /// shows it.
+        fn layered() -> Vec<(&'static str, Vec<LayeredValue>)> {
+            vec![
+                (
+                    "mysql.pool_max",
+                    vec![
+                        ("5".into(), "5".into(), serde_json::json!(5)),
+                        ("9".into(), "9".into(), serde_json::json!(9)),
+                        ("13".into(), "13".into(), serde_json::json!(13)),
+                    ],
+                ),
+                (
+                    "faults.lb",
+                    vec![
+                        ("\"l4\"".into(), "l4".into(), serde_json::json!("l4")),
+                        ("\"l7\"".into(), "l7".into(), serde_json::json!("l7")),
+                        ("\"etcd\"".into(), "etcd".into(), serde_json::json!("etcd")),
+                    ],
+                ),
+                (
+                    "service_a.backend_timeout",
+                    vec![
+                        ("\"3s\"".into(), "3s".into(), serde_json::json!("3s")),
+                        ("\"7s\"".into(), "7s".into(), serde_json::json!("7s")),
+                        ("\"9s\"".into(), "9s".into(), serde_json::json!("9s")),
+                    ],
+                ),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn the_latest_layer_that_sets_a_key_wins(
+                which in 0usize..3,
+                file in proptest::option::of(0usize..3),
+                env in proptest::option::of(0usize..3),
+                flag in proptest::option::of(0usize..3),
+            ) {
+                let cases = layered();
+                let (key, values) = &cases[which];
+                let (section, name) = key.split_once('.').expect("section.key");
+                let mut toml = tempfile::NamedTempFile::new().expect("temp file");
+                if let Some(i) = file {
+                    writeln!(toml, "[{section}]\n{name} = {}", values[i].0).expect("write");
+                }
+                let sources = Sources {
+                    file: file.map(|_| toml.path().to_path_buf()),
+                    env: env
+                        .map(|i| vec![(env_var_for(key), values[i].1.clone())])
+                        .unwrap_or_default(),
+                    overrides: flag
+                        .map(|i| vec![format!("{key}={}", values[i].1)])
+                        .unwrap_or_default(),
+                };
+                let config = load(&sources).expect("valid values load");
+                let shown = serde_json::to_value(&config).expect("config as JSON");
+                let got = shown
+                    .pointer(&format!("/{section}/{name}"))
+                    .cloned()
+                    .expect("the key is in the config");
+                let default = serde_json::to_value(crate::config::LabConfig::default())
+                    .expect("defaults as JSON")
+                    .pointer(&format!("/{section}/{name}"))
+                    .cloned();
+                let expected = flag.or(env).or(file).map(|i| values[i].2.clone());
+                match expected {
+                    Some(expected) => prop_assert_eq!(got, expected),
+                    // The preset chooses `lb` when no layer does.
+                    None if *key == "faults.lb" => {}
+                    None => prop_assert_eq!(Some(got), default),
+                }
+            }
+        }
+    }
 }
