@@ -78,6 +78,45 @@ async fn steady_traffic(
     while sent.join_next().await.is_some() {}
 }
 
+/// [`steady_traffic`] running in the background.
+struct Traffic {
+    start: Instant,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(a: String) -> Self {
+        let start = Instant::now();
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(steady_traffic(a, start, samples.clone(), stop.clone()));
+        Self {
+            start,
+            samples,
+            stop,
+            task,
+        }
+    }
+
+    /// Time since the traffic started, on the samples' clock.
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Stops sending, waits for the answers still due, returns them all.
+    async fn stop(self) -> anyhow::Result<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?;
+        Ok(self
+            .samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
+    }
+}
+
 async fn count(db: &sqlx::MySqlPool, sql: &'static str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
 }
@@ -108,22 +147,14 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
         .map(|b| lab.stack.service(b).map(|s| s.pid))
         .collect::<Result<_, _>>()?;
 
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let stop_traffic = Arc::new(AtomicBool::new(false));
-    let traffic_start = Instant::now();
-    let traffic = tokio::spawn(steady_traffic(
-        a.clone(),
-        traffic_start,
-        samples.clone(),
-        stop_traffic.clone(),
-    ));
+    let traffic = Traffic::start(a.clone());
     // Jobs in flight when MySQL goes: 300 at ~16 a second per B.
     lab.insert_jobs(300, 0.0).await?;
     tokio::time::sleep(Duration::from_secs(3)).await; // healthy traffic, measured
 
-    let stopping_at = traffic_start.elapsed();
+    let stopping_at = traffic.now();
     lab.stack.stop_service("mysql").await?;
-    let down_at = traffic_start.elapsed();
+    let down_at = traffic.now();
     // While MySQL is down, B says why it is not ready.
     let admin = lab.admin_url(BS[0])?;
     let why = eventually(
@@ -139,15 +170,12 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
     assert!(reason.contains("mysql"), "/readyz names MySQL: {why}");
     tokio::time::sleep(Duration::from_secs(10)).await; // the outage, measured
 
-    let restarting_at = traffic_start.elapsed();
+    let restarting_at = traffic.now();
     lab.stack.restart_mysql().await?;
-    let up_at = traffic_start.elapsed();
+    let up_at = traffic.now();
     // The measured recovery window.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    stop_traffic.store(true, Ordering::Relaxed);
-    traffic.await?;
-
-    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let samples = traffic.stop().await?;
     let during: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.at > down_at + Duration::from_secs(1) && s.at < restarting_at)
@@ -250,15 +278,7 @@ async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow
         ],
     )
     .await?;
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let stop_traffic = Arc::new(AtomicBool::new(false));
-    let traffic_start = Instant::now();
-    let traffic = tokio::spawn(steady_traffic(
-        lab.a_url(),
-        traffic_start,
-        samples.clone(),
-        stop_traffic.clone(),
-    ));
+    let traffic = Traffic::start(lab.a_url());
     tokio::time::sleep(Duration::from_secs(2)).await; // healthy traffic, measured
     // A burst fills both pools with open connections, more than the outage's
     // few requests can wear out: most are still in the pool, dead, when
@@ -280,19 +300,16 @@ async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow
         .await
         .unwrap_or(0.0);
     anyhow::ensure!(pooled >= 3.0, "the burst filled b-1's pool: {pooled}");
-    let killed_at = traffic_start.elapsed();
+    let killed_at = traffic.now();
     lab.stack
         .signal("mysql", nix::sys::signal::Signal::SIGKILL)?;
     lab.stack
         .wait_exit("mysql", Duration::from_secs(10))
         .await?;
     lab.stack.restart_mysql().await?;
-    let up_at = traffic_start.elapsed();
+    let up_at = traffic.now();
     tokio::time::sleep(Duration::from_secs(5)).await; // the measured recovery window
-    stop_traffic.store(true, Ordering::Relaxed);
-    traffic.await?;
-
-    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let samples = traffic.stop().await?;
     let writes = |from: Duration, to: Duration| {
         samples
             .iter()
@@ -335,24 +352,13 @@ async fn haproxy_restarted_under_l4_and_l7_costs_about_a_second_of_requests() ->
             ],
         )
         .await?;
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let stop_traffic = Arc::new(AtomicBool::new(false));
-        let traffic_start = Instant::now();
-        let traffic = tokio::spawn(steady_traffic(
-            lab.a_url(),
-            traffic_start,
-            samples.clone(),
-            stop_traffic.clone(),
-        ));
+        let traffic = Traffic::start(lab.a_url());
         tokio::time::sleep(Duration::from_secs(2)).await; // healthy traffic, measured
-        let restart_at = traffic_start.elapsed();
+        let restart_at = traffic.now();
         lab.stack.restart_slb().await?;
-        let back_at = traffic_start.elapsed();
+        let back_at = traffic.now();
         tokio::time::sleep(Duration::from_secs(5)).await; // the measured recovery window
-        stop_traffic.store(true, Ordering::Relaxed);
-        traffic.await?;
-
-        let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let samples = traffic.stop().await?;
         let failed: Vec<&Sample> = samples.iter().filter(|s| s.status / 100 != 2).collect();
         let first = failed.iter().map(|s| s.at).min();
         let last = failed.iter().map(|s| s.at).max();
