@@ -526,6 +526,27 @@ impl Default for MysqlConfig {
     }
 }
 
+/// `url` as it may be printed: the password, if any, replaced by `***`
+/// (`mysql://lab:***@127.0.0.1:33306/lab`). A value that is not a URL with
+/// a host (`lab:pw@db/lab` parses as scheme `lab` and a path) keeps only
+/// what follows its last `@`, since what precedes it may be a password.
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.has_host() => {
+            if parsed.password().is_some() {
+                // A URL with a host always takes a password.
+                let _ = parsed.set_password(Some("***"));
+                return parsed.to_string();
+            }
+            url.to_owned()
+        }
+        _ => match url.rsplit_once('@') {
+            Some((_, rest)) => format!("***@{rest}"),
+            None => url.to_owned(),
+        },
+    }
+}
+
 /// etcd, the service registry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -884,6 +905,26 @@ pub fn check_file(path: &Path) -> Result<LabConfig, ConfigError> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_printed_url_hides_its_password_and_only_that() {
+        assert_eq!(
+            redacted_url("mysql://lab:s3cret@127.0.0.1:33306/lab?ssl-mode=disabled"),
+            "mysql://lab:***@127.0.0.1:33306/lab?ssl-mode=disabled"
+        );
+        assert_eq!(
+            redacted_url("mysql://lab@db:3306/lab"),
+            "mysql://lab@db:3306/lab"
+        );
+        assert_eq!(
+            redacted_url("http://127.0.0.1:2379"),
+            "http://127.0.0.1:2379"
+        );
+        // Not a URL at all, but written like one: what precedes the last
+        // `@` may hold the password.
+        assert_eq!(redacted_url("lab:s3cret@db/lab"), "***@db/lab");
+        assert_eq!(redacted_url("not a url"), "not a url");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -1,6 +1,13 @@
--- Run by the MySQL/MariaDB server at start (--init-file natively,
--- /docker-entrypoint-initdb.d in compose): the lab's database and user.
--- service-b creates per-test databases itself, so `lab` gets global rights.
+-- Run by the MySQL/MariaDB server at start (--init-file natively, at every
+-- start; /docker-entrypoint-initdb.d in compose, once): the lab's database
+-- and `lab`, the one user the services and labctl connect as.
+--
+-- `lab` may use the `lab` database and nothing else: read and write its
+-- rows, and run B's migrations (CREATE, ALTER, INDEX; ANALYZE for `labctl
+-- bench jobs`). No global privilege, no access to `mysql.*` or to another
+-- database, no GRANT OPTION; no service connects as root.
 CREATE DATABASE IF NOT EXISTS lab;
 CREATE USER IF NOT EXISTS 'lab'@'%' IDENTIFIED BY 'lab';
-GRANT ALL PRIVILEGES ON *.* TO 'lab'@'%';
+-- A data directory made by an older lab granted `lab` everything on *.*.
+REVOKE ALL PRIVILEGES, GRANT OPTION FROM 'lab'@'%';
+GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX ON lab.* TO 'lab'@'%';

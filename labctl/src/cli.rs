@@ -270,6 +270,54 @@ pub enum BenchCmd {
     /// B's job claim as the jobs table grows: latency per claim, EXPLAIN
     /// of each of its statements and the rows they examine.
     Jobs(BenchJobsArgs),
+    /// Open-loop load at 3× what the stack sustains, fixed preset then
+    /// buggy: goodput, shedding, memory and recovery after the load drops.
+    Overload(BenchOverloadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchOverloadArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Presets, in order; the first one's capacity sets the load for all.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fixed,buggy")]
+    pub presets: Vec<lab_common::config::Mode>,
+    /// The overload as a multiple of the first preset's capacity.
+    #[arg(long, default_value_t = 3.0)]
+    pub multiple: f64,
+    /// Closed-loop connections for the warm-up and the capacity.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Unmeasured closed-loop load first.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// How long the capacity is measured (closed loop).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub capacity_duration: Duration,
+    /// Open loop at half the capacity before the overload: normal latency.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub baseline_duration: Duration,
+    /// How long the overload lasts.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Open loop at half the capacity after the overload.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub recovery: Duration,
+    /// Open loop: requests in flight at most; one due past it is dropped.
+    #[arg(long, default_value_t = 2048)]
+    pub max_in_flight: usize,
+    /// The generator gives up on a request after this (A's deadline is 5 s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Share every CPU between the stack and the generator instead of
+    /// running the stack on CPU 0 and the generator on the others.
+    #[arg(long)]
+    pub no_pin: bool,
+    #[arg(long, default_value = "/api/items/{rand}")]
+    pub path: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

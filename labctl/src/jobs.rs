@@ -78,7 +78,12 @@ pub async fn produce(spec: &JobSpec) -> anyhow::Result<JobReport> {
         .acquire_timeout(Duration::from_secs(5))
         .connect(&spec.mysql_url)
         .await
-        .with_context(|| format!("connecting to {}", spec.mysql_url))?;
+        .with_context(|| {
+            format!(
+                "connecting to {}",
+                lab_common::config::redacted_url(&spec.mysql_url)
+            )
+        })?;
     let mut rng = SmallRng::seed_from_u64(spec.seed);
     let mut report = JobReport::default();
     let start = Instant::now();

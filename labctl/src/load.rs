@@ -158,6 +158,14 @@ pub struct LoadReport {
     /// Closed loop: from send to answer. Open loop: from when the request
     /// was due to its answer.
     pub latency_ms: Percentiles,
+    /// The same, of the successes alone (absent when none succeeded)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ok_ms: Option<Percentiles>,
+    /// …and of the failures alone (absent when none failed): under
+    /// overload, how fast the admitted requests were and how fast the shed
+    /// ones were told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_failed_ms: Option<Percentiles>,
     pub by_backend: BTreeMap<String, u64>,
     /// Open loop: the rate asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,11 +222,19 @@ impl LoadReport {
             out.push_str(&format!("  (target {target:.1})"));
         }
         out.push('\n');
-        let l = &self.latency_ms;
-        out.push_str(&format!(
-            "latency   p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   p99.9 {:.2} ms   max {:.2} ms\n",
-            l.p50, l.p90, l.p99, l.p999, l.max
-        ));
+        let line = |label: &str, l: &Percentiles| {
+            format!(
+                "{label:<10}p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   p99.9 {:.2} ms   max {:.2} ms\n",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            )
+        };
+        out.push_str(&line("latency", &self.latency_ms));
+        // With successes and failures mixed, each apart (a fast 503 pulls
+        // the overall percentiles down).
+        if let (Some(ok), Some(failed)) = (&self.latency_ok_ms, &self.latency_failed_ms) {
+            out.push_str(&line("  ok", ok));
+            out.push_str(&line("  failed", failed));
+        }
         if let Some(lag) = &self.dispatch_lag_ms {
             out.push_str(&format!(
                 "lag       p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (generator: start vs due)\n",

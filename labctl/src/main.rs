@@ -62,6 +62,9 @@ async fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchCmd::Jobs(args),
         } => commands::bench::jobs(args).await,
+        Cmd::Bench {
+            what: BenchCmd::Overload(args),
+        } => commands::bench::overload(args).await,
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => commands::config::check(&file),

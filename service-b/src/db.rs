@@ -927,14 +927,14 @@ fn split_database(url: &str) -> Result<(String, String), DbError> {
     };
     let Some(scheme_end) = base.find("://") else {
         return Err(Failure::UrlShape {
-            url: url.to_owned(),
+            url: lab_common::config::redacted_url(url),
             problem: "has no scheme",
         }
         .into());
     };
     let Some((server, database)) = base[scheme_end + 3..].rsplit_once('/') else {
         return Err(Failure::UrlShape {
-            url: url.to_owned(),
+            url: lab_common::config::redacted_url(url),
             problem: "names no database (…/DATABASE)",
         }
         .into());

@@ -1,5 +1,6 @@
-//! `labctl bench scale` and `labctl bench jobs`, each run once through the
-//! real command with tiny sizes, so both keep working. They check that
+//! `labctl bench scale`, `labctl bench jobs` and `labctl bench overload`,
+//! each run once through the real command with tiny sizes, so they keep
+//! working. They check that
 //! every case is reported with numbers that can be true, not how fast
 //! anything is (the README has the figures and the commands that made
 //! them).
@@ -166,4 +167,56 @@ fn bench_jobs_claims_through_the_status_index_at_every_size() {
             "EXPLAIN not printed:\n{stdout}"
         );
     }
+}
+
+/// The fixed preset alone (the buggy one is the README's contrast), a few
+/// seconds per step: A sheds at 3× its capacity, quickly and with 503s
+/// only, keeps serving, and the calm load after it is served again.
+#[test]
+fn bench_overload_sheds_on_the_fixed_preset_and_recovers() {
+    let (results, stdout) = bench(&[
+        "overload",
+        "--presets",
+        "fixed",
+        "--warmup",
+        "1s",
+        "--capacity-duration",
+        "2s",
+        "--baseline-duration",
+        "2s",
+        "--duration",
+        "3s",
+        "--recovery",
+        "4s",
+    ]);
+    println!("{stdout}");
+    assert_eq!(results.len(), 1);
+    let fixed = &results[0];
+    assert_eq!(fixed["preset"], "fixed");
+    assert_eq!(fixed["pinned"], true, "this machine has two CPUs");
+    let capacity = number(fixed, "capacity_rps");
+    assert!(capacity > 0.0);
+    assert!(
+        (number(fixed, "offered_rps") - 3.0 * capacity).abs() < 1e-6 * capacity,
+        "{fixed}"
+    );
+    assert!(number(fixed, "goodput_rps") > 0.0, "{fixed}");
+    assert!(number(fixed, "shed_rps") > 0.0, "A shed: {fixed}");
+    // Every failure is A's 503: nothing timed out, was dropped or reset.
+    let errors = fixed["errors"].as_object().expect("errors");
+    assert_eq!(errors.keys().collect::<Vec<_>>(), ["503"], "{fixed}");
+    // Refused at once, never at A's 5 s deadline.
+    let shed_p99 = number(&fixed["failed_latency_ms"], "p99");
+    assert!(shed_p99 < 1000.0, "shed p99 {shed_p99} ms");
+    assert!(
+        number(fixed, "a_rss_max_mib") >= number(fixed, "a_rss_before_mib"),
+        "{fixed}"
+    );
+    let recovery = fixed["recovery_errors"].as_array().expect("per second");
+    assert_eq!(recovery.len(), 4, "{fixed}");
+    assert!(
+        fixed["recovered_after_s"].is_number(),
+        "normal again within the recovery: {fixed}"
+    );
+    assert!(stdout.contains("fixed"), "{stdout}");
 }

@@ -178,6 +178,68 @@ fn every_variable_is_defined_and_every_image_pinned() {
     }
 }
 
+/// The lab's containers run as the image's non-root user on a read-only
+/// root filesystem (a writable /tmp for heap profiles), and nothing secret
+/// is in the image: the state dirs holding the operator token and the
+/// partner's key are kept out of the build context, the runtime stage
+/// copies only the binaries and the shipped config, and that config sets
+/// no operator token (each lab makes its own or takes LAB_ADMIN_TOKEN).
+#[test]
+fn lab_containers_run_read_only_and_the_image_carries_no_secret() {
+    let c = compose();
+    let mut built = 0;
+    for (name, svc) in services(&c) {
+        if svc.get("build").is_none() {
+            continue;
+        }
+        built += 1;
+        let name = str_of(name);
+        assert_eq!(svc["read_only"], Value::Bool(true), "{name}: read_only");
+        assert!(
+            strings(&svc["tmpfs"]).contains(&"/tmp".to_string()),
+            "{name}: a tmpfs on /tmp"
+        );
+        assert!(
+            svc.get("user").is_none(),
+            "{name}: runs as the image's user, not {:?}",
+            svc["user"]
+        );
+    }
+    assert_eq!(built, 5, "partner-certs, partner-api, two Bs and A");
+
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
+    for dir in [".lab/", "target/"] {
+        assert!(
+            ignored.lines().any(|l| l.trim() == dir),
+            "{dir} is kept out of the build context"
+        );
+    }
+    let dockerfile =
+        std::fs::read_to_string(repo().join("deploy/docker/Dockerfile")).expect("Dockerfile");
+    let runtime = dockerfile
+        .split_once(" AS runtime")
+        .expect("a runtime stage")
+        .1;
+    let copies: Vec<&str> = runtime.lines().filter(|l| l.starts_with("COPY ")).collect();
+    assert_eq!(
+        copies,
+        [
+            "COPY --from=build /out/ /usr/local/bin/",
+            "COPY deploy/lab.toml /etc/lab/lab.toml"
+        ],
+        "the runtime stage copies the binaries and the config, nothing else"
+    );
+    let shipped = lab_common::config::load(&Sources {
+        file: Some(repo().join("deploy/lab.toml")),
+        ..Sources::default()
+    })
+    .expect("deploy/lab.toml is valid");
+    assert!(
+        !shipped.admin.token.is_set(),
+        "deploy/lab.toml sets no operator token"
+    );
+}
+
 #[test]
 fn the_topology_matches_labctl_up() {
     let c = compose();

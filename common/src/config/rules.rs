@@ -102,7 +102,7 @@ fn mysql_url_is_mysql(c: &LabConfig) -> Result<(), Broken> {
     }
     Err(broken(
         "mysql.url",
-        quoted(url),
+        quoted(&super::redacted_url(url)),
         "expected mysql://user:password@host:port/database",
     ))
 }

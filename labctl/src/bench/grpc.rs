@@ -417,6 +417,8 @@ mod tests {
                 p999: 3.0,
                 max: 4.0,
             },
+            latency_ok_ms: None,
+            latency_failed_ms: None,
             by_backend: BTreeMap::new(),
             target_rps: None,
             sent_rps: None,

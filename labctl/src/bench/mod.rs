@@ -8,10 +8,12 @@
 //! * [`grpc`] — B's gRPC path (item cache on, and off) against a bare tonic echo.
 //! * [`scale`] — A's cost per request as its registry grows and churns.
 //! * [`jobs`] — B's claim as the jobs table grows, with its plans.
+//! * [`overload`] — 3× the stack's capacity: shedding, goodput, recovery.
 
 pub mod grpc;
 pub mod jobs;
 pub mod lb;
+pub mod overload;
 pub mod process;
 pub mod scale;
 

@@ -8,10 +8,11 @@ use labctl::bench::{
     grpc::{self as grpc_bench, GrpcBenchSpec},
     jobs::{self as jobs_bench, JobsSpec},
     lb::{self as bench, BenchSpec},
+    overload::{self as overload_bench, OverloadSpec},
     scale::{self as scale_bench, ScaleSpec},
 };
 
-use crate::cli::{BenchGrpcArgs, BenchJobsArgs, BenchLbArgs, BenchScaleArgs};
+use crate::cli::{BenchGrpcArgs, BenchJobsArgs, BenchLbArgs, BenchOverloadArgs, BenchScaleArgs};
 
 pub async fn lb(args: BenchLbArgs) -> anyhow::Result<()> {
     let config = bench_config(&args.config, &[]);
@@ -60,6 +61,49 @@ pub async fn grpc(args: BenchGrpcArgs) -> anyhow::Result<()> {
         spec.duration
     );
     print!("{}", grpc_bench::table(&results));
+    write_json(args.json.as_deref(), &results)
+}
+
+pub async fn overload(args: BenchOverloadArgs) -> anyhow::Result<()> {
+    // No job inflow reaches these stacks; the worker only polls.
+    let presets = args
+        .presets
+        .iter()
+        .map(|mode| {
+            let name = super::json_str(mode);
+            let config = bench_config(&args.config, &[&format!("mode={name}")]);
+            (name, config)
+        })
+        .collect();
+    let spec = OverloadSpec {
+        presets,
+        multiple: args.multiple,
+        concurrency: args.concurrency,
+        warmup: args.warmup,
+        capacity_duration: args.capacity_duration,
+        baseline_duration: args.baseline_duration,
+        duration: args.duration,
+        recovery: args.recovery,
+        max_in_flight: args.max_in_flight,
+        timeout: args.timeout,
+        pin: !args.no_pin,
+        path: args.path,
+    };
+    let results = overload_bench::run(&spec, |line| eprintln!("{line}")).await?;
+    println!(
+        "\nopen loop at {}× the {} stack's capacity for {:?} through A's HTTP port, then half \
+         its capacity for {:?}{}; req/s, the generator's latency:\n",
+        spec.multiple,
+        spec.presets[0].0,
+        spec.duration,
+        spec.recovery,
+        if spec.pin {
+            "; stack on one CPU, generator on the others"
+        } else {
+            "; stack and generator share every CPU"
+        }
+    );
+    print!("{}", overload_bench::table(&results));
     write_json(args.json.as_deref(), &results)
 }
 

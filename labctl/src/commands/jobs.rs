@@ -19,7 +19,9 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     };
     eprintln!(
         "inserting {} jobs/s for {:?} into {} …",
-        spec.rate, spec.duration, spec.mysql_url
+        spec.rate,
+        spec.duration,
+        lab_common::config::redacted_url(&spec.mysql_url)
     );
     let report = jobs::produce(&spec).await?;
     println!(

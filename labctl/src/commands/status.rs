@@ -48,7 +48,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     for s in &state.services {
         let address = s
             .url
-            .clone()
+            .as_deref()
+            .map(lab_common::config::redacted_url)
             .or_else(|| s.grpc_addr.clone())
             .unwrap_or_default();
         let switches = match live.get(&s.name) {

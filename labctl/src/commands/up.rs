@@ -87,7 +87,8 @@ fn print_table(stack: &Stack) {
     for s in &stack.state.services {
         let address = s
             .url
-            .clone()
+            .as_deref()
+            .map(lab_common::config::redacted_url)
             .or_else(|| s.grpc_addr.clone().map(|a| format!("grpc://{a}")))
             .unwrap_or_default();
         let address = match (&s.l4_addr, &s.l7_addr) {

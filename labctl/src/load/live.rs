@@ -40,6 +40,8 @@ pub struct WindowStats {
     pub elapsed: Duration,
     /// Requests that got an HTTP answer, any status.
     pub answered: u64,
+    /// Of `answered`: the 2xx ones (the goodput).
+    pub ok: u64,
     /// Non-2xx answers, timeouts, transport failures, and requests the
     /// open loop dropped at its in-flight limit (a caller went unserved).
     pub errors: u64,
@@ -66,6 +68,7 @@ struct Tally {
     /// which are constant here, but `Default` must not fail at all.
     histogram: Option<Histogram<u64>>,
     answered: u64,
+    ok: u64,
     errors: u64,
     dropped: u64,
     by_backend: BTreeMap<String, u64>,
@@ -78,6 +81,7 @@ impl Default for LiveWindow {
                 since: Instant::now(),
                 histogram: None,
                 answered: 0,
+                ok: 0,
                 errors: 0,
                 dropped: 0,
                 by_backend: BTreeMap::new(),
@@ -107,7 +111,9 @@ impl LiveWindow {
         let keep_latency = match finished {
             Finished::Answered { status, served_by } => {
                 tally.answered += 1;
-                if !(200..300).contains(&status) {
+                if (200..300).contains(&status) {
+                    tally.ok += 1;
+                } else {
                     tally.errors += 1;
                 }
                 if let Some(id) = served_by {
@@ -167,6 +173,7 @@ impl LiveWindow {
         let stats = WindowStats {
             elapsed: now.saturating_duration_since(tally.since),
             answered: tally.answered,
+            ok: tally.ok,
             errors: tally.errors,
             dropped: tally.dropped,
             p50_ms,
@@ -175,6 +182,7 @@ impl LiveWindow {
         };
         tally.since = now;
         tally.answered = 0;
+        tally.ok = 0;
         tally.errors = 0;
         tally.dropped = 0;
         stats
@@ -202,6 +210,7 @@ mod tests {
 
         let stats = window.take();
         assert_eq!(stats.answered, 102);
+        assert_eq!(stats.ok, 100, "the 200s");
         assert_eq!(stats.errors, 4, "503, 504, the timeout and the failure");
         assert_eq!(
             stats.by_backend,
@@ -216,6 +225,7 @@ mod tests {
 
         let next = window.take();
         assert_eq!(next.answered, 0);
+        assert_eq!(next.ok, 0);
         assert_eq!(next.errors, 0);
         assert!(next.by_backend.is_empty());
         assert_eq!((next.p50_ms, next.p99_ms), (None, None));

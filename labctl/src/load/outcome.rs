@@ -137,6 +137,9 @@ pub(crate) fn record(histogram: &mut Histogram<u64>, d: Duration) {
 /// Counts of finished requests, merged into a report at the end.
 pub(crate) struct Tally {
     pub(crate) latency: Histogram<u64>,
+    /// The same latencies split by outcome: successes, and the rest.
+    latency_ok: Histogram<u64>,
+    latency_failed: Histogram<u64>,
     ok: u64,
     errors: BTreeMap<ErrorKey, u64>,
     by_backend: BTreeMap<String, u64>,
@@ -148,6 +151,8 @@ impl Tally {
     pub(crate) fn new() -> anyhow::Result<Self> {
         Ok(Self {
             latency: histogram()?,
+            latency_ok: histogram()?,
+            latency_failed: histogram()?,
             ok: 0,
             errors: BTreeMap::new(),
             by_backend: BTreeMap::new(),
@@ -187,8 +192,12 @@ impl Tally {
             Outcome::Failed(kind) => Some(ErrorKey::Named(kind)),
         };
         match error {
-            None => self.ok += 1,
+            None => {
+                self.ok += 1;
+                record(&mut self.latency_ok, latency);
+            }
             Some(key) => {
+                record(&mut self.latency_failed, latency);
                 *self.errors.entry(key).or_default() += 1;
                 self.first_error.get_or_insert(at);
                 self.last_error = Some(at);
@@ -198,6 +207,8 @@ impl Tally {
 
     pub(crate) fn merge(&mut self, other: Tally) -> anyhow::Result<()> {
         self.latency.add(&other.latency)?;
+        self.latency_ok.add(&other.latency_ok)?;
+        self.latency_failed.add(&other.latency_failed)?;
         self.ok += other.ok;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
@@ -228,6 +239,9 @@ impl Tally {
             dropped: 0,
             rps: requests as f64 / elapsed.as_secs_f64().max(1e-9),
             latency_ms: Percentiles::of(&self.latency),
+            latency_ok_ms: (!self.latency_ok.is_empty()).then(|| Percentiles::of(&self.latency_ok)),
+            latency_failed_ms: (!self.latency_failed.is_empty())
+                .then(|| Percentiles::of(&self.latency_failed)),
             by_backend: self.by_backend,
             target_rps: None,
             sent_rps: None,
@@ -242,6 +256,44 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn successes_and_failures_have_latencies_of_their_own() {
+        let mut tally = Tally::new().unwrap();
+        let answered = |status: u16| Outcome::Answered {
+            status,
+            error: (status != 200).then_some(ErrorKey::Status(status)),
+            served_by: None,
+        };
+        // 90 slow successes (100 ms), 10 fast refusals (1 ms).
+        for _ in 0..90 {
+            tally.record(
+                &answered(200),
+                Duration::from_millis(100),
+                Duration::ZERO,
+                None,
+            );
+        }
+        for _ in 0..10 {
+            tally.record(
+                &answered(503),
+                Duration::from_millis(1),
+                Duration::ZERO,
+                None,
+            );
+        }
+        let report = tally.report(Duration::from_secs(1));
+        let ms = |p: f64| (p * 10.0).round() / 10.0;
+        // Mixed, the refusals hide in the overall percentiles.
+        assert_eq!(ms(report.latency_ms.p50), 100.0);
+        assert_eq!(ms(report.latency_ok_ms.as_ref().unwrap().p50), 100.0);
+        assert_eq!(ms(report.latency_failed_ms.as_ref().unwrap().p99), 1.0);
+        assert_eq!(report.errors.get("503"), Some(&10));
+
+        let none_failed = Tally::new().unwrap().report(Duration::from_secs(1));
+        assert_eq!(none_failed.latency_ok_ms, None);
+        assert_eq!(none_failed.latency_failed_ms, None);
+    }
 
     #[test]
     fn ids_cover_the_range_and_follow_the_seed() {

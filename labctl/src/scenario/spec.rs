@@ -38,6 +38,7 @@ pub const BUILT_IN: &[(&str, &str)] = &[
         "remedies",
         include_str!("../../../deploy/scenarios/remedies.toml"),
     ),
+    ("soak", include_str!("../../../deploy/scenarios/soak.toml")),
 ];
 
 /// A scenario as written.
@@ -235,10 +236,12 @@ pub struct VerdictSpec {
     /// Which statistic of each instance over the phase window is computed
     /// (then combined by `instances`).
     pub stat: Stat,
-    /// The phase where the symptom must show.
-    pub buggy: String,
-    /// The phase where it must be gone (optional: some verdicts only check
-    /// that a symptom shows).
+    /// The phase where the symptom must show (optional: a soak only checks
+    /// that a symptom never shows).
+    #[serde(default)]
+    pub buggy: Option<String>,
+    /// The phase where it must be absent (optional: some verdicts only
+    /// check that a symptom shows). At least one of the two is named.
     #[serde(default)]
     pub fixed: Option<String>,
     /// The symptom is the statistic above this…
@@ -284,6 +287,9 @@ pub enum Stat {
     Increase,
     /// Least-squares slope, per minute (for a leak: how fast it grows).
     GrowthPerMin,
+    /// How much the least-squares line rises over the window, in percent of
+    /// where it starts (for a soak: "RSS grew 2 % in 10 minutes").
+    GrowthPercent,
 }
 
 impl Stat {
@@ -296,6 +302,7 @@ impl Stat {
             Stat::Last => "last",
             Stat::Increase => "increase",
             Stat::GrowthPerMin => "growth per min",
+            Stat::GrowthPercent => "growth %",
         }
     }
 }
@@ -538,8 +545,16 @@ fn check(scenario: &Scenario) -> Result<(), (String, String)> {
                 ),
             ));
         }
+        if verdict.buggy.is_none() && verdict.fixed.is_none() {
+            return Err((
+                at("buggy"),
+                "name the phase where the symptom must show (`buggy`), the one where it \
+                 must be absent (`fixed`), or both"
+                    .into(),
+            ));
+        }
         for (field, phase) in [
-            ("buggy", Some(&verdict.buggy)),
+            ("buggy", verdict.buggy.as_ref()),
             ("fixed", verdict.fixed.as_ref()),
         ] {
             if let Some(phase) = phase
@@ -553,7 +568,7 @@ fn check(scenario: &Scenario) -> Result<(), (String, String)> {
             }
         }
         if let Some(settle) = verdict.settle {
-            for phase in [Some(&verdict.buggy), verdict.fixed.as_ref()]
+            for phase in [verdict.buggy.as_ref(), verdict.fixed.as_ref()]
                 .into_iter()
                 .flatten()
             {
@@ -799,6 +814,21 @@ above = 16
             e.contains("verdict[0].signal") && e.contains("job_tasks"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_verdict_names_a_buggy_or_a_fixed_phase() {
+        let e = error_for("buggy = \"one\"\nfixed = \"two\"\n", "");
+        assert!(
+            e.contains("verdict[0].buggy") && e.contains("`fixed`"),
+            "{e}"
+        );
+        // Either one alone is a verdict: a soak names only the phase where
+        // the symptom must never show.
+        let soak = GOOD.replacen("buggy = \"one\"\n", "", 1);
+        let scenario = parse("t", "my.toml", &soak).expect("valid");
+        assert_eq!(scenario.verdicts[0].buggy, None);
+        assert_eq!(scenario.verdicts[0].fixed.as_deref(), Some("two"));
     }
 
     #[test]

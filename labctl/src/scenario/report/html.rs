@@ -223,24 +223,25 @@ fn write_verdicts(out: &mut String, verdicts: &[VerdictResult]) -> std::fmt::Res
     )?;
     writeln!(out, "<tbody>")?;
     for verdict in verdicts {
-        let fixed = match &verdict.fixed_phase {
+        let cell = |phase: &Option<String>, number: Option<f64>| match phase {
             Some(phase) => format!(
                 "{}<br/><span class=\"explanation\">{}</span>",
-                escape(&value(verdict.fixed_value, &verdict.unit)),
+                escape(&value(number, &verdict.unit)),
                 escape(phase)
             ),
             None => "—".into(),
         };
+        let buggy = cell(&verdict.buggy_phase, verdict.buggy_value);
+        let fixed = cell(&verdict.fixed_phase, verdict.fixed_value);
         writeln!(
             out,
-            "<tr><td>{}</td><td>{}<br/><span class=\"explanation\">{}</span></td><td>{}</td><td class=\"number\">{}</td><td class=\"number\">{}<br/><span class=\"explanation\">{}</span></td><td class=\"number\">{}</td><td class=\"holds {}\">{}</td></tr>",
+            "<tr><td>{}</td><td>{}<br/><span class=\"explanation\">{}</span></td><td>{}</td><td class=\"number\">{}</td><td class=\"number\">{}</td><td class=\"number\">{}</td><td class=\"holds {}\">{}</td></tr>",
             escape(&verdict.cause),
             escape(&verdict.symptom),
             escape(&verdict.explanation),
             escape(&verdict.measure),
             escape(&verdict.threshold),
-            escape(&value(verdict.buggy_value, &verdict.unit)),
-            escape(&verdict.buggy_phase),
+            buggy,
             fixed,
             if verdict.holds { "pass" } else { "fail" },
             mark(verdict.holds),

@@ -34,12 +34,14 @@ pub struct VerdictResult {
     /// The unit of the values, e.g. "share", "fds/min" (empty for a signal
     /// outside the catalogue).
     pub unit: String,
-    pub buggy_phase: String,
-    /// The statistic in the buggy phase (`None` when the phase has no samples).
+    pub buggy_phase: Option<String>,
+    /// The statistic in the buggy phase (`None` when none is named or it
+    /// has no samples).
     pub buggy_value: Option<f64>,
     pub fixed_phase: Option<String>,
     pub fixed_value: Option<f64>,
-    /// Symptom seen in the buggy phase and (if a fixed phase is named) gone in it.
+    /// Symptom seen in the buggy phase (if one is named) and absent from
+    /// the fixed phase (if one is named).
     pub holds: bool,
     /// One sentence: what was seen, with the numbers.
     pub explanation: String,

@@ -151,8 +151,13 @@ pub fn statistic(points: &[(f64, f64)], stat: Stat) -> Option<f64> {
         Stat::Mean => Some(values.iter().sum::<f64>() / n as f64),
         Stat::Last => Some(last.1),
         Stat::Increase if n >= 2 => Some(counter_increase(points)),
-        Stat::GrowthPerMin if n >= 2 => slope(points).map(|per_s| per_s * 60.0),
-        Stat::Increase | Stat::GrowthPerMin => None,
+        Stat::GrowthPerMin if n >= 2 => line(points).map(|(_, per_s)| per_s * 60.0),
+        Stat::GrowthPercent if n >= 2 => {
+            let (first_t, last_t) = (points[0].0, last.0);
+            let (at_first, per_s) = line(points)?;
+            (at_first > 0.0).then(|| per_s * (last_t - first_t) / at_first * 100.0)
+        }
+        Stat::Increase | Stat::GrowthPerMin | Stat::GrowthPercent => None,
     }
 }
 
@@ -173,9 +178,10 @@ fn counter_increase(points: &[(f64, f64)]) -> f64 {
         .sum()
 }
 
-/// Least-squares slope of value over time (per second); `None` when every
-/// point has the same time.
-fn slope(points: &[(f64, f64)]) -> Option<f64> {
+/// The least-squares line of value over time: its value at the first
+/// point's time and its slope per second; `None` when every point has the
+/// same time.
+fn line(points: &[(f64, f64)]) -> Option<(f64, f64)> {
     let n = points.len() as f64;
     let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
     let mean_v = points.iter().map(|p| p.1).sum::<f64>() / n;
@@ -184,7 +190,12 @@ fn slope(points: &[(f64, f64)]) -> Option<f64> {
         covariance += (t - mean_t) * (v - mean_v);
         variance += (t - mean_t) * (t - mean_t);
     }
-    (variance > 0.0).then(|| covariance / variance)
+    if variance <= 0.0 {
+        return None;
+    }
+    let slope = covariance / variance;
+    let first_t = points.first()?.0;
+    Some((mean_v + slope * (first_t - mean_t), slope))
 }
 
 /// A per-second rate integrated over time: each sample's rate times the
@@ -298,20 +309,31 @@ pub fn evaluate_one(recording: &Recording, spec: &VerdictSpec) -> VerdictResult 
     let unit = match spec.stat {
         Stat::GrowthPerMin if base_unit.is_empty() => "per min".to_string(),
         Stat::GrowthPerMin => format!("{base_unit}/min"),
+        Stat::GrowthPercent => "%".to_string(),
         _ => base_unit.to_string(),
     };
 
-    let buggy = read_phase(recording, spec, &spec.buggy);
-    let seen = buggy.value.is_some_and(shows);
-    let mut explanation = format!("{measure} over {}: ", spec.buggy);
-    explanation += &buggy.describe(|v| {
-        if shows(v) {
-            format!("{threshold_text}: symptom seen")
-        } else {
-            format!("not {threshold_text}: symptom not seen")
+    let mut parts = Vec::new();
+    let buggy = spec
+        .buggy
+        .as_ref()
+        .map(|name| (name, read_phase(recording, spec, name)));
+    let seen = match &buggy {
+        None => true,
+        Some((name, reading)) => {
+            parts.push(format!(
+                "over {name}: {}",
+                reading.describe(|v| {
+                    if shows(v) {
+                        format!("{threshold_text}: symptom seen")
+                    } else {
+                        format!("not {threshold_text}: symptom not seen")
+                    }
+                })
+            ));
+            reading.value.is_some_and(shows)
         }
-    });
-
+    };
     let fixed = spec
         .fixed
         .as_ref()
@@ -319,17 +341,19 @@ pub fn evaluate_one(recording: &Recording, spec: &VerdictSpec) -> VerdictResult 
     let gone = match &fixed {
         None => true,
         Some((name, reading)) => {
-            explanation += &format!("; over {name}: ");
-            explanation += &reading.describe(|v| {
-                if shows(v) {
-                    format!("still {threshold_text}: not gone")
-                } else {
-                    "gone".into()
-                }
-            });
+            // With no buggy phase the symptom was never there to go.
+            let (present, absent) = match buggy {
+                Some(_) => (format!("still {threshold_text}: not gone"), "gone"),
+                None => (format!("{threshold_text}: symptom present"), "absent"),
+            };
+            parts.push(format!(
+                "over {name}: {}",
+                reading.describe(|v| if shows(v) { present } else { absent.into() })
+            ));
             reading.value.is_some_and(|v| !shows(v))
         }
     };
+    let explanation = format!("{measure} {}", parts.join("; "));
 
     VerdictResult {
         cause: spec.cause.clone(),
@@ -339,7 +363,7 @@ pub fn evaluate_one(recording: &Recording, spec: &VerdictSpec) -> VerdictResult 
         threshold: threshold_text,
         unit,
         buggy_phase: spec.buggy.clone(),
-        buggy_value: buggy.value,
+        buggy_value: buggy.and_then(|(_, reading)| reading.value),
         fixed_phase: spec.fixed.clone(),
         fixed_value: fixed.and_then(|(_, reading)| reading.value),
         holds: seen && gone,
@@ -558,7 +582,7 @@ mod tests {
             signal: signal.into(),
             instances: combine,
             stat,
-            buggy: "buggy".into(),
+            buggy: Some("buggy".into()),
             fixed: Some("fixed".into()),
             above: Some(0.9),
             below: None,
@@ -624,6 +648,54 @@ mod tests {
         assert!((growth - 96.0).abs() < 1e-9, "{growth}");
         let flat = points(&[5.0, 5.0, 5.0]);
         assert_eq!(statistic(&flat, Stat::GrowthPerMin), Some(0.0));
+    }
+
+    #[test]
+    fn growth_percent_is_the_fitted_rise_over_the_fitted_start() {
+        // The fitted line starts at 0.8 and rises 1.6 a second: 6.4 over
+        // the 4 s, 800 % of where it starts.
+        let series = points(&[1.0, 2.0, 4.0, 6.0, 7.0]);
+        let growth = statistic(&series, Stat::GrowthPercent).unwrap();
+        assert!((growth - 800.0).abs() < 1e-9, "{growth}");
+        // 100 → 102 in a straight line: 2 %, whatever the noise around it.
+        let soak: Vec<f64> = (0..=100)
+            .map(|i| 100.0 + 0.02 * f64::from(i) + if i % 2 == 0 { 0.5 } else { -0.5 })
+            .collect();
+        let growth = statistic(&points(&soak), Stat::GrowthPercent).unwrap();
+        assert!((growth - 2.0).abs() < 0.05, "{growth}");
+        assert_eq!(
+            statistic(&points(&[5.0; 4]), Stat::GrowthPercent),
+            Some(0.0)
+        );
+        // A line that starts at or below 0 has no percentage.
+        assert_eq!(
+            statistic(&points(&[0.0, 0.0, 1.0]), Stat::GrowthPercent),
+            None
+        );
+        assert_eq!(statistic(&points(&[3.0]), Stat::GrowthPercent), None);
+    }
+
+    #[test]
+    fn a_verdict_with_only_a_fixed_phase_holds_while_the_symptom_is_absent() {
+        let recording = share_recording();
+        let mut spec = verdict("share", Combine::Max, Stat::Median);
+        spec.buggy = None;
+        let result = evaluate_one(&recording, &spec);
+        assert!(result.holds, "{}", result.explanation);
+        assert_eq!(result.buggy_phase, None);
+        assert_eq!(result.buggy_value, None);
+        assert_eq!(
+            result.explanation,
+            "max of share, median over fixed: 0.50 (absent)"
+        );
+        // The same verdict over the phase where b-1 served everything.
+        spec.fixed = Some("buggy".into());
+        let result = evaluate_one(&recording, &spec);
+        assert!(!result.holds, "{}", result.explanation);
+        assert_eq!(
+            result.explanation,
+            "max of share, median over buggy: 1 (> 0.9: symptom present)"
+        );
     }
 
     #[test]

@@ -45,6 +45,7 @@ fn quiet_window() -> WindowStats {
     WindowStats {
         elapsed: Duration::from_secs(1),
         answered: 0,
+        ok: 0,
         errors: 0,
         dropped: 0,
         p50_ms: None,
@@ -573,6 +574,7 @@ fn the_load_window_gives_rate_errors_latency_and_the_share_of_each_b_by_name() {
     let window = WindowStats {
         elapsed: Duration::from_millis(2000),
         answered: 120,
+        ok: 100,
         errors: 30,
         dropped: 10,
         p50_ms: Some(12.5),
