@@ -527,23 +527,21 @@ impl Default for MysqlConfig {
 }
 
 /// `url` as it may be printed: the password, if any, replaced by `***`
-/// (`mysql://lab:***@127.0.0.1:33306/lab`). A value that is not a URL with
-/// a host (`lab:pw@db/lab` parses as scheme `lab` and a path) keeps only
-/// what follows its last `@`, since what precedes it may be a password.
+/// (`mysql://lab:***@127.0.0.1:33306/lab`). Read as text, not parsed: a
+/// password may hold `#`, `/` or `?`, which a URL parser takes for the end
+/// of the authority and so for no password at all. Whatever precedes the
+/// last `@` is the user info; its part after the first `:` is the password.
+/// Without `://`, all of what precedes the last `@` is withheld.
 pub fn redacted_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.has_host() => {
-            if parsed.password().is_some() {
-                // A URL with a host always takes a password.
-                let _ = parsed.set_password(Some("***"));
-                return parsed.to_string();
-            }
-            url.to_owned()
-        }
-        _ => match url.rsplit_once('@') {
-            Some((_, rest)) => format!("***@{rest}"),
+    let Some((before_host, host_and_rest)) = url.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match before_host.split_once("://") {
+        Some((scheme, user_info)) => match user_info.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host_and_rest}"),
             None => url.to_owned(),
         },
+        None => format!("***@{host_and_rest}"),
     }
 }
 
@@ -919,6 +917,15 @@ mod tests {
         assert_eq!(
             redacted_url("http://127.0.0.1:2379"),
             "http://127.0.0.1:2379"
+        );
+        // Characters a URL parser would stop at.
+        assert_eq!(
+            redacted_url("mysql://lab:123#x/y?z@db:3306/lab"),
+            "mysql://lab:***@db:3306/lab"
+        );
+        assert_eq!(
+            redacted_url("mysql://lab:p@ss@db/lab"),
+            "mysql://lab:***@db/lab"
         );
         // Not a URL at all, but written like one: what precedes the last
         // `@` may hold the password.

@@ -304,10 +304,12 @@ pub struct BenchOverloadArgs {
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub recovery: Duration,
     /// Open loop: requests in flight at most; one due past it is dropped.
-    #[arg(long, default_value_t = 2048)]
+    /// High enough that callers wait on the stack, not on the generator.
+    #[arg(long, default_value_t = 16384)]
     pub max_in_flight: usize,
-    /// The generator gives up on a request after this (A's deadline is 5 s).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long a caller waits before giving up (A's own deadline is 5 s):
+    /// an answer later than this is no use to anyone.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// Share every CPU between the stack and the generator instead of
     /// running the stack on CPU 0 and the generator on the others.

@@ -236,7 +236,9 @@ impl Stack {
             dir: tls_dir.clone(),
             source: source.into(),
         })?;
-        let mut config = with_ports(&options.config, &ports, &tls);
+        let mysql_password = token::ensure_mysql_password(&state_dir)
+            .doing(|| format!("writing {}", state_dir.join("mysql.password").display()))?;
+        let mut config = with_ports(&options.config, &ports, &tls, &mysql_password);
         config.admin.token = token::ensure(&state_dir, &config.admin.token)
             .doing(|| format!("writing {}", token::path(&state_dir).display()))?;
         // Private: it carries the operator token.
@@ -268,9 +270,8 @@ impl Stack {
     async fn start_dependencies(&mut self, launch: &Launch) -> Result<(), LaunchError> {
         let ports = self.ports.clone();
         let mysql_cmd = mysql_command(&launch.bins, &self.state.state_dir, ports.mysql).await?;
-        self.start("mysql", mysql_cmd, |r| {
-            r.url = Some(format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql));
-        })?;
+        let shown = lab_common::config::redacted_url(&self.config.mysql.url);
+        self.start("mysql", mysql_cmd, |r| r.url = Some(shown))?;
         self.spawn_etcd(&launch.bins.etcd, true)?;
         let mut cmd = Command::new(&launch.bins.partner_api);
         cmd.arg("--config").arg(&self.state.config_file);
@@ -725,9 +726,8 @@ impl Stack {
         let bins = Binaries::find(None).await?;
         let port = self.ports.mysql;
         let cmd = mysql_command(&bins, &self.state.state_dir, port).await?;
-        self.start("mysql", cmd, |r| {
-            r.url = Some(format!("mysql://lab:lab@127.0.0.1:{port}/lab"));
-        })?;
+        let shown = lab_common::config::redacted_url(&self.config.mysql.url);
+        self.start("mysql", cmd, |r| r.url = Some(shown))?;
         let ready = vec![("mysql", Ready::MysqlGreeting(addr(port)))];
         self.wait_ready(&probe::http_client(), Duration::from_secs(30), ready)
             .await
@@ -892,7 +892,12 @@ fn absolute(path: &Path) -> Result<PathBuf, LaunchError> {
 
 /// The config the services get: the user's, with every address replaced by
 /// the planned loopback ports, and the partner's certificate files.
-fn with_ports(config: &LabConfig, ports: &Ports, tls: &TlsFiles) -> LabConfig {
+fn with_ports(
+    config: &LabConfig,
+    ports: &Ports,
+    tls: &TlsFiles,
+    mysql_password: &str,
+) -> LabConfig {
     let mut c = config.clone();
     c.service_a.listen = addr(ports.a_http);
     c.service_a.admin_listen = addr(ports.a_admin);
@@ -902,7 +907,7 @@ fn with_ports(config: &LabConfig, ports: &Ports, tls: &TlsFiles) -> LabConfig {
         c.service_b.listen = addr(*grpc);
         c.service_b.admin_listen = addr(*admin);
     }
-    c.mysql.url = format!("mysql://lab:lab@127.0.0.1:{}/lab", ports.mysql);
+    c.mysql.url = format!("mysql://lab:{mysql_password}@127.0.0.1:{}/lab", ports.mysql);
     c.etcd.endpoints = vec![url(ports.etcd_client)];
     c.slb.l4_listen = addr(ports.slb_l4);
     c.slb.l7_listen = addr(ports.slb_l7);
@@ -927,7 +932,9 @@ async fn mysql_command(
     let data = dir.join("data");
     std::fs::create_dir_all(&dir).doing(|| format!("creating {}", dir.display()))?;
     let init_sql = dir.join("init.sql");
-    std::fs::write(&init_sql, MYSQL_INIT_SQL)
+    let password = token::ensure_mysql_password(state_dir)
+        .doing(|| format!("writing {}", state_dir.join("mysql.password").display()))?;
+    token::write_private(&init_sql, init_sql_with_password(&password).as_bytes())
         .doing(|| format!("writing {}", init_sql.display()))?;
     // A private tmpdir: two servers bootstrapping at once in a shared /tmp
     // were seen to delete each other's temporary tables.
@@ -1001,6 +1008,15 @@ async fn mysql_command(
         cmd.arg("--user=root");
     }
     Ok(cmd)
+}
+
+/// `deploy/mysql/init.sql` with this lab's password for `lab` instead of
+/// the shipped default (compose keeps that one): set on a new user, and on
+/// one a data dir made by an earlier lab already has.
+fn init_sql_with_password(password: &str) -> String {
+    let quoted = format!("IDENTIFIED BY '{password}'");
+    let init = MYSQL_INIT_SQL.replace("IDENTIFIED BY 'lab'", &quoted);
+    format!("{init}ALTER USER 'lab'@'%' {quoted};\n")
 }
 
 /// How often etcd lets a client ping it. A and B ping etcd every second
@@ -1117,10 +1133,29 @@ mod tests {
     }
 
     #[test]
+    fn each_lab_gives_mysql_its_own_password() {
+        let sql = init_sql_with_password("0123abcd");
+        assert!(!sql.contains("BY 'lab'"), "{sql}");
+        // For a new user, and for one an earlier lab's data dir holds.
+        assert!(sql.contains("CREATE USER IF NOT EXISTS 'lab'@'%' IDENTIFIED BY '0123abcd';"));
+        assert!(
+            sql.trim_end()
+                .ends_with("ALTER USER 'lab'@'%' IDENTIFIED BY '0123abcd';")
+        );
+        let ports = Ports::plan(&LabConfig::default(), 1, PortPolicy::Auto).expect("ports");
+        let tls = TlsFiles::in_dir(Path::new("/state/tls"));
+        let c = with_ports(&LabConfig::default(), &ports, &tls, "0123abcd");
+        assert_eq!(
+            c.mysql.url,
+            format!("mysql://lab:0123abcd@127.0.0.1:{}/lab", ports.mysql)
+        );
+    }
+
+    #[test]
     fn services_get_the_planned_partner_addresses_and_certificate_files() {
         let ports = Ports::plan(&LabConfig::default(), 2, PortPolicy::Auto).expect("ports");
         let tls = TlsFiles::in_dir(Path::new("/state/tls"));
-        let c = with_ports(&LabConfig::default(), &ports, &tls);
+        let c = with_ports(&LabConfig::default(), &ports, &tls, "pw");
         assert_eq!(c.partner.listen, addr(ports.partner_https));
         assert_eq!(c.partner.admin_listen, addr(ports.partner_admin));
         assert_eq!(

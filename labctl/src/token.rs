@@ -41,8 +41,29 @@ pub fn read(state_dir: &Path) -> std::io::Result<AdminToken> {
 
 /// 32 random hex digits (128 bits).
 fn generate() -> AdminToken {
+    AdminToken::new(random_hex())
+}
+
+/// 32 random hex digits (128 bits): safe in a URL and in SQL quotes.
+fn random_hex() -> String {
     let bytes: [u8; 16] = rand::rng().random();
-    AdminToken::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The password of the lab's MySQL user `lab` in `state_dir`
+/// (`<state-dir>/mysql.password`, owner only): the one already there, else
+/// a new random one. Each native lab has its own, so a password found in a
+/// log would be this lab's, and a test can search for it.
+pub fn ensure_mysql_password(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join("mysql.password");
+    if let Ok(existing) = std::fs::read_to_string(&path)
+        && !existing.trim().is_empty()
+    {
+        return Ok(existing.trim().to_owned());
+    }
+    let password = random_hex();
+    write_private(&path, password.as_bytes())?;
+    Ok(password)
 }
 
 /// Writes `contents` to `path`, mode 0600 (the file is replaced, so an old
@@ -61,6 +82,22 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_lab_gets_a_private_random_mysql_password_and_keeps_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = ensure_mysql_password(dir.path()).expect("ensure");
+        assert_eq!(first.len(), 32);
+        assert!(first.chars().all(|c| c.is_ascii_hexdigit()), "{first}");
+        let mode = std::fs::metadata(dir.path().join("mysql.password"))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(ensure_mysql_password(dir.path()).expect("again"), first);
+        let other = tempfile::tempdir().expect("temp dir");
+        assert_ne!(ensure_mysql_password(other.path()).expect("other"), first);
+    }
 
     #[test]
     fn a_new_lab_gets_a_private_random_token_and_keeps_it() {

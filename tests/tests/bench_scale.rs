@@ -188,35 +188,54 @@ fn bench_overload_sheds_on_the_fixed_preset_and_recovers() {
         "3s",
         "--recovery",
         "4s",
+        // A debug build answers its admitted requests in about a second
+        // under this load: wait for them, so that every failure counted is
+        // one A chose to make.
+        "--timeout",
+        "10s",
     ]);
     println!("{stdout}");
     assert_eq!(results.len(), 1);
     let fixed = &results[0];
     assert_eq!(fixed["preset"], "fixed");
-    assert_eq!(fixed["pinned"], true, "this machine has two CPUs");
-    let capacity = number(fixed, "capacity_rps");
-    assert!(capacity > 0.0);
-    assert!(
-        (number(fixed, "offered_rps") - 3.0 * capacity).abs() < 1e-6 * capacity,
-        "{fixed}"
-    );
+    // Every process of the stack ran on one CPU, as the kernel says.
+    let allowed = fixed["stack_cpus_allowed"]
+        .as_object()
+        .expect("per process");
+    assert!(allowed.len() >= 7, "{allowed:?}");
+    for (process, cpus) in allowed {
+        let cpus = cpus.as_str().unwrap_or_default();
+        assert!(
+            !cpus.is_empty() && cpus.chars().all(|c| c.is_ascii_digit()),
+            "{process} may run on {cpus:?}, not one CPU"
+        );
+    }
     assert!(number(fixed, "goodput_rps") > 0.0, "{fixed}");
-    assert!(number(fixed, "shed_rps") > 0.0, "A shed: {fixed}");
-    // Every failure is A's 503: nothing timed out, was dropped or reset.
+    // Every failure is a 503 (nothing timed out, was dropped or reset),
+    // nearly all of them A's own `overloaded` (its lab_http_shed_total).
     let errors = fixed["errors"].as_object().expect("errors");
     assert_eq!(errors.keys().collect::<Vec<_>>(), ["503"], "{fixed}");
+    let answered_503 = number(fixed, "answered_503_rps");
+    let a_shed = number(fixed, "a_shed_rps");
+    assert!(
+        answered_503 > 0.0 && a_shed >= 0.9 * answered_503 && a_shed <= answered_503 * 1.01,
+        "A shed {a_shed}/s of {answered_503} 503s/s"
+    );
     // Refused at once, never at A's 5 s deadline.
     let shed_p99 = number(&fixed["failed_latency_ms"], "p99");
     assert!(shed_p99 < 1000.0, "shed p99 {shed_p99} ms");
-    assert!(
-        number(fixed, "a_rss_max_mib") >= number(fixed, "a_rss_before_mib"),
-        "{fixed}"
-    );
+    // A holds at most its 256 admitted requests: its memory grows by
+    // megabytes, not by the thousands of requests it refused.
+    let a_growth = number(fixed, "a_rss_max_mib") - number(fixed, "a_rss_before_mib");
+    assert!(a_growth < 100.0, "A grew by {a_growth:.0} MiB");
     let recovery = fixed["recovery_errors"].as_array().expect("per second");
     assert_eq!(recovery.len(), 4, "{fixed}");
     assert!(
         fixed["recovered_after_s"].is_number(),
         "normal again within the recovery: {fixed}"
     );
-    assert!(stdout.contains("fixed"), "{stdout}");
+    assert!(
+        stdout.lines().any(|line| line.starts_with("fixed ")),
+        "a table row for the preset: {stdout}"
+    );
 }

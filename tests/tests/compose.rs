@@ -180,10 +180,13 @@ fn every_variable_is_defined_and_every_image_pinned() {
 
 /// The lab's containers run as the image's non-root user on a read-only
 /// root filesystem (a writable /tmp for heap profiles), and nothing secret
-/// is in the image: the state dirs holding the operator token and the
-/// partner's key are kept out of the build context, the runtime stage
-/// copies only the binaries and the shipped config, and that config sets
-/// no operator token (each lab makes its own or takes LAB_ADMIN_TOKEN).
+/// is in the image: the state dirs holding the operator token, the MySQL
+/// password and the partner's key are kept out of the build context, the
+/// runtime stage copies only the binaries and the shipped config, and that
+/// config sets no operator token (each lab makes its own or takes
+/// LAB_ADMIN_TOKEN). Its `mysql.url` holds compose's default `lab:lab`,
+/// as public as the compose file. The third-party images (MySQL, etcd,
+/// HAProxy, Prometheus, Grafana, Jaeger) keep their own users.
 #[test]
 fn lab_containers_run_read_only_and_the_image_carries_no_secret() {
     let c = compose();
@@ -220,6 +223,17 @@ fn lab_containers_run_read_only_and_the_image_carries_no_secret() {
         .split_once(" AS runtime")
         .expect("a runtime stage")
         .1;
+    let user = runtime
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("the runtime stage sets USER");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .and_then(|uid| uid.parse().ok())
+        .unwrap_or_else(|| panic!("USER {user} is a numeric uid"));
+    assert!(uid >= 1000, "USER {user}: not root, not a system account");
     let copies: Vec<&str> = runtime.lines().filter(|l| l.starts_with("COPY ")).collect();
     assert_eq!(
         copies,

@@ -41,6 +41,11 @@ async fn the_services_mysql_user_reaches_its_own_database_only() -> anyhow::Resu
     .await?;
 
     let db = lab.db().await?;
+    // B's own credentials, not root's.
+    let user: String = sqlx::query_scalar("SELECT CURRENT_USER()")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(user, "lab@%");
     let grants: Vec<String> = sqlx::query_scalar("SHOW GRANTS").fetch_all(&db).await?;
     println!("grants of the services' user: {grants:#?}");
     assert!(!grants.is_empty());
@@ -74,11 +79,7 @@ async fn the_services_mysql_user_reaches_its_own_database_only() -> anyhow::Resu
             .err()
             .unwrap_or_else(|| panic!("{statement:?} ran as the services' user"));
         println!("{statement}: {error}");
-        assert_eq!(
-            mysql_number(&error),
-            Some(code),
-            "{statement}: {error}"
-        );
+        assert_eq!(mysql_number(&error), Some(code), "{statement}: {error}");
     }
     Ok(())
 }
@@ -88,15 +89,21 @@ async fn no_secret_reaches_a_log_an_admin_endpoint_or_labctl_output() -> anyhow:
     let lab = TestLab::start(2, &["mode=fixed", "worker.cpu_per_kib=0s"]).await?;
     let token = lab.admin_token();
     assert!(token.len() >= 32, "labctl up made a token");
-    // The MySQL URL with its password, as a log line would carry it.
-    let mysql_url = lab.stack.config.mysql.url.clone();
-    let credentials = mysql_url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split_once('@'))
-        .map(|(userinfo, _)| format!("{userinfo}@"))
-        .expect("the lab's mysql.url has user:password@");
-    assert!(credentials.contains(':'), "{credentials}");
-    // The partner's private key: every line of its PEM body.
+    // Each lab's own MySQL password (32 hex digits), the one B uses.
+    let state_dir = lab.stack.state.state_dir.clone();
+    let password = std::fs::read_to_string(state_dir.join("mysql.password"))?;
+    assert_eq!(password.len(), 32, "{password}");
+    assert!(
+        lab.stack
+            .config
+            .mysql
+            .url
+            .contains(&format!("lab:{password}@")),
+        "B connects with it"
+    );
+    // The partner's private key: every line of its PEM body. (The CA's
+    // key is never written anywhere: partner-api's certs are signed in
+    // memory and only the CA certificate is kept.)
     let key_pem = std::fs::read_to_string(&lab.stack.config.partner.key)?;
     let key_lines: Vec<&str> = key_pem
         .lines()
@@ -106,9 +113,11 @@ async fn no_secret_reaches_a_log_an_admin_endpoint_or_labctl_output() -> anyhow:
 
     // Everything that writes logs: requests good and bad, jobs and partner
     // calls, operator calls with the wrong and the right token, a switch
-    // flipped live, B restarted.
+    // flipped live. What A answered is read too.
+    let mut seen = Vec::new();
     for path in ["/api/items/1", "/api/items/x", "/api/items/99999999999"] {
-        let _ = get_json(&format!("{}{path}", lab.a_url())).await?;
+        let (status, _, body, _) = get_json(&format!("{}{path}", lab.a_url())).await?;
+        seen.push((format!("A's answer to {path} ({status})"), body.to_string()));
     }
     lab.insert_jobs(4, 0.25).await?;
     eventually(Duration::from_secs(20), "the jobs handled", || async {
@@ -142,11 +151,10 @@ async fn no_secret_reaches_a_log_an_admin_endpoint_or_labctl_output() -> anyhow:
     assert!(flip.status().is_success(), "{}", flip.status());
 
     // What a reader of the lab sees: every admin endpoint that answers
-    // without the token, and labctl's own status table.
-    let mut seen = Vec::new();
+    // without the token, and labctl's status, as a table and as JSON.
     for service in ["service-a", "service-b-1", "service-b-2", "partner-api"] {
         let admin = lab.admin_url(service)?;
-        for path in ["/metrics", "/faults", "/readyz", "/healthz", "/"] {
+        for path in ["/metrics", "/faults", "/readyz", "/healthz"] {
             let body = lab_tests::plain_client()?
                 .get(format!("{admin}{path}"))
                 .send()
@@ -156,17 +164,20 @@ async fn no_secret_reaches_a_log_an_admin_endpoint_or_labctl_output() -> anyhow:
             seen.push((format!("{service} {path}"), body));
         }
     }
-    let status = Command::new(binary("labctl"))
-        .args(["status", "--state-dir"])
-        .arg(&lab.stack.state.state_dir)
-        .output()?;
-    let status_text = String::from_utf8_lossy(&status.stdout).into_owned();
-    assert!(
-        status_text.contains("mysql") && status_text.contains(":***@"),
-        "labctl status lists MySQL with its password hidden:\n{status_text}"
-    );
-    seen.push(("labctl status".into(), status_text));
-    let logs = lab.stack.state.state_dir.join("logs");
+    for json in [false, true] {
+        let mut status = Command::new(binary("labctl"));
+        status.arg("status").arg("--state-dir").arg(&state_dir);
+        if json {
+            status.arg("--json");
+        }
+        let out = String::from_utf8_lossy(&status.output()?.stdout).into_owned();
+        assert!(
+            out.contains("mysql://lab:***@"),
+            "labctl status lists MySQL with its password hidden:\n{out}"
+        );
+        seen.push((format!("labctl status (json: {json})"), out));
+    }
+    let logs = state_dir.join("logs");
     for entry in std::fs::read_dir(&logs)? {
         let path = entry?.path();
         let text = String::from_utf8_lossy(&std::fs::read(&path)?).into_owned();
@@ -183,10 +194,7 @@ async fn no_secret_reaches_a_log_an_admin_endpoint_or_labctl_output() -> anyhow:
 
     for (what, text) in &seen {
         assert!(!text.contains(&token), "{what} shows the operator token");
-        assert!(
-            !text.contains(&credentials),
-            "{what} shows MySQL's password ({credentials})"
-        );
+        assert!(!text.contains(&password), "{what} shows MySQL's password");
         for line in &key_lines {
             assert!(!text.contains(line), "{what} shows the partner's key");
         }

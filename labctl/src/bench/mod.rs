@@ -42,6 +42,32 @@ pub fn stack_options(config: LabConfig, dir: &Path, backends: usize) -> UpOption
     options
 }
 
+/// The value of the unlabelled sample `name` on an admin listener's
+/// `/metrics` (`None` if it cannot be read or is not there).
+pub async fn admin_sample(admin_url: &str, name: &str) -> Option<f64> {
+    let url = format!("{}/metrics", admin_url.trim_end_matches('/'));
+    let (status, body) = crate::probe::get(
+        &crate::probe::http_client(),
+        &url,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .ok()?;
+    if status != 200 {
+        return None;
+    }
+    sample(&String::from_utf8_lossy(&body), name)
+}
+
+/// The value of an unlabelled sample `name` in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// CPU seconds per 10 000 requests (NaN when none were made): a process's
 /// cost per request, far less noisy on a shared machine than throughput.
 pub fn cpu_per_10k(cpu_seconds: f64, requests: u64) -> f64 {
@@ -65,6 +91,14 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unlabelled_sample_is_found_by_its_exact_name() {
+        let text =
+            "# TYPE lab_http_shed_total counter\nlab_http_shed_total_x 9\nlab_http_shed_total 42\n";
+        assert_eq!(sample(text, "lab_http_shed_total"), Some(42.0));
+        assert_eq!(sample(text, "lab_missing"), None);
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

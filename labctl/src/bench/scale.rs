@@ -74,7 +74,6 @@ use super::{median, process};
 use crate::{
     launcher::Stack,
     load::{self, LoadReport, LoadSpec},
-    probe,
 };
 
 /// What to measure.
@@ -360,23 +359,7 @@ async fn scale_to(
 
 /// A's `lab_backend_endpoints` now.
 async fn endpoints(admin_url: &str) -> Option<f64> {
-    let url = format!("{}/metrics", admin_url.trim_end_matches('/'));
-    let (status, body) = probe::get(&probe::http_client(), &url, Duration::from_secs(5))
-        .await
-        .ok()?;
-    if status != 200 {
-        return None;
-    }
-    gauge(&String::from_utf8_lossy(&body), "lab_backend_endpoints")
-}
-
-/// The value of an unlabelled sample `name` in a Prometheus text exposition.
-fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))?
-        .trim()
-        .parse()
-        .ok()
+    super::admin_sample(admin_url, "lab_backend_endpoints").await
 }
 
 /// Waits until A's balancer holds `expected` endpoints.
@@ -574,14 +557,5 @@ mod tests {
             2,
             "no churn: the static case only"
         );
-    }
-
-    #[test]
-    fn a_gauge_is_read_from_its_own_line_only() {
-        let text = "# TYPE lab_backend_endpoints gauge\n\
-                    lab_backend_endpoints_total 9\n\
-                    lab_backend_endpoints 1032\n";
-        assert_eq!(gauge(text, "lab_backend_endpoints"), Some(1032.0));
-        assert_eq!(gauge("other 1\n", "lab_backend_endpoints"), None);
     }
 }

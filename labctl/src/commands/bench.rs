@@ -66,15 +66,20 @@ pub async fn grpc(args: BenchGrpcArgs) -> anyhow::Result<()> {
 
 pub async fn overload(args: BenchOverloadArgs) -> anyhow::Result<()> {
     // No job inflow reaches these stacks; the worker only polls.
-    let presets = args
-        .presets
-        .iter()
-        .map(|mode| {
-            let name = super::json_str(mode);
-            let config = bench_config(&args.config, &[&format!("mode={name}")]);
-            (name, config)
-        })
-        .collect();
+    let mut presets = Vec::new();
+    for mode in &args.presets {
+        let name = super::json_str(mode);
+        let config = bench_config(&args.config, &[&format!("mode={name}")]);
+        // `--mode` or `--set mode=…` would win over the preset and label
+        // one preset's figures with another's name.
+        if config.mode != *mode {
+            anyhow::bail!(
+                "--presets {name} runs mode {name}; drop --mode / --set mode=… (the presets \
+                 are chosen with --presets)"
+            );
+        }
+        presets.push((name, config));
+    }
     let spec = OverloadSpec {
         presets,
         multiple: args.multiple,

@@ -287,6 +287,10 @@ pub enum Stat {
     Increase,
     /// Least-squares slope, per minute (for a leak: how fast it grows).
     GrowthPerMin,
+    /// How much the least-squares line rises over the window, in the
+    /// signal's unit (for a soak: "fds grew by 2"). Unlike a rate, a few
+    /// connections opened and closed in a short window do not make it large.
+    Growth,
     /// How much the least-squares line rises over the window, in percent of
     /// where it starts (for a soak: "RSS grew 2 % in 10 minutes").
     GrowthPercent,
@@ -302,6 +306,7 @@ impl Stat {
             Stat::Last => "last",
             Stat::Increase => "increase",
             Stat::GrowthPerMin => "growth per min",
+            Stat::Growth => "growth",
             Stat::GrowthPercent => "growth %",
         }
     }

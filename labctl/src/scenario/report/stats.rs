@@ -152,12 +152,16 @@ pub fn statistic(points: &[(f64, f64)], stat: Stat) -> Option<f64> {
         Stat::Last => Some(last.1),
         Stat::Increase if n >= 2 => Some(counter_increase(points)),
         Stat::GrowthPerMin if n >= 2 => line(points).map(|(_, per_s)| per_s * 60.0),
+        Stat::Growth if n >= 2 => {
+            let (_, per_s) = line(points)?;
+            Some(per_s * (last.0 - points[0].0))
+        }
         Stat::GrowthPercent if n >= 2 => {
             let (first_t, last_t) = (points[0].0, last.0);
             let (at_first, per_s) = line(points)?;
             (at_first > 0.0).then(|| per_s * (last_t - first_t) / at_first * 100.0)
         }
-        Stat::Increase | Stat::GrowthPerMin | Stat::GrowthPercent => None,
+        Stat::Increase | Stat::GrowthPerMin | Stat::Growth | Stat::GrowthPercent => None,
     }
 }
 
@@ -673,6 +677,10 @@ mod tests {
             None
         );
         assert_eq!(statistic(&points(&[3.0]), Stat::GrowthPercent), None);
+        // The same line's rise in the signal's unit: 1.6 a second for 4 s.
+        let growth = statistic(&series, Stat::Growth).unwrap();
+        assert!((growth - 6.4).abs() < 1e-9, "{growth}");
+        assert_eq!(statistic(&points(&[3.0]), Stat::Growth), None);
     }
 
     #[test]
@@ -712,6 +720,84 @@ mod tests {
         // 5 → 8 (+3), restart, 2 (+2), 4 (+2).
         let series = points(&[5.0, 8.0, 2.0, 4.0]);
         assert_eq!(statistic(&series, Stat::Increase), Some(7.0));
+    }
+
+    /// The built-in soak's verdicts over a recording of its phases: a flat
+    /// fixed stack holds all eight, and each one fails on its own symptom.
+    #[test]
+    fn the_soak_verdicts_hold_on_a_flat_stack_and_each_fails_on_its_symptom() {
+        let soak = crate::scenario::spec::find("soak").expect("the built-in soak");
+        let recording = |leak: Option<&str>| {
+            let mut r = Recording {
+                phases: vec![phase("warm-up", 0.0, 60.0), phase("soak", 60.0, 660.0)],
+                duration_s: 660.0,
+                ..Recording::default()
+            };
+            for t in 0..660 {
+                let t = f64::from(t);
+                let minutes = (t - 60.0).max(0.0) / 60.0;
+                // The flat value, or what a leak makes of it.
+                let value = |signal: &str, flat: f64, leaking: f64| {
+                    if leak == Some(signal) { leaking } else { flat }
+                };
+                r.push("errors", "load", t, Some(value("errors", 0.0, 1.0)));
+                for b in ["service-b-1", "service-b-2"] {
+                    r.push(
+                        "rss_mib",
+                        b,
+                        t,
+                        Some(value("rss_mib", 25.0, 25.0 + minutes)),
+                    );
+                    r.push(
+                        "open_fds",
+                        b,
+                        t,
+                        Some(value("open_fds", 30.0, 30.0 + 2.0 * minutes)),
+                    );
+                    r.push(
+                        "tasks_alive",
+                        b,
+                        t,
+                        Some(value("tasks_alive", 28.0, 28.0 + 3.0 * minutes)),
+                    );
+                    r.push(
+                        "pool_in_use",
+                        b,
+                        t,
+                        Some(value("pool_in_use", 1.0, 1.0 + minutes)),
+                    );
+                    r.push("pool_leaked", b, t, Some(value("pool_leaked", 0.0, 1.0)));
+                    r.push("jobs_done", b, t, Some(value("jobs_done", 6.0, 5.0)));
+                    r.push(
+                        "jobs_duplicate",
+                        b,
+                        t,
+                        Some(value("jobs_duplicate", 0.0, t)),
+                    );
+                }
+            }
+            r
+        };
+        let holding = |r: &Recording| -> Vec<(String, bool)> {
+            evaluate_all(r, &soak)
+                .into_iter()
+                .map(|v| (v.signal, v.holds))
+                .collect()
+        };
+        let flat = holding(&recording(None));
+        assert_eq!(flat.len(), 8);
+        assert!(flat.iter().all(|(_, holds)| *holds), "{flat:?}");
+        for verdict in &soak.verdicts {
+            let leaking = holding(&recording(Some(&verdict.signal)));
+            for (signal, holds) in leaking {
+                assert_eq!(
+                    holds,
+                    signal != verdict.signal,
+                    "{signal} with {} leaking",
+                    verdict.signal
+                );
+            }
+        }
     }
 
     /// Ten seconds of one phase, for the per-instance tests.
