@@ -111,9 +111,11 @@ async fn unbounded_workers_push_requests_past_the_deadline_and_the_fix_holds() -
     );
     // An absolute bound: the unloaded p99 is a few milliseconds, so a ratio
     // to it mostly measures how busy the shared machine was that second.
+    // 16 ms here, 130 ms once in CI on a busier machine; the buggy form
+    // passes the whole deadline, five times this bound.
     assert!(
-        fixed.latency_ms.p99 < DEADLINE_MS / 20.0,
-        "p99 {} ms should stay under a twentieth of A's deadline (unloaded {} ms)",
+        fixed.latency_ms.p99 < DEADLINE_MS / 5.0,
+        "p99 {} ms should stay under a fifth of A's deadline (unloaded {} ms)",
         fixed.latency_ms.p99,
         base.latency_ms.p99
     );
