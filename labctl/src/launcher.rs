@@ -733,6 +733,32 @@ impl Stack {
             .await
     }
 
+    /// Starts partner-api again on its ports and certificate after
+    /// [`Stack::stop_service`], with `extra` `--set KEY=VALUE` after the
+    /// lab's config (a partner back but slow: `partner.latency=2s`).
+    pub async fn restart_partner(&mut self, extra: &[String]) -> Result<(), LaunchError> {
+        if self.service("partner-api")?.is_alive() {
+            return Err(LaunchError::ServiceStillRunning("partner-api"));
+        }
+        let bins = Binaries::find(None).await?;
+        let mut cmd = Command::new(&bins.partner_api);
+        cmd.arg("--config").arg(&self.state.config_file);
+        for set in extra {
+            cmd.arg("--set").arg(set);
+        }
+        let ports = self.ports.clone();
+        self.start("partner-api", cmd, |r| {
+            r.url = Some(https_url(ports.partner_https));
+            r.admin_url = Some(url(ports.partner_admin));
+        })?;
+        let ready = vec![(
+            "partner-api",
+            Ready::Http(format!("{}/readyz", url(ports.partner_admin))),
+        )];
+        self.wait_ready(&probe::http_client(), Duration::from_secs(30), ready)
+            .await
+    }
+
     /// Rewrites HAProxy's backends for the current Bs and restarts it.
     pub async fn restart_slb(&mut self) -> Result<(), LaunchError> {
         if self.state.service("slb").is_none() {

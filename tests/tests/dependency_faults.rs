@@ -400,3 +400,86 @@ async fn haproxy_restarted_under_l4_and_l7_costs_about_a_second_of_requests() ->
     }
     Ok(())
 }
+
+/// partner-api down for 10 s (connections refused), then back but slower
+/// than B's client timeout for 5 s, then itself again, under steady
+/// traffic: calls fail at once while it is down and at the 300 ms client
+/// timeout while it is slow (so a worker slot is free again after 300 ms,
+/// not after the partner's 2 s), jobs retry with backoff and all finish
+/// once the partner is back — none lost, none run twice — and requests
+/// through A, which never call the partner, keep succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_down_then_slow_delays_jobs_and_loses_none() -> anyhow::Result<()> {
+    let mut lab = TestLab::start(
+        2,
+        &[
+            "mode=fixed",
+            "worker.tick=100ms",
+            "worker.pool_size=4",
+            "worker.cpu_per_kib=0s",
+            "worker.retry_backoff=500ms",
+            "worker.max_attempts=50",
+            "partner.latency=10ms",
+            "partner.client_timeout=300ms",
+        ],
+    )
+    .await?;
+    let traffic = Traffic::start(lab.a_url());
+    lab.insert_jobs(40, 0.0).await?;
+
+    lab.stack.stop_service("partner-api").await?;
+    tokio::time::sleep(Duration::from_secs(10)).await; // down: refused
+    lab.stack
+        .restart_partner(&["partner.latency=2s".to_string()])
+        .await?;
+    // Slow: each call would take 2 s, past the 300 ms client timeout.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    lab.stack.stop_service("partner-api").await?;
+    lab.stack.restart_partner(&[]).await?;
+
+    let samples = traffic.stop().await?;
+    let db = lab.db().await?;
+    let jobs = count(&db, "SELECT COUNT(*) FROM jobs").await?;
+    eventually(Duration::from_secs(60), "every job done", || async {
+        let done = count(&db, "SELECT COUNT(*) FROM jobs WHERE status = 'done'")
+            .await
+            .ok()?;
+        (done == jobs).then_some(())
+    })
+    .await?;
+    let sum = |metric: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let lab = &lab;
+        async move {
+            let mut total = 0.0;
+            for b in BS {
+                total += lab.metric(b, metric, labels).await.unwrap_or(0.0);
+            }
+            total
+        }
+    };
+    let refused = sum("lab_partner_calls_total", &[("outcome", "error")]).await;
+    let timed_out = sum("lab_partner_calls_total", &[("outcome", "timeout")]).await;
+    let retries = sum("lab_jobs_total", &[("outcome", "retry")]).await;
+    let done = sum("lab_jobs_total", &[("outcome", "done")]).await;
+    let duplicates = sum("lab_jobs_duplicate_total", &[]).await;
+    let failed_requests = samples.iter().filter(|s| s.status / 100 != 2).count();
+    println!(
+        "partner down 10 s then slow 5 s: {refused} calls refused, {timed_out} timed out at \
+         300 ms, {retries} retries; {jobs} jobs, {done} done, {duplicates} run twice; \
+         {failed_requests} of {} requests through A failed",
+        samples.len()
+    );
+    assert!(refused >= 1.0, "calls to the stopped partner failed");
+    assert!(
+        timed_out >= 1.0,
+        "calls to the slow partner ended at the client timeout"
+    );
+    assert!(
+        retries >= 1.0,
+        "failed attempts went back to wait out a backoff"
+    );
+    assert_eq!(done, jobs as f64, "each job done once, none lost");
+    assert_eq!(duplicates, 0.0);
+    assert_eq!(failed_requests, 0, "A's requests never need the partner");
+    Ok(())
+}
