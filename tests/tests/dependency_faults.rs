@@ -121,6 +121,20 @@ async fn count(db: &sqlx::MySqlPool, sql: &'static str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(sql).fetch_one(db).await?)
 }
 
+/// Waits until every row of `jobs` is done (60 s at most); returns how many
+/// there are.
+async fn every_job_done(db: &sqlx::MySqlPool) -> anyhow::Result<i64> {
+    let jobs = count(db, "SELECT COUNT(*) FROM jobs").await?;
+    eventually(Duration::from_secs(60), "every job done", || async {
+        let done = count(db, "SELECT COUNT(*) FROM jobs WHERE status = 'done'")
+            .await
+            .ok()?;
+        (done == jobs).then_some(())
+    })
+    .await?;
+    Ok(jobs)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_without_a_restart()
 -> anyhow::Result<()> {
@@ -242,14 +256,7 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
     // (`attempts` is no measure: a claim counts one, so a row claimed just
     // as MySQL stopped and never started reads 2 once it is taken back.)
     let db = lab.db().await?;
-    let jobs = count(&db, "SELECT COUNT(*) FROM jobs").await?;
-    eventually(Duration::from_secs(60), "every job done", || async {
-        let done = count(&db, "SELECT COUNT(*) FROM jobs WHERE status = 'done'")
-            .await
-            .ok()?;
-        (done == jobs).then_some(())
-    })
-    .await?;
+    let jobs = every_job_done(&db).await?;
     let partner_calls = lab
         .metric("partner-api", "partner_requests_total", &[])
         .await
@@ -439,14 +446,7 @@ async fn partner_down_then_slow_delays_jobs_and_loses_none() -> anyhow::Result<(
 
     let samples = traffic.stop().await?;
     let db = lab.db().await?;
-    let jobs = count(&db, "SELECT COUNT(*) FROM jobs").await?;
-    eventually(Duration::from_secs(60), "every job done", || async {
-        let done = count(&db, "SELECT COUNT(*) FROM jobs WHERE status = 'done'")
-            .await
-            .ok()?;
-        (done == jobs).then_some(())
-    })
-    .await?;
+    let jobs = every_job_done(&db).await?;
     let sum = |metric: &'static str, labels: &'static [(&'static str, &'static str)]| {
         let lab = &lab;
         async move {
