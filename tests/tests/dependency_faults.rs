@@ -409,12 +409,13 @@ async fn haproxy_restarted_under_l4_and_l7_costs_about_a_second_of_requests() ->
 }
 
 /// partner-api down for 10 s (connections refused), then back but slower
-/// than B's client timeout for 5 s, then itself again, under steady
-/// traffic: calls fail at once while it is down and at the 300 ms client
-/// timeout while it is slow (so a worker slot is free again after 300 ms,
-/// not after the partner's 2 s), jobs retry with backoff and all finish
-/// once the partner is back — none lost, none run twice — and requests
-/// through A, which never call the partner, keep succeeding.
+/// than B's client timeout for about 5 s, then itself again, under steady
+/// traffic: calls fail to connect while it is down and end at the 300 ms
+/// client timeout while it is slow (so a worker slot is free again within
+/// 0.5 s, not after the partner's 2 s), each failure becomes one retry
+/// after a growing backoff, every job is done once the partner is back —
+/// one answered call per job, no outcome lost — and requests through A,
+/// which never call the partner, keep succeeding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partner_down_then_slow_delays_jobs_and_loses_none() -> anyhow::Result<()> {
     let mut lab = TestLab::start(
@@ -447,39 +448,71 @@ async fn partner_down_then_slow_delays_jobs_and_loses_none() -> anyhow::Result<(
     let samples = traffic.stop().await?;
     let db = lab.db().await?;
     let jobs = every_job_done(&db).await?;
-    let sum = |metric: &'static str, labels: &'static [(&'static str, &'static str)]| {
-        let lab = &lab;
-        async move {
-            let mut total = 0.0;
-            for b in BS {
-                total += lab.metric(b, metric, labels).await.unwrap_or(0.0);
-            }
-            total
-        }
+    let most_attempts = count(&db, "SELECT CAST(MAX(attempts) AS SIGNED) FROM jobs").await?;
+    // Both Bs' counters, summed. Each B must answer; a series it never
+    // created (no call of that outcome there) counts 0.
+    let mut texts = Vec::new();
+    for b in BS {
+        texts.push(lab.metrics(b).await?);
+    }
+    let sum = |metric: &str, labels: &[(&str, &str)]| -> f64 {
+        texts
+            .iter()
+            .map(|text| lab_tests::metric_sum(text, metric, labels).unwrap_or(0.0))
+            .sum()
     };
-    let refused = sum("lab_partner_calls_total", &[("outcome", "error")]).await;
-    let timed_out = sum("lab_partner_calls_total", &[("outcome", "timeout")]).await;
-    let retries = sum("lab_jobs_total", &[("outcome", "retry")]).await;
-    let done = sum("lab_jobs_total", &[("outcome", "done")]).await;
-    let duplicates = sum("lab_jobs_duplicate_total", &[]).await;
+    let calls = sum("lab_partner_call_duration_seconds_count", &[]);
+    let ok_calls = sum("lab_partner_calls_total", &[("outcome", "ok")]);
+    let call_errors = sum("lab_partner_calls_total", &[("outcome", "error")]);
+    let timed_out = sum("lab_partner_calls_total", &[("outcome", "timeout")]);
+    // A worker slot is held for the length of its partner call: every call
+    // over within 0.5 s — while the slow partner took 2 s to answer — means
+    // the 300 ms client timeout freed each slot, none waited the partner out.
+    let calls_within_half_s = sum("lab_partner_call_duration_seconds_bucket", &[("le", "0.5")]);
+    let retries = sum("lab_jobs_total", &[("outcome", "retry")]);
+    let lost = sum("lab_jobs_total", &[("outcome", "lost")]);
     let failed_requests = samples.iter().filter(|s| s.status / 100 != 2).count();
     println!(
-        "partner down 10 s then slow 5 s: {refused} calls refused, {timed_out} timed out at \
-         300 ms, {retries} retries; {jobs} jobs, {done} done, {duplicates} run twice; \
-         {failed_requests} of {} requests through A failed",
+        "partner down 10 s then slow 5 s: {calls} partner calls — {call_errors} failed to \
+         connect, {timed_out} cut at the 300 ms timeout, {ok_calls} answered; \
+         {calls_within_half_s} over within 0.5 s; {retries} retries, at most {most_attempts} \
+         attempts for one job; {jobs} jobs done, {lost} outcomes lost; {failed_requests} of {} \
+         requests through A failed",
         samples.len()
     );
-    assert!(refused >= 1.0, "calls to the stopped partner failed");
+    assert!(call_errors >= 1.0, "calls to the stopped partner failed");
     assert!(
         timed_out >= 1.0,
         "calls to the slow partner ended at the client timeout"
     );
-    assert!(
-        retries >= 1.0,
-        "failed attempts went back to wait out a backoff"
+    assert_eq!(
+        calls_within_half_s, calls,
+        "no call held its worker slot past 0.5 s, though the partner took 2 s"
     );
-    assert_eq!(done, jobs as f64, "each job done once, none lost");
-    assert_eq!(duplicates, 0.0);
+    assert_eq!(
+        retries,
+        calls - ok_calls,
+        "each failed call sent its job back to wait for a retry, once"
+    );
+    // Backoff: 500 ms doubling (±50 % jitter) spans the ~16 s outage in
+    // about 7 attempts; retrying at every 100 ms tick would take ~150.
+    assert!(
+        most_attempts <= 12,
+        "jobs waited out a growing backoff, not a retry per tick: {most_attempts} attempts"
+    );
+    // Exactly once: one answered partner call per job (B's own count,
+    // which survives partner-api's restarts) and no outcome lost to a
+    // stale claim.
+    assert_eq!(
+        ok_calls, jobs as f64,
+        "each job's call answered once, none lost"
+    );
+    assert_eq!(lost, 0.0);
+    assert!(
+        samples.len() >= 100,
+        "steady traffic ran: {}",
+        samples.len()
+    );
     assert_eq!(failed_requests, 0, "A's requests never need the partner");
     Ok(())
 }
