@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the lab needs to run natively: a MySQL-compatible server
 # (MariaDB), etcd and HAProxy, and a C toolchain to build it. With
-# --for-tests (scripts/test.sh passes it) also Chromium and a font, which only
-# the tests need. Idempotent: does nothing when they are already there.
+# --for-tests (scripts/test.sh passes it) also what only the tests need:
+# Chromium and a font, and a container engine with docker-compose and
+# mmdebstrap. Idempotent: does nothing when they are already there.
 # Debian and Ubuntu (apt) are supported; elsewhere it names what to install.
 set -euo pipefail
 
@@ -26,7 +27,14 @@ have make || missing+=(make)
 # with it: DejaVu draws the charts' labels (fc-list comes with fontconfig,
 # which chromium depends on). (Ubuntu's apt package only installs the snap,
 # which needs a running snapd.)
+# The container test (tests/tests/container_engine.rs) runs the compose
+# stack on a real engine: Debian's docker.io (dockerd; the test starts it if
+# none runs), docker-compose, and mmdebstrap to make the Debian base image
+# that no registry can be pulled from here.
 if $for_tests; then
+    have dockerd || missing+=(docker.io)
+    have docker-compose || missing+=(docker-compose)
+    have mmdebstrap || missing+=(mmdebstrap)
     have chromium || have chromium-browser || missing+=(chromium)
     { have fc-list && [ -n "$(fc-list 2>/dev/null | head -n 1)" ]; } || missing+=(fonts-dejavu-core fontconfig)
 fi
@@ -55,6 +63,7 @@ install-deps: no apt-get here. Install these with your package manager and re-ru
   - HAProxy >= 2.4 (haproxy)
   - a C compiler (cc) and make, to build ring and jemalloc
   - Chromium (chromium or chromium-browser) and a font, for the report's browser check
+  - a Docker engine (dockerd), docker-compose and mmdebstrap, for the container test
 MSG
         exit 1
     fi

@@ -1,5 +1,6 @@
-//! There is no Docker engine on the build machines, so docker-compose.yml is
-//! checked statically: what it references exists, images are pinned, every
+//! docker-compose.yml checked statically (`container_engine.rs` runs it on a
+//! real engine, with stand-ins for the images no registry here serves):
+//! what it references exists, images are pinned, every
 //! long-running service has a healthcheck and waits for healthy dependencies
 //! (or for one-shot ones to complete), the lab's environment variables are
 //! valid config, published ports agree with the config defaults, and the
@@ -238,7 +239,7 @@ fn lab_containers_run_read_only_and_the_image_carries_no_secret() {
     assert_eq!(
         copies,
         [
-            "COPY --from=build /out/ /usr/local/bin/",
+            "COPY --from=binaries /out/ /usr/local/bin/",
             "COPY deploy/lab.toml /etc/lab/lab.toml"
         ],
         "the runtime stage copies the binaries and the config, nothing else"

@@ -1,0 +1,392 @@
+//! The compose stack on a real container engine: the lab's image built from
+//! `deploy/docker/Dockerfile`, and `docker-compose.yml` brought up, checked,
+//! switched to the fixed preset and taken down.
+//!
+//! No image can be pulled here, so the test makes what it would pull:
+//! `debian:<DEBIAN_VERSION>-slim` from Debian's packages (mmdebstrap, then
+//! `docker import`), the lab's image from binaries built outside
+//! (`BINARIES=prebuilt`: this run's debug build, not the rust image's
+//! release build), and the infrastructure from Debian's packages through
+//! `deploy/docker/local/compose.yml` laid over the real file. What that
+//! leaves uncovered: the official MySQL, etcd, HAProxy and Prometheus
+//! images themselves (their Debian stand-ins keep their contract), Grafana
+//! and Jaeger (no Debian package: moved to profiles by the override), and
+//! the Dockerfile's build stage.
+//!
+//! Engine: Debian's `docker.io` (`scripts/install-deps.sh --for-tests`), with
+//! its own client `/usr/bin/docker`: a newer CLI on PATH without the buildx
+//! plugin cannot build with BuildKit, which the Dockerfile needs. The test
+//! starts `dockerd` if none answers. Compose: Debian's `docker-compose`
+//! (v1.29); the file is the one `docker compose` (v2) reads.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use lab_tests::{eventually, get_json};
+use tokio::process::Command;
+
+/// Debian's docker.io client, the daemon's own version.
+const DOCKER: &str = "/usr/bin/docker";
+const PROJECT: &str = "labengine";
+const LAB_IMAGE: &str = "grpc-incident-lab:local";
+/// The services that run until stopped (partner-certs is a one-shot).
+const LONG_RUNNING: [&str; 8] = [
+    "mysql",
+    "etcd",
+    "partner-api",
+    "service-b-1",
+    "service-b-2",
+    "slb",
+    "service-a",
+    "prometheus",
+];
+const A: &str = "http://127.0.0.1:8080";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("the repository")
+}
+
+/// Runs a command to completion; its output on success, an error with its
+/// stderr otherwise.
+async fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("{program} {}", args.join(" ")))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{program} {}: {}\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+async fn docker(args: &[&str]) -> anyhow::Result<String> {
+    run(DOCKER, args, &[]).await
+}
+
+/// `docker-compose` on the real file and the local stand-ins, as project
+/// `labengine`, with `env` on top of `.env`.
+async fn compose(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let mut all = vec![
+        "-p",
+        PROJECT,
+        "-f",
+        "docker-compose.yml",
+        "-f",
+        "deploy/docker/local/compose.yml",
+    ];
+    all.extend_from_slice(args);
+    run("docker-compose", &all, env).await
+}
+
+fn dotenv(key: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(repo().join(".env"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_owned)
+        .with_context(|| format!("{key} in .env"))
+}
+
+/// A running engine: the one already there, or a `dockerd` started here.
+async fn engine() -> anyhow::Result<Option<tokio::process::Child>> {
+    if docker(&["info"]).await.is_ok() {
+        return Ok(None);
+    }
+    let log = std::fs::File::create(std::env::temp_dir().join("lab-dockerd.log"))?;
+    let child = Command::new("dockerd")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(false)
+        .spawn()
+        .context("start dockerd (Debian's docker.io; scripts/install-deps.sh --for-tests)")?;
+    eventually(Duration::from_secs(60), "dockerd answers", || async {
+        docker(&["info"]).await.ok().map(|_| ())
+    })
+    .await?;
+    Ok(Some(child))
+}
+
+/// Stops a `dockerd` this test started the way its service manager would
+/// (SIGTERM: it stops its containerd too).
+async fn stop(mut dockerd: tokio::process::Child) -> anyhow::Result<()> {
+    let pid = dockerd.id().context("dockerd's pid")?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    tokio::time::timeout(Duration::from_secs(30), dockerd.wait())
+        .await
+        .context("dockerd stops within 30 s of SIGTERM")??;
+    Ok(())
+}
+
+/// The base image the Dockerfiles name, made from Debian's packages when
+/// the engine does not have it.
+async fn base_image(debian: &str) -> anyhow::Result<()> {
+    let tag = format!("debian:{debian}-slim");
+    if docker(&["image", "inspect", &tag]).await.is_ok() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let rootfs = dir.path().join("rootfs.tar");
+    let rootfs = rootfs.to_str().context("temp path")?;
+    run(
+        "mmdebstrap",
+        &["--variant=minbase", "--quiet", debian, rootfs],
+        &[],
+    )
+    .await?;
+    docker(&["import", "--change", "CMD [\"bash\"]", rootfs, &tag]).await?;
+    Ok(())
+}
+
+/// The lab's image from `deploy/docker/Dockerfile` with `BINARIES=prebuilt`,
+/// in a build context holding only what the runtime stage copies.
+async fn lab_image(debian: &str) -> anyhow::Result<()> {
+    let context = tempfile::tempdir()?;
+    let bin = context.path().join("deploy/docker/bin");
+    std::fs::create_dir_all(&bin)?;
+    for name in ["service-a", "service-b", "partner-api", "labctl"] {
+        let built = labctl::procs::find_lab_binary(name, None)?;
+        std::fs::copy(&built, bin.join(name)).with_context(|| format!("copy {built:?}"))?;
+    }
+    std::fs::copy(
+        repo().join("deploy/lab.toml"),
+        context.path().join("deploy/lab.toml"),
+    )?;
+    let dockerfile = repo().join("deploy/docker/Dockerfile");
+    let args = [
+        "build",
+        "--quiet",
+        "--build-arg",
+        "BINARIES=prebuilt",
+        "--build-arg",
+        &format!("DEBIAN_VERSION={debian}"),
+        "-t",
+        LAB_IMAGE,
+        "-f",
+        path_str(&dockerfile)?,
+        path_str(context.path())?,
+    ];
+    run(DOCKER, &args, &[("DOCKER_BUILDKIT", "1")]).await?;
+    Ok(())
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str().context("a UTF-8 path")
+}
+
+/// Each compose service's container id, by service name.
+async fn containers() -> anyhow::Result<BTreeMap<String, String>> {
+    let mut found = BTreeMap::new();
+    let ids = docker(&[
+        "ps",
+        "-a",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.compose.project={PROJECT}"),
+    ])
+    .await?;
+    for id in ids.split_whitespace() {
+        let service = docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"com.docker.compose.service\"}}",
+            id,
+        ])
+        .await?;
+        found.insert(service.trim().to_string(), id.to_string());
+    }
+    Ok(found)
+}
+
+/// Waits until every long-running service's healthcheck says healthy and
+/// the certificate one-shot has exited 0.
+async fn all_healthy(timeout: Duration) -> anyhow::Result<()> {
+    eventually(timeout, "every service healthy", || async {
+        let ids = containers().await.ok()?;
+        for service in LONG_RUNNING {
+            let health = docker(&[
+                "inspect",
+                "-f",
+                "{{.State.Health.Status}}",
+                ids.get(service)?,
+            ])
+            .await
+            .ok()?;
+            if health.trim() != "healthy" {
+                return None;
+            }
+        }
+        let certs = docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.ExitCode}}",
+            ids.get("partner-certs")?,
+        ])
+        .await
+        .ok()?;
+        (certs.trim() == "exited 0").then_some(())
+    })
+    .await
+}
+
+/// How `n` reads through A spread over the Bs (`served_by` → count); every
+/// read must be answered 200.
+async fn spread(n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut by_b = BTreeMap::new();
+    for i in 0..n {
+        let (status, _, body, _) = get_json(&format!("{A}/api/items/{}", i % 50 + 1)).await?;
+        anyhow::ensure!(status == 200, "read {i} answered {status}: {body}");
+        let b = body["served_by"].as_str().context("served_by")?.to_string();
+        *by_b.entry(b).or_insert(0) += 1;
+    }
+    Ok(by_b)
+}
+
+/// Tears the project down however the test ends.
+struct Down;
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker-compose")
+            .args([
+                "-p",
+                PROJECT,
+                "-f",
+                "docker-compose.yml",
+                "-f",
+                "deploy/docker/local/compose.yml",
+                "down",
+                "-v",
+                "--remove-orphans",
+            ])
+            .current_dir(repo())
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothing()
+-> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut lap = Instant::now();
+    let mut laps = Vec::new();
+    let mut mark = |what: &str| {
+        laps.push(format!("{what} {:.1} s", lap.elapsed().as_secs_f64()));
+        lap = Instant::now();
+    };
+
+    let dockerd = engine().await?;
+    let debian = dotenv("DEBIAN_VERSION")?;
+    base_image(&debian).await?;
+    mark("engine and base image");
+    lab_image(&debian).await?;
+    let user = docker(&["image", "inspect", "-f", "{{.Config.User}}", LAB_IMAGE]).await?;
+    assert_eq!(
+        user.trim(),
+        "10001:10001",
+        "the lab's image runs as non-root"
+    );
+    mark("lab image");
+    compose(&["build", "mysql", "etcd", "slb", "prometheus"], &[]).await?;
+    mark("stand-in images");
+
+    // Leftovers of an earlier run would hold the ports.
+    compose(&["down", "-v", "--remove-orphans"], &[]).await?;
+    let _down = Down;
+    compose(&["up", "-d", "--no-build"], &[]).await?;
+    all_healthy(Duration::from_secs(120)).await?;
+    mark("up, every healthcheck healthy");
+
+    // The lab containers run as the image's user on a read-only root.
+    let ids = containers().await?;
+    for service in ["partner-api", "service-b-1", "service-b-2", "service-a"] {
+        let id = &ids[service];
+        let settings = docker(&[
+            "inspect",
+            "-f",
+            "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}",
+            id,
+        ])
+        .await?;
+        assert_eq!(settings.trim(), "10001:10001 true", "{service}");
+    }
+
+    // The .env preset (buggy): A balances per connection through HAProxy
+    // in TCP mode, so every read lands on one B.
+    let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
+    assert_eq!(faults["faults"]["lb"], "l4", "{faults}");
+    let buggy = spread(100).await?;
+    assert_eq!(buggy.len(), 1, "lb=l4: one B served every read: {buggy:?}");
+
+    // Prometheus scrapes every target of deploy/prometheus/prometheus.yml.
+    let targets = eventually(Duration::from_secs(60), "every target up", || async {
+        let (_, _, body, _) = get_json("http://127.0.0.1:9090/api/v1/targets")
+            .await
+            .ok()?;
+        let active = body["data"]["activeTargets"].as_array()?.clone();
+        let up = active.iter().filter(|t| t["health"] == "up").count();
+        (active.len() == 5 && up == 5).then_some(active)
+    })
+    .await?;
+    let scraped: Vec<&str> = targets
+        .iter()
+        .filter_map(|t| t["scrapeUrl"].as_str())
+        .collect();
+    mark("checks, buggy");
+
+    // LAB_MODE=fixed: compose recreates the lab's services with the fixed
+    // preset, and A balances per request over the Bs it finds in etcd.
+    compose(&["up", "-d", "--no-build"], &[("LAB_MODE", "fixed")]).await?;
+    all_healthy(Duration::from_secs(120)).await?;
+    let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
+    assert_eq!(faults["mode"], "fixed", "{faults}");
+    assert_eq!(faults["faults"]["lb"], "etcd", "{faults}");
+    let fixed = eventually(Duration::from_secs(30), "both Bs serve", || async {
+        let by_b = spread(100).await.ok()?;
+        (by_b.len() == 2 && by_b.values().all(|&n| n >= 20)).then_some(by_b)
+    })
+    .await?;
+    mark("LAB_MODE=fixed");
+
+    compose(&["down", "-v"], &[]).await?;
+    let label = format!("label=com.docker.compose.project={PROJECT}");
+    let left = [
+        docker(&["ps", "-a", "-q", "--filter", &label]).await?,
+        docker(&["volume", "ls", "-q", "--filter", &label]).await?,
+        docker(&["network", "ls", "-q", "--filter", &label]).await?,
+    ];
+    mark("down -v");
+    println!(
+        "engine: lab image as 10001 on a read-only root; buggy preset: {buggy:?}; \
+         prometheus scraped {scraped:?}; LAB_MODE=fixed: {fixed:?}; after down -v: \
+         {} containers, {} volumes, {} networks; {} (total {:.0} s)",
+        left[0].split_whitespace().count(),
+        left[1].split_whitespace().count(),
+        left[2].split_whitespace().count(),
+        laps.join(", "),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        left.iter().all(|ids| ids.trim().is_empty()),
+        "down -v left containers, volumes or networks: {left:?}"
+    );
+    if let Some(dockerd) = dockerd {
+        stop(dockerd).await?;
+    }
+    Ok(())
+}
