@@ -193,6 +193,10 @@ pub struct LoadArgs {
 pub struct JobsArgs {
     #[command(flatten)]
     pub dir: StateDir,
+    /// The database to feed, instead of the native lab's in the state dir:
+    /// e.g. a compose lab's, `mysql://lab:lab@127.0.0.1:3306/lab`.
+    #[arg(long, value_name = "URL")]
+    pub mysql_url: Option<String>,
     /// Jobs per second. The defaults are the incident's inflow: the buggy
     /// preset falls over under it, the fixed one keeps up.
     #[arg(long, default_value_t = 12.0)]

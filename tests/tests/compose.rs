@@ -20,6 +20,9 @@ use lab_tests::{TestLab, eventually, get_json};
 use nix::sys::signal::Signal;
 use serde_norway::Value;
 
+/// The lab's own image, built from deploy/docker/Dockerfile.
+const LAB_IMAGE: &str = "grpc-incident-lab:local";
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -93,14 +96,20 @@ fn interpolate(text: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
-/// Services others wait on to complete rather than to be healthy.
+/// Services that run once and exit: those others wait on to complete
+/// rather than to be healthy, and those that are never restarted.
 fn one_shots(svcs: &serde_norway::Mapping) -> BTreeSet<String> {
-    svcs.values()
+    let awaited = svcs
+        .values()
         .filter_map(|svc| svc.get("depends_on")?.as_mapping())
         .flatten()
         .filter(|(_, how)| str_of(&how["condition"]) == "service_completed_successfully")
-        .map(|(dep, _)| str_of(dep))
-        .collect()
+        .map(|(dep, _)| str_of(dep));
+    let never_restarted = svcs
+        .iter()
+        .filter(|(_, svc)| str_of(&svc["restart"]) == "no")
+        .map(|(name, _)| str_of(name));
+    awaited.chain(never_restarted).collect()
 }
 
 /// A service's `environment` with .env substituted.
@@ -140,11 +149,8 @@ fn every_variable_is_defined_and_every_image_pinned() {
         let name = str_of(name);
         let image = interpolate(&str_of(&svc["image"]), &env);
         assert!(!image.is_empty(), "{name} has no image");
-        if svc.get("build").is_some() {
-            assert_eq!(
-                image, "grpc-incident-lab:local",
-                "{name}: locally built image tag"
-            );
+        if svc.get("build").is_some() || image == LAB_IMAGE {
+            assert_eq!(image, LAB_IMAGE, "{name}: locally built image tag");
             continue;
         }
         let (_, tag) = image.rsplit_once(':').unwrap_or((&image, ""));
@@ -193,23 +199,30 @@ fn lab_containers_run_read_only_and_the_image_carries_no_secret() {
     let c = compose();
     let mut built = 0;
     for (name, svc) in services(&c) {
-        if svc.get("build").is_none() {
+        if svc.get("build").is_none() && str_of(&svc["image"]) != LAB_IMAGE {
             continue;
         }
         built += 1;
         let name = str_of(name);
         assert_eq!(svc["read_only"], Value::Bool(true), "{name}: read_only");
-        assert!(
-            strings(&svc["tmpfs"]).contains(&"/tmp".to_string()),
-            "{name}: a tmpfs on /tmp"
-        );
+        // The long-running ones write heap profiles under /tmp; the
+        // one-shots that only print or send need no tmpfs.
+        if str_of(&svc["restart"]) != "no" {
+            assert!(
+                strings(&svc["tmpfs"]).contains(&"/tmp".to_string()),
+                "{name}: a tmpfs on /tmp"
+            );
+        }
         assert!(
             svc.get("user").is_none(),
             "{name}: runs as the image's user, not {:?}",
             svc["user"]
         );
     }
-    assert_eq!(built, 5, "partner-certs, partner-api, two Bs and A");
+    assert_eq!(
+        built, 8,
+        "partner-certs, partner-api, two Bs, A, and the welcome, load and jobs one-shots"
+    );
 
     let ignored = std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
     for dir in [".lab/", "target/"] {
@@ -458,7 +471,8 @@ fn lab_environment_is_valid_config_and_ports_agree_with_defaults() {
     ] {
         let p = addr.rsplit_once(':').map(|(_, p)| p).expect("port");
         assert!(
-            slb_ports.contains(&format!("{p}:{p}")),
+            slb_ports.contains(&format!("{p}:{p}"))
+                || slb_ports.contains(&format!("127.0.0.1:{p}:{p}")),
             "slb publishes {p}: {slb_ports:?}"
         );
     }
@@ -468,7 +482,7 @@ fn lab_environment_is_valid_config_and_ports_agree_with_defaults() {
         .iter()
         .map(str_of)
         .collect();
-    assert_eq!(etcd_ports, vec!["2379:2379"]);
+    assert_eq!(etcd_ports, vec!["127.0.0.1:2379:2379"]);
 }
 
 /// One sample line of a `/metrics` text: its name and labels.
@@ -763,7 +777,7 @@ fn the_partner_api_gets_its_certificates_and_the_bs_trust_its_ca() {
     let listen = port_of(&config.partner.listen);
     let admin = port_of(&config.partner.admin_listen);
     let expected_ports = vec![
-        format!("{}:{listen}", port_of(&defaults.partner.listen)),
+        format!("127.0.0.1:{}:{listen}", port_of(&defaults.partner.listen)),
         format!(
             "127.0.0.1:{}:{admin}",
             port_of(&defaults.partner.admin_listen)
@@ -904,4 +918,72 @@ fn the_lab_services_log_json_and_export_spans_to_jaeger() {
         url.starts_with("http://jaeger:") && jaeger_ports.contains(&query_port),
         "Grafana reads jaeger's query port: {url} vs {jaeger_ports:?}"
     );
+}
+
+/// What users expect of a compose file: one port per UI on every
+/// interface and everything else on the host's loopback only, a restart
+/// policy and a memory limit on every long-running service, the optional
+/// parts behind profiles, and `docker compose up` saying where each UI is.
+#[test]
+fn one_public_port_per_ui_limits_restarts_profiles_and_a_welcome() {
+    let c = compose();
+    let svcs = services(&c);
+    // A's API, Grafana, Prometheus, HAProxy's stats, Jaeger.
+    let uis: BTreeSet<u16> = [8080, 3000, 9090, 8404, 16686].into();
+    let mut public = BTreeSet::new();
+    for (name, svc) in svcs {
+        let name = str_of(name);
+        for binding in strings(&svc["ports"]) {
+            let host = binding
+                .rsplit_once(':')
+                .map(|(rest, _)| rest)
+                .expect("HOST:CONTAINER");
+            match host.split_once(':') {
+                Some((ip, _)) => assert_eq!(ip, "127.0.0.1", "{name}: {binding}"),
+                None => {
+                    let port: u16 = host.parse().expect("host port");
+                    assert!(
+                        uis.contains(&port),
+                        "{name}: {binding} is on every interface but is no UI"
+                    );
+                    public.insert(port);
+                }
+            }
+        }
+    }
+    assert_eq!(public, uis, "each UI is published once, on every interface");
+
+    let one_shots = one_shots(svcs);
+    for (name, svc) in svcs {
+        let name = str_of(name);
+        if one_shots.contains(&name) {
+            continue;
+        }
+        assert_eq!(str_of(&svc["restart"]), "unless-stopped", "{name}: restart");
+        let limit = str_of(&svc["mem_limit"]);
+        assert!(
+            limit.ends_with('m') || limit.ends_with('g'),
+            "{name}: a memory limit, got {limit:?}"
+        );
+    }
+
+    let profiles: BTreeMap<String, Vec<String>> = svcs
+        .iter()
+        .filter(|(_, svc)| svc.get("profiles").is_some())
+        .map(|(name, svc)| (str_of(name), strings(&svc["profiles"])))
+        .collect();
+    let expected: BTreeMap<String, Vec<String>> =
+        [("jaeger", "tracing"), ("load", "load"), ("jobs", "load")]
+            .into_iter()
+            .map(|(name, profile)| (name.to_string(), vec![profile.to_string()]))
+            .collect();
+    assert_eq!(profiles, expected, "the optional parts and nothing else");
+
+    let welcome = strings(&svcs["welcome"]["command"]).join(" ");
+    for port in &uis {
+        assert!(
+            welcome.contains(&format!("http://localhost:{port}")),
+            "the welcome names the UI on {port}: {welcome}"
+        );
+    }
 }

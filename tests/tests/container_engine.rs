@@ -46,6 +46,9 @@ const LONG_RUNNING: [&str; 8] = [
     "prometheus",
 ];
 const A: &str = "http://127.0.0.1:8080";
+const A_METRICS: &str = "http://127.0.0.1:9080/metrics";
+const B1_METRICS: &str = "http://127.0.0.1:9081/metrics";
+const B2_METRICS: &str = "http://127.0.0.1:9082/metrics";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -270,6 +273,8 @@ impl Drop for Down {
                 "docker-compose.yml",
                 "-f",
                 "deploy/docker/local/compose.yml",
+                "--profile",
+                "load",
                 "down",
                 "-v",
                 "--remove-orphans",
@@ -306,11 +311,28 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
     mark("stand-in images");
 
     // Leftovers of an earlier run would hold the ports.
-    compose(&["down", "-v", "--remove-orphans"], &[]).await?;
+    compose(
+        &["--profile", "load", "down", "-v", "--remove-orphans"],
+        &[],
+    )
+    .await?;
     let _down = Down;
     compose(&["up", "-d", "--no-build"], &[]).await?;
     all_healthy(Duration::from_secs(120)).await?;
     mark("up, every healthcheck healthy");
+
+    // `up` says where to go once A is healthy.
+    let welcome = eventually(Duration::from_secs(30), "the welcome", || async {
+        let logs = compose(&["logs", "--no-color", "welcome"], &[])
+            .await
+            .ok()?;
+        logs.contains("http://localhost:3000").then_some(logs)
+    })
+    .await?;
+    assert!(
+        welcome.contains("http://localhost:8080/api/items/1"),
+        "{welcome}"
+    );
 
     // The lab containers run as the image's user on a read-only root.
     let ids = containers().await?;
@@ -363,7 +385,42 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
     .await?;
     mark("LAB_MODE=fixed");
 
-    compose(&["down", "-v"], &[]).await?;
+    // The `load` profile: reads at A and jobs into MySQL, which the Bs run.
+    let http = lab_tests::plain_client()?;
+    let counter = |url: &'static str, metric: &'static str| {
+        let http = http.clone();
+        async move {
+            let text = http.get(url).send().await.ok()?.text().await.ok()?;
+            lab_tests::metric_sum(&text, metric, &[])
+        }
+    };
+    let reads_before = counter(A_METRICS, "lab_http_requests_total")
+        .await
+        .unwrap_or(0.0);
+    compose(
+        &[
+            "--profile",
+            "load",
+            "up",
+            "-d",
+            "--no-build",
+            "load",
+            "jobs",
+        ],
+        &[],
+    )
+    .await?;
+    let (reads, jobs) = eventually(Duration::from_secs(60), "load and jobs flow", || async {
+        let reads = counter(A_METRICS, "lab_http_requests_total").await? - reads_before;
+        let jobs = counter(B1_METRICS, "lab_jobs_total").await?
+            + counter(B2_METRICS, "lab_jobs_total").await?;
+        (reads >= 200.0 && jobs >= 20.0).then_some((reads, jobs))
+    })
+    .await?;
+    compose(&["--profile", "load", "stop", "load", "jobs"], &[]).await?;
+    mark("profile load");
+
+    compose(&["--profile", "load", "down", "-v"], &[]).await?;
     let label = format!("label=com.docker.compose.project={PROJECT}");
     let left = [
         docker(&["ps", "-a", "-q", "--filter", &label]).await?,
@@ -373,7 +430,8 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
     mark("down -v");
     println!(
         "engine: lab image as 10001 on a read-only root; buggy preset: {buggy:?}; \
-         prometheus scraped {scraped:?}; LAB_MODE=fixed: {fixed:?}; after down -v: \
+         prometheus scraped {scraped:?}; LAB_MODE=fixed: {fixed:?}; profile load: \
+         {reads} reads at A, {jobs} job attempts in the Bs; after down -v: \
          {} containers, {} volumes, {} networks; {} (total {:.0} s)",
         left[0].split_whitespace().count(),
         left[1].split_whitespace().count(),

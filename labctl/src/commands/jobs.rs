@@ -8,9 +8,12 @@ use labctl::{
 use crate::cli::JobsArgs;
 
 pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
-    let stack = Stack::attach(&args.dir.state_dir)?;
+    let mysql_url = match args.mysql_url {
+        Some(url) => url,
+        None => Stack::attach(&args.dir.state_dir)?.config.mysql.url.clone(),
+    };
     let spec = JobSpec {
-        mysql_url: stack.config.mysql.url.clone(),
+        mysql_url,
         rate: args.rate,
         duration: args.duration,
         poison_ratio: args.poison_ratio,
