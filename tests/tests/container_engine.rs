@@ -85,6 +85,10 @@ async fn docker(args: &[&str]) -> anyhow::Result<String> {
 /// `docker-compose` on the real file and the local stand-ins, as project
 /// `labengine`, with `env` on top of `.env`.
 async fn compose(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
+    run("docker-compose", &compose_args(args), env).await
+}
+
+fn compose_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
     let mut all = vec![
         "-p",
         PROJECT,
@@ -94,7 +98,7 @@ async fn compose(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> 
         "deploy/docker/local/compose.yml",
     ];
     all.extend_from_slice(args);
-    run("docker-compose", &all, env).await
+    all
 }
 
 fn dotenv(key: &str) -> anyhow::Result<String> {
@@ -105,16 +109,16 @@ fn dotenv(key: &str) -> anyhow::Result<String> {
         .with_context(|| format!("{key} in .env"))
 }
 
-/// A running engine: the one already there, or a `dockerd` started here.
-async fn engine() -> anyhow::Result<Option<tokio::process::Child>> {
+/// A running engine: the one already there (`None`), or a `dockerd`
+/// started here.
+async fn engine() -> anyhow::Result<Option<std::process::Child>> {
     if docker(&["info"]).await.is_ok() {
         return Ok(None);
     }
     let log = std::fs::File::create(std::env::temp_dir().join("lab-dockerd.log"))?;
-    let child = Command::new("dockerd")
+    let child = std::process::Command::new("dockerd")
         .stdout(log.try_clone()?)
         .stderr(log)
-        .kill_on_drop(false)
         .spawn()
         .context("start dockerd (Debian's docker.io; scripts/install-deps.sh --for-tests)")?;
     eventually(Duration::from_secs(60), "dockerd answers", || async {
@@ -124,24 +128,76 @@ async fn engine() -> anyhow::Result<Option<tokio::process::Child>> {
     Ok(Some(child))
 }
 
-/// Stops a `dockerd` this test started the way its service manager would
-/// (SIGTERM: it stops its containerd too).
-async fn stop(mut dockerd: tokio::process::Child) -> anyhow::Result<()> {
-    let pid = dockerd.id().context("dockerd's pid")?;
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-    tokio::time::timeout(Duration::from_secs(30), dockerd.wait())
-        .await
-        .context("dockerd stops within 30 s of SIGTERM")??;
+/// Leaves the machine as the test found it, however the test ends: the
+/// project down with its volumes, the images the test made removed (they
+/// carry this run's debug binaries and a base without Debian's security
+/// updates, which a later `docker compose up` must not mistake for its
+/// own), and a `dockerd` the test started stopped as its service manager
+/// would (SIGTERM: it stops its containerd too).
+#[derive(Default)]
+struct Cleanup {
+    images: Vec<String>,
+    dockerd: Option<std::process::Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let sync = |program: &str, args: &[&str]| {
+            let _ = std::process::Command::new(program)
+                .args(args)
+                .current_dir(repo())
+                .output();
+        };
+        sync(
+            "docker-compose",
+            &compose_args(&["--profile", "load", "down", "-v", "--remove-orphans"]),
+        );
+        for image in &self.images {
+            sync(DOCKER, &["rmi", "--force", image]);
+        }
+        if let Some(dockerd) = &mut self.dockerd {
+            if let Ok(pid) = i32::try_from(dockerd.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && matches!(dockerd.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = dockerd.kill();
+            let _ = dockerd.wait();
+        }
+    }
+}
+
+/// Host ports docker-compose.yml publishes: each must be free, or `up`
+/// fails halfway (e.g. a system MariaDB or etcd started by their Debian
+/// packages on a machine with systemd).
+const PUBLISHED: [u16; 14] = [
+    3306, 2379, 8443, 9089, 50051, 9081, 50052, 9082, 50050, 50060, 8404, 8080, 9080, 9090,
+];
+
+fn ports_are_free() -> anyhow::Result<()> {
+    let taken: Vec<u16> = PUBLISHED
+        .into_iter()
+        .filter(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_err())
+        .collect();
+    anyhow::ensure!(
+        taken.is_empty(),
+        "ports docker-compose.yml publishes are taken on this machine: {taken:?} \
+         (a system MariaDB or etcd? stop it, or run the test elsewhere)"
+    );
     Ok(())
 }
 
 /// The base image the Dockerfiles name, made from Debian's packages when
 /// the engine does not have it.
-async fn base_image(debian: &str) -> anyhow::Result<()> {
+async fn base_image(debian: &str) -> anyhow::Result<Option<String>> {
     let tag = format!("debian:{debian}-slim");
     if docker(&["image", "inspect", &tag]).await.is_ok() {
-        return Ok(());
+        return Ok(None);
     }
     let dir = tempfile::tempdir()?;
     let rootfs = dir.path().join("rootfs.tar");
@@ -153,7 +209,7 @@ async fn base_image(debian: &str) -> anyhow::Result<()> {
     )
     .await?;
     docker(&["import", "--change", "CMD [\"bash\"]", rootfs, &tag]).await?;
-    Ok(())
+    Ok(Some(tag))
 }
 
 /// The lab's image from `deploy/docker/Dockerfile` with `BINARIES=prebuilt`,
@@ -260,30 +316,6 @@ async fn spread(n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
     Ok(by_b)
 }
 
-/// Tears the project down however the test ends.
-struct Down;
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("docker-compose")
-            .args([
-                "-p",
-                PROJECT,
-                "-f",
-                "docker-compose.yml",
-                "-f",
-                "deploy/docker/local/compose.yml",
-                "--profile",
-                "load",
-                "down",
-                "-v",
-                "--remove-orphans",
-            ])
-            .current_dir(repo())
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothing()
 -> anyhow::Result<()> {
@@ -295,10 +327,12 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
         lap = Instant::now();
     };
 
-    let dockerd = engine().await?;
+    let mut cleanup = Cleanup::default();
+    cleanup.dockerd = engine().await?;
     let debian = dotenv("DEBIAN_VERSION")?;
-    base_image(&debian).await?;
+    cleanup.images.extend(base_image(&debian).await?);
     mark("engine and base image");
+    cleanup.images.push(LAB_IMAGE.to_string());
     lab_image(&debian).await?;
     let user = docker(&["image", "inspect", "-f", "{{.Config.User}}", LAB_IMAGE]).await?;
     assert_eq!(
@@ -307,16 +341,22 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
         "the lab's image runs as non-root"
     );
     mark("lab image");
+    for standin in ["mysql", "etcd", "haproxy", "prometheus"] {
+        cleanup
+            .images
+            .push(format!("grpc-incident-lab/{standin}-debian:local"));
+    }
     compose(&["build", "mysql", "etcd", "slb", "prometheus"], &[]).await?;
     mark("stand-in images");
 
-    // Leftovers of an earlier run would hold the ports.
+    // Leftovers of an earlier run would hold the ports; then nothing may.
     compose(
         &["--profile", "load", "down", "-v", "--remove-orphans"],
         &[],
     )
     .await?;
-    let _down = Down;
+    ports_are_free()?;
+    let volumes_before = docker(&["volume", "ls", "-q"]).await?;
     compose(&["up", "-d", "--no-build"], &[]).await?;
     all_healthy(Duration::from_secs(120)).await?;
     mark("up, every healthcheck healthy");
@@ -326,23 +366,36 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
         let logs = compose(&["logs", "--no-color", "welcome"], &[])
             .await
             .ok()?;
-        logs.contains("http://localhost:3000").then_some(logs)
+        logs.contains("http://localhost:8080/api/items/1")
+            .then_some(logs)
     })
     .await?;
-    assert!(
-        welcome.contains("http://localhost:8080/api/items/1"),
-        "{welcome}"
-    );
+    assert!(welcome.contains("preset: buggy"), "{welcome}");
 
-    // The lab containers run as the image's user on a read-only root.
+    // Each long-running service restarts unless stopped, within a memory
+    // limit; the lab's run as the image's user on a read-only root.
     let ids = containers().await?;
+    for service in LONG_RUNNING {
+        let settings = docker(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.RestartPolicy.Name}} {{.HostConfig.Memory}}",
+            &ids[service],
+        ])
+        .await?;
+        let (policy, memory) = settings.trim().split_once(' ').context("two fields")?;
+        assert_eq!(policy, "unless-stopped", "{service}");
+        assert!(
+            memory.parse::<u64>()? > 0,
+            "{service}: memory limit {memory}"
+        );
+    }
     for service in ["partner-api", "service-b-1", "service-b-2", "service-a"] {
-        let id = &ids[service];
         let settings = docker(&[
             "inspect",
             "-f",
             "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}",
-            id,
+            &ids[service],
         ])
         .await?;
         assert_eq!(settings.trim(), "10001:10001 true", "{service}");
@@ -352,8 +405,8 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
     // in TCP mode, so every read lands on one B.
     let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
     assert_eq!(faults["faults"]["lb"], "l4", "{faults}");
-    let buggy = spread(100).await?;
-    assert_eq!(buggy.len(), 1, "lb=l4: one B served every read: {buggy:?}");
+    let l4 = spread(100).await?;
+    assert_eq!(l4.len(), 1, "lb=l4: one B served every read: {l4:?}");
 
     // Prometheus scrapes every target of deploy/prometheus/prometheus.yml.
     let targets = eventually(Duration::from_secs(60), "every target up", || async {
@@ -371,13 +424,37 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
         .collect();
     mark("checks, buggy");
 
+    // One switch from the environment: lb=l7, HAProxy balancing each
+    // request over both Bs.
+    compose(&["up", "-d", "--no-build"], &[("LAB_FAULTS_LB", "l7")]).await?;
+    all_healthy(Duration::from_secs(120)).await?;
+    let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
+    assert_eq!(
+        (&faults["mode"], &faults["faults"]["lb"]),
+        (&"buggy".into(), &"l7".into()),
+        "{faults}"
+    );
+    let l7 = eventually(
+        Duration::from_secs(30),
+        "HAProxy spreads the reads",
+        || async {
+            let by_b = spread(100).await.ok()?;
+            (by_b.len() == 2 && by_b.values().all(|&n| n >= 20)).then_some(by_b)
+        },
+    )
+    .await?;
+    mark("LAB_FAULTS_LB=l7");
+
     // LAB_MODE=fixed: compose recreates the lab's services with the fixed
     // preset, and A balances per request over the Bs it finds in etcd.
     compose(&["up", "-d", "--no-build"], &[("LAB_MODE", "fixed")]).await?;
     all_healthy(Duration::from_secs(120)).await?;
     let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
-    assert_eq!(faults["mode"], "fixed", "{faults}");
-    assert_eq!(faults["faults"]["lb"], "etcd", "{faults}");
+    assert_eq!(
+        (&faults["mode"], &faults["faults"]["lb"]),
+        (&"fixed".into(), &"etcd".into()),
+        "{faults}"
+    );
     let fixed = eventually(Duration::from_secs(30), "both Bs serve", || async {
         let by_b = spread(100).await.ok()?;
         (by_b.len() == 2 && by_b.values().all(|&n| n >= 20)).then_some(by_b)
@@ -390,13 +467,17 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
     let counter = |url: &'static str, metric: &'static str| {
         let http = http.clone();
         async move {
-            let text = http.get(url).send().await.ok()?.text().await.ok()?;
-            lab_tests::metric_sum(&text, metric, &[])
+            let text = http
+                .get(url)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            lab_tests::metric_sum(&text, metric, &[]).with_context(|| format!("{metric} at {url}"))
         }
     };
-    let reads_before = counter(A_METRICS, "lab_http_requests_total")
-        .await
-        .unwrap_or(0.0);
+    let reads_before = counter(A_METRICS, "lab_http_requests_total").await?;
     compose(
         &[
             "--profile",
@@ -411,40 +492,44 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
     )
     .await?;
     let (reads, jobs) = eventually(Duration::from_secs(60), "load and jobs flow", || async {
-        let reads = counter(A_METRICS, "lab_http_requests_total").await? - reads_before;
-        let jobs = counter(B1_METRICS, "lab_jobs_total").await?
-            + counter(B2_METRICS, "lab_jobs_total").await?;
+        let reads = counter(A_METRICS, "lab_http_requests_total").await.ok()? - reads_before;
+        let jobs = counter(B1_METRICS, "lab_jobs_total").await.ok()?
+            + counter(B2_METRICS, "lab_jobs_total").await.ok()?;
         (reads >= 200.0 && jobs >= 20.0).then_some((reads, jobs))
     })
     .await?;
-    compose(&["--profile", "load", "stop", "load", "jobs"], &[]).await?;
     mark("profile load");
 
     compose(&["--profile", "load", "down", "-v"], &[]).await?;
     let label = format!("label=com.docker.compose.project={PROJECT}");
-    let left = [
-        docker(&["ps", "-a", "-q", "--filter", &label]).await?,
-        docker(&["volume", "ls", "-q", "--filter", &label]).await?,
-        docker(&["network", "ls", "-q", "--filter", &label]).await?,
-    ];
+    let containers_left = docker(&["ps", "-a", "-q", "--filter", &label]).await?;
+    let networks_left = docker(&["network", "ls", "-q", "--filter", &label]).await?;
+    // Named volumes carry the project's label; anonymous ones (the
+    // stand-ins', like the official images', VOLUMEs) do not: compare all.
+    let volumes_after = docker(&["volume", "ls", "-q"]).await?;
+    let volumes_left: Vec<&str> = volumes_after
+        .split_whitespace()
+        .filter(|v| !volumes_before.split_whitespace().any(|b| b == *v))
+        .collect();
     mark("down -v");
     println!(
-        "engine: lab image as 10001 on a read-only root; buggy preset: {buggy:?}; \
-         prometheus scraped {scraped:?}; LAB_MODE=fixed: {fixed:?}; profile load: \
-         {reads} reads at A, {jobs} job attempts in the Bs; after down -v: \
-         {} containers, {} volumes, {} networks; {} (total {:.0} s)",
-        left[0].split_whitespace().count(),
-        left[1].split_whitespace().count(),
-        left[2].split_whitespace().count(),
+        "engine: lab image as 10001 on a read-only root; every long-running service \
+         unless-stopped with a memory limit; lb=l4 (.env): {l4:?}; prometheus scraped \
+         {scraped:?}; LAB_FAULTS_LB=l7: {l7:?}; LAB_MODE=fixed: {fixed:?}; profile load: \
+         {reads} reads at A, {jobs} job attempts in the Bs; after down -v: {} containers, \
+         {} volumes, {} networks; {} (total {:.0} s)",
+        containers_left.split_whitespace().count(),
+        volumes_left.len(),
+        networks_left.split_whitespace().count(),
         laps.join(", "),
         started.elapsed().as_secs_f64()
     );
     assert!(
-        left.iter().all(|ids| ids.trim().is_empty()),
-        "down -v left containers, volumes or networks: {left:?}"
+        containers_left.trim().is_empty()
+            && networks_left.trim().is_empty()
+            && volumes_left.is_empty(),
+        "down -v left containers {containers_left:?}, networks {networks_left:?}, \
+         volumes {volumes_left:?}"
     );
-    if let Some(dockerd) = dockerd {
-        stop(dockerd).await?;
-    }
     Ok(())
 }

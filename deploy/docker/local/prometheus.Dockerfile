@@ -8,6 +8,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /prometheus && chown prometheus:prometheus /prometheus
 USER prometheus
+# As in the official image.
+VOLUME /prometheus
 WORKDIR /prometheus
 EXPOSE 9090
 ENTRYPOINT ["/usr/bin/prometheus", "--storage.tsdb.path=/prometheus"]
