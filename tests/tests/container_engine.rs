@@ -316,6 +316,25 @@ async fn spread(n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
     Ok(by_b)
 }
 
+/// `up -d` again with one variable set, as a user would switch: waits
+/// until every service is healthy again, checks A's preset and `lb`, and
+/// returns how reads spread once both Bs serve.
+async fn recreate_with(
+    var: (&str, &str),
+    (mode, lb): (&str, &str),
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    compose(&["up", "-d", "--no-build"], &[var]).await?;
+    all_healthy(Duration::from_secs(120)).await?;
+    let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
+    assert_eq!(faults["mode"], mode, "{}={}: {faults}", var.0, var.1);
+    assert_eq!(faults["faults"]["lb"], lb, "{}={}: {faults}", var.0, var.1);
+    eventually(Duration::from_secs(30), "both Bs serve", || async {
+        let by_b = spread(100).await.ok()?;
+        (by_b.len() == 2 && by_b.values().all(|&n| n >= 20)).then_some(by_b)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothing()
 -> anyhow::Result<()> {
@@ -426,40 +445,11 @@ async fn compose_comes_up_on_a_real_engine_shows_the_l4_symptom_and_leaves_nothi
 
     // One switch from the environment: lb=l7, HAProxy balancing each
     // request over both Bs.
-    compose(&["up", "-d", "--no-build"], &[("LAB_FAULTS_LB", "l7")]).await?;
-    all_healthy(Duration::from_secs(120)).await?;
-    let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
-    assert_eq!(
-        (&faults["mode"], &faults["faults"]["lb"]),
-        (&"buggy".into(), &"l7".into()),
-        "{faults}"
-    );
-    let l7 = eventually(
-        Duration::from_secs(30),
-        "HAProxy spreads the reads",
-        || async {
-            let by_b = spread(100).await.ok()?;
-            (by_b.len() == 2 && by_b.values().all(|&n| n >= 20)).then_some(by_b)
-        },
-    )
-    .await?;
+    let l7 = recreate_with(("LAB_FAULTS_LB", "l7"), ("buggy", "l7")).await?;
     mark("LAB_FAULTS_LB=l7");
-
     // LAB_MODE=fixed: compose recreates the lab's services with the fixed
     // preset, and A balances per request over the Bs it finds in etcd.
-    compose(&["up", "-d", "--no-build"], &[("LAB_MODE", "fixed")]).await?;
-    all_healthy(Duration::from_secs(120)).await?;
-    let (_, _, faults, _) = get_json("http://127.0.0.1:9080/faults").await?;
-    assert_eq!(
-        (&faults["mode"], &faults["faults"]["lb"]),
-        (&"fixed".into(), &"etcd".into()),
-        "{faults}"
-    );
-    let fixed = eventually(Duration::from_secs(30), "both Bs serve", || async {
-        let by_b = spread(100).await.ok()?;
-        (by_b.len() == 2 && by_b.values().all(|&n| n >= 20)).then_some(by_b)
-    })
-    .await?;
+    let fixed = recreate_with(("LAB_MODE", "fixed"), ("fixed", "etcd")).await?;
     mark("LAB_MODE=fixed");
 
     // The `load` profile: reads at A and jobs into MySQL, which the Bs run.
