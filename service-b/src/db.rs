@@ -89,9 +89,15 @@ impl PoolMetrics {
 /// microseconds after the first and costs a MySQL round trip per query —
 /// 17 % of B's CPU samples under `perf` (README, "The hot path, profiled").
 /// A connection idle for longer (MySQL may have restarted or timed it out
-/// since) is still pinged before use. A connection used just before MySQL
-/// restarted is not idle that long, so [`LinkTrouble`] covers it.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+/// since) is still pinged before use. A connection to a MySQL that has
+/// restarted since has been idle at least as long as the restart took —
+/// it cannot have been used since it died — and a restart takes longer than
+/// this (0.3 s natively here), so the ping catches every such connection;
+/// under load connections come back and go out again within milliseconds
+/// and are not pinged. (At 1 s, a connection last used 0.4 s before a kill
+/// was handed out dead once MySQL was back: CI, dependency_faults.)
+/// [`LinkTrouble`] covers what is faster still, e.g. a fail-over.
+const PING_IF_IDLE_FOR: Duration = Duration::from_millis(100);
 
 /// How long after a query fails on its connection every pooled connection
 /// is pinged before use, however briefly it was idle (see [`LinkTrouble`]).

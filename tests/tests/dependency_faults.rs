@@ -278,9 +278,9 @@ async fn mysql_stopped_for_10s_fails_fast_keeps_cached_reads_and_recovers_withou
 /// not hand them out once MySQL is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_killed_and_restarted_costs_no_request_once_it_is_back() -> anyhow::Result<()> {
-    // Pools of 4: the steady traffic then takes each connection again
-    // within a second of its last use (sqlx hands out the longest idle
-    // first), so B's ping after idleness alone would not catch the dead ones.
+    // Pools of 4, filled by a burst: most connections are still in the pool,
+    // dead, when MySQL is back, and the steady traffic takes each one again
+    // soon after (sqlx hands out the longest idle first).
     let mut lab = TestLab::start(
         2,
         &[
