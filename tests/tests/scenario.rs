@@ -52,22 +52,24 @@ fn read_recording(out: &Path) -> Recording {
     serde_json::from_str(&text).expect("samples.json has the recording's schema")
 }
 
-/// The soak's ten minutes at speed 20 (a 3 s warm-up, then 30 s): too short
+/// The soak's ten minutes at speed 10 (a 6 s warm-up, then 60 s): too short
 /// for a slow leak to show (the README has the ten-minute run), long enough
 /// for a failed request, a duplicate job, a leaked pool connection or fds
-/// that climb with every request. The verdicts are the file's own.
+/// that climb with every request. The verdicts are the file's own. (At
+/// speed 20 a 3 s warm-up left a debug build's memory still settling: one
+/// CI run measured +5.13 % against the 5 % bar.)
 #[test]
 fn the_soak_shortened_holds_every_verdict_on_the_fixed_preset() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report");
     let output = Command::new(labctl())
-        .args(["scenario", "run", "soak", "--speed", "20", "--out"])
+        .args(["scenario", "run", "soak", "--speed", "10", "--out"])
         .arg(&out)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!(
-        "labctl scenario run soak --speed 20: {:?}\n{stdout}",
+        "labctl scenario run soak --speed 10: {:?}\n{stdout}",
         output.status
     );
     let verdicts: serde_json::Value =
