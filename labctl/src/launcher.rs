@@ -273,22 +273,14 @@ impl Stack {
         let shown = lab_common::config::redacted_url(&self.config.mysql.url);
         self.start("mysql", mysql_cmd, |r| r.url = Some(shown))?;
         self.spawn_etcd(&launch.bins.etcd, true)?;
-        let mut cmd = Command::new(&launch.bins.partner_api);
-        cmd.arg("--config").arg(&self.state.config_file);
-        self.start("partner-api", cmd, |r| {
-            r.url = Some(https_url(ports.partner_https));
-            r.admin_url = Some(url(ports.partner_admin));
-        })?;
+        self.spawn_partner(&launch.bins.partner_api, &[])?;
         self.wait_ready(
             &launch.client,
             launch.timeout,
             vec![
                 ("mysql", Ready::MysqlGreeting(addr(ports.mysql))),
                 ("etcd", etcd_ready(&ports)),
-                (
-                    "partner-api",
-                    Ready::Http(format!("{}/readyz", url(ports.partner_admin))),
-                ),
+                ("partner-api", partner_ready(&ports)),
             ],
         )
         .await
@@ -538,6 +530,21 @@ impl Stack {
     }
 
     /// Starts etcd (not waiting for it). `fresh` wipes its data dir.
+    /// Starts partner-api on the lab's config, with `extra` `--set
+    /// KEY=VALUE` after it (not waiting for it).
+    fn spawn_partner(&mut self, partner_api: &Path, extra: &[String]) -> Result<(), LaunchError> {
+        let mut cmd = Command::new(partner_api);
+        cmd.arg("--config").arg(&self.state.config_file);
+        for set in extra {
+            cmd.arg("--set").arg(set);
+        }
+        let ports = self.ports.clone();
+        self.start("partner-api", cmd, |r| {
+            r.url = Some(https_url(ports.partner_https));
+            r.admin_url = Some(url(ports.partner_admin));
+        })
+    }
+
     fn spawn_etcd(&mut self, etcd: &Path, fresh: bool) -> Result<(), LaunchError> {
         let client_url = url(self.ports.etcd_client);
         let cmd = etcd_command(etcd, &self.state.state_dir, &self.ports, fresh)?;
@@ -741,20 +748,8 @@ impl Stack {
             return Err(LaunchError::ServiceStillRunning("partner-api"));
         }
         let bins = Binaries::find(None).await?;
-        let mut cmd = Command::new(&bins.partner_api);
-        cmd.arg("--config").arg(&self.state.config_file);
-        for set in extra {
-            cmd.arg("--set").arg(set);
-        }
-        let ports = self.ports.clone();
-        self.start("partner-api", cmd, |r| {
-            r.url = Some(https_url(ports.partner_https));
-            r.admin_url = Some(url(ports.partner_admin));
-        })?;
-        let ready = vec![(
-            "partner-api",
-            Ready::Http(format!("{}/readyz", url(ports.partner_admin))),
-        )];
+        self.spawn_partner(&bins.partner_api, extra)?;
+        let ready = vec![("partner-api", partner_ready(&self.ports))];
         self.wait_ready(&probe::http_client(), Duration::from_secs(30), ready)
             .await
     }
@@ -894,6 +889,10 @@ pub async fn down(state_dir: &Path) -> Result<Vec<String>, LaunchError> {
 /// etcd is ready when its own health endpoint says so.
 fn etcd_ready(ports: &Ports) -> Ready {
     Ready::Http(format!("{}/health", url(ports.etcd_client)))
+}
+
+fn partner_ready(ports: &Ports) -> Ready {
+    Ready::Http(format!("{}/readyz", url(ports.partner_admin)))
 }
 
 /// A B is ready when its admin `/readyz` says so (see service-b's admin routes).
