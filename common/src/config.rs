@@ -135,6 +135,24 @@ impl SlbBalance {
     }
 }
 
+/// How HAProxy decides a B is up (`slb.check`).
+///
+/// `tcp` is the incident's SLB: a B that accepts a TCP connection is UP,
+/// even while its `/readyz` answers 503 (MySQL gone, pool exhausted,
+/// draining), so the balancer keeps sending it traffic it will fail. `ready`
+/// is part of the remedy: HAProxy asks each B's admin port for `/readyz`
+/// and takes a B that answers anything but 200 out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
+pub enum SlbCheck {
+    /// A TCP connect to B's gRPC port.
+    #[default]
+    Tcp,
+    /// `GET /readyz` on B's admin port; only a 200 is UP.
+    Ready,
+}
+
 /// What partner-api answers (`partner.answer`): the contract, or one of the
 /// broken answers real partners send, for B's client to survive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -582,6 +600,8 @@ pub struct SlbConfig {
     pub maxconn: u32,
     /// The l7 backend's `balance` algorithm (`roundrobin` | `leastconn`).
     pub balance: SlbBalance,
+    /// How HAProxy checks a B (`tcp` | `ready`), on both backends.
+    pub check: SlbCheck,
 }
 
 impl Default for SlbConfig {
@@ -592,6 +612,7 @@ impl Default for SlbConfig {
             stats_listen: "127.0.0.1:8404".into(),
             maxconn: 2000,
             balance: SlbBalance::Roundrobin,
+            check: SlbCheck::Tcp,
         }
     }
 }
@@ -1035,6 +1056,17 @@ mod tests {
         })
         .expect("loads");
         assert_eq!(set.slb.balance, SlbBalance::Leastconn);
+        assert_eq!(c.slb.check, SlbCheck::Tcp);
+        let msg = load(&Sources {
+            overrides: vec!["slb.check=http".into()],
+            ..Sources::default()
+        })
+        .expect_err("rejected")
+        .to_string();
+        assert!(
+            msg.contains("slb.check") && msg.contains("`tcp`, `ready`"),
+            "{msg}"
+        );
         assert_eq!(set.service_a.balance_load, BalanceLoad::PeakEwma);
 
         let msg = load(&Sources {
@@ -1263,6 +1295,7 @@ mod tests {
         same_names::<RowsMode>();
         same_names::<LogFormat>();
         same_names::<SlbBalance>();
+        same_names::<SlbCheck>();
         for balance in <SlbBalance as clap::ValueEnum>::value_variants() {
             let in_config = serde_json::to_value(balance).expect("serializes");
             assert_eq!(in_config.as_str(), Some(balance.haproxy_name()));

@@ -102,6 +102,10 @@ impl Registrar<'_> {
         self.add(IntGauge::new(name, help)?)
     }
 
+    pub fn gauge(self, name: &str, help: &str) -> prometheus::Result<Gauge> {
+        self.add(Gauge::new(name, help)?)
+    }
+
     pub fn int_counter(self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
         self.add(IntCounter::new(name, help)?)
     }

@@ -32,7 +32,7 @@ use crate::{
     grpc::BackendService,
     http_client,
     item_cache::{ItemCache, ItemCacheMetrics},
-    metrics, recycle,
+    job_queue, metrics, recycle,
     registry::{self, Registration, RegistrationStatus, RegistryMetrics},
     rows, worker,
 };
@@ -81,7 +81,7 @@ impl Application {
         let faults = LiveFaults::new("service-b", config.faults, Switch::SERVICE_B, &registry)?;
         let metrics = ServiceMetrics::register(&faults, &registry)?;
         let partner = partner_client(&config, &faults, &metrics)?;
-        let readiness = Readiness::new(config.faults.lb);
+        let readiness = Readiness::new(config.faults.lb, metrics.registry.status());
         metrics::PoolCollector::register(&registry, readiness.db.clone())?;
         let admin = start_admin(&config, registry, &faults, &readiness, &shutdown).await?;
         let db = connect_database(&config, &faults, &metrics, &shutdown).await?;
@@ -131,10 +131,17 @@ impl Application {
             &instance_id,
             &advertised,
             &metrics,
-            &readiness,
             stop_registration.clone(),
         );
         let stop_worker = start_worker(&config, &faults, partner, &db, &instance_id, &metrics);
+        lab_common::tasks::spawn(
+            "jobs.queue_gauges",
+            job_queue::watch(
+                config.mysql.clone(),
+                metrics.job_queue.clone(),
+                shutdown.clone(),
+            ),
+        );
         let sequence = lab_common::tasks::spawn(
             "shutdown.sequence",
             shutdown_sequence(ShutdownSteps {
@@ -251,7 +258,6 @@ fn register_in_etcd(
     instance_id: &str,
     advertised: &str,
     metrics: &ServiceMetrics,
-    readiness: &Readiness,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     lab_common::tasks::spawn(
@@ -265,7 +271,6 @@ fn register_in_etcd(
                 &config.service_b.admin_listen,
             ),
             metrics.registry.clone(),
-            readiness.registration.clone(),
             stop,
         ),
     )
@@ -312,6 +317,7 @@ struct ServiceMetrics {
     http: http_client::HttpClientMetrics,
     item_cache: ItemCacheMetrics,
     job_rows: Arc<rows::JobRows>,
+    job_queue: job_queue::QueueMetrics,
 }
 
 impl ServiceMetrics {
@@ -325,6 +331,7 @@ impl ServiceMetrics {
             job_rows: Arc::new(rows::JobRows::new(faults.clone(), registry)?),
             http: http_client::HttpClientMetrics::register(registry)?,
             item_cache: ItemCacheMetrics::register(registry)?,
+            job_queue: job_queue::QueueMetrics::register(registry)?,
         })
     }
 }
@@ -358,11 +365,11 @@ struct Readiness {
 }
 
 impl Readiness {
-    fn new(lb: LbMode) -> Self {
+    fn new(lb: LbMode, registration: RegistrationStatus) -> Self {
         Self {
             db: Arc::new(OnceLock::new()),
             serving: Arc::new(AtomicBool::new(false)),
-            registration: RegistrationStatus::default(),
+            registration,
             needs_registration: lb == LbMode::Etcd,
         }
     }

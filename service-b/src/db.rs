@@ -23,9 +23,10 @@
 //! flip to `propagate`, gives up with the pool-exhausted error.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -36,7 +37,11 @@ use lab_common::{
     config::{DeadlineMode, MysqlConfig},
     faults::LiveFaults,
 };
-use prometheus::{IntGauge, Registry};
+use prometheus::{
+    Gauge, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
 use sqlx::{
     AssertSqlSafe, Connection as _, MySql, QueryBuilder,
     mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions},
@@ -66,20 +71,244 @@ impl PoolWait {
     }
 }
 
-/// `lab_db_acquire_waiting`: queries waiting for a free pooled connection
-/// right now — the hung requests of an exhausted pool under `UntilFree`.
+/// What a pooled connection is taken for: the `purpose` label of the pool
+/// metrics, so a pool drained by the worker is told from one drained by
+/// requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A gRPC request's query (`GetItem`, `SubmitJob`, `GetJob`).
+    Request,
+    /// The job worker's claims, reads and outcome writes.
+    Job,
+    /// `/readyz`'s `SELECT 1`.
+    Probe,
+}
+
+impl Purpose {
+    const ALL: [Purpose; 3] = [Purpose::Request, Purpose::Job, Purpose::Probe];
+
+    fn label(self) -> &'static str {
+        match self {
+            Purpose::Request => "request",
+            Purpose::Job => "job",
+            Purpose::Probe => "probe",
+        }
+    }
+}
+
+/// The pool's metrics, B's view of its MySQL connections:
+///
+/// * `lab_db_acquire_waiting` — queries waiting for a free connection right
+///   now (the hung requests of an exhausted pool under `UntilFree`);
+/// * `lab_db_acquire_wait_seconds{purpose}` — how long each wait took,
+///   whether it got a connection or not;
+/// * `lab_db_acquire_timeouts_total{purpose}` — waits that gave up (pool
+///   exhausted, no connection in time, or the caller's deadline): the fast
+///   failures of a bounded wait, which an unbounded one never has;
+/// * `lab_db_connections_in_use{purpose}` and
+///   `lab_db_oldest_checkout_seconds` — connections checked out now, and how
+///   long the oldest of them has been out. A busy connection comes back
+///   within a query timeout; one that never comes back (a leak) makes the
+///   oldest checkout age grow without bound while the in-use count stays
+///   pinned.
 #[derive(Clone)]
 pub struct PoolMetrics {
     waiting: IntGauge,
+    wait: HistogramVec,
+    timeouts: IntCounterVec,
+    checkouts: Checkouts,
 }
 
 impl PoolMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let waiting = Registrar(registry).int_gauge(
+        let r = Registrar(registry);
+        let waiting = r.int_gauge(
             "lab_db_acquire_waiting",
             "Queries waiting for a free MySQL pool connection right now.",
         )?;
-        Ok(Self { waiting })
+        let wait = r.latency_histogram_vec(
+            "lab_db_acquire_wait_seconds",
+            "Time spent waiting for a MySQL pool connection, by purpose (request, job, probe), \
+             whether the wait got one or gave up.",
+            &["purpose"],
+        )?;
+        let timeouts = r.int_counter_vec(
+            "lab_db_acquire_timeouts_total",
+            "Waits for a MySQL pool connection that gave up (pool exhausted, no connection \
+             in time, or the caller's deadline), by purpose.",
+            &["purpose"],
+        )?;
+        for purpose in Purpose::ALL {
+            wait.with_label_values(&[purpose.label()]);
+            timeouts.with_label_values(&[purpose.label()]);
+        }
+        let checkouts = Checkouts::default();
+        registry.register(Box::new(CheckoutCollector::new(checkouts.clone())?))?;
+        Ok(Self {
+            waiting,
+            wait,
+            timeouts,
+            checkouts,
+        })
+    }
+
+    /// Records one wait for a connection (started at `started`) and, if
+    /// it got one, checks it out under `purpose`.
+    fn record(
+        &self,
+        purpose: Purpose,
+        started: Instant,
+        result: Result<PoolConnection<MySql>, DbError>,
+    ) -> Result<Checkout, DbError> {
+        let label = [purpose.label()];
+        self.wait
+            .with_label_values(&label)
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(connection) => Ok(Checkout {
+                connection,
+                _held: self.checkouts.open(purpose),
+            }),
+            Err(error) => {
+                if error.is_acquire_timeout() {
+                    self.timeouts.with_label_values(&label).inc();
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A pooled connection checked out for one purpose. It derefs to the
+/// connection, goes back to the pool when dropped, and is listed in the
+/// pool metrics' checkouts until then — so a connection that is never
+/// dropped (`rows = leak-on-error` keeps it forever) stays listed, and
+/// its age keeps growing.
+pub struct Checkout {
+    connection: PoolConnection<MySql>,
+    _held: CheckoutEntry,
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = MySqlConnection;
+
+    fn deref(&self) -> &MySqlConnection {
+        &self.connection
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut MySqlConnection {
+        &mut self.connection
+    }
+}
+
+/// The connections checked out now: when each went out, and for what.
+/// Entries are keyed by a sequence number, so the first is the oldest.
+#[derive(Clone, Default)]
+struct Checkouts(Arc<Mutex<CheckoutTable>>);
+
+#[derive(Default)]
+struct CheckoutTable {
+    next: u64,
+    open: BTreeMap<u64, (Instant, Purpose)>,
+}
+
+impl Checkouts {
+    fn open(&self, purpose: Purpose) -> CheckoutEntry {
+        let mut table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = table.next;
+        table.next += 1;
+        table.open.insert(id, (Instant::now(), purpose));
+        CheckoutEntry {
+            checkouts: self.clone(),
+            id,
+        }
+    }
+
+    /// (in use by purpose, in [`Purpose::ALL`] order; the oldest's age).
+    fn snapshot(&self) -> ([i64; 3], Duration) {
+        let table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut in_use = [0; 3];
+        for (_, purpose) in table.open.values() {
+            if let Some(i) = Purpose::ALL.iter().position(|p| p == purpose) {
+                in_use[i] += 1;
+            }
+        }
+        let oldest = table
+            .open
+            .values()
+            .next()
+            .map_or(Duration::ZERO, |(since, _)| since.elapsed());
+        (in_use, oldest)
+    }
+}
+
+/// One checkout's entry in [`Checkouts`], removed when dropped.
+struct CheckoutEntry {
+    checkouts: Checkouts,
+    id: u64,
+}
+
+impl Drop for CheckoutEntry {
+    fn drop(&mut self) {
+        let mut table = self
+            .checkouts
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        table.open.remove(&self.id);
+    }
+}
+
+/// `lab_db_connections_in_use{purpose}` and
+/// `lab_db_oldest_checkout_seconds`, read from [`Checkouts`] when scraped.
+struct CheckoutCollector {
+    checkouts: Checkouts,
+    in_use: IntGaugeVec,
+    oldest: Gauge,
+}
+
+impl CheckoutCollector {
+    fn new(checkouts: Checkouts) -> prometheus::Result<Self> {
+        Ok(Self {
+            checkouts,
+            in_use: IntGaugeVec::new(
+                Opts::new(
+                    "lab_db_connections_in_use",
+                    "MySQL pool connections checked out right now, by purpose (request, job, probe).",
+                ),
+                &["purpose"],
+            )?,
+            oldest: Gauge::new(
+                "lab_db_oldest_checkout_seconds",
+                "How long the longest-held checked-out MySQL connection has been out (0 when \
+                 none is): a busy one comes back within mysql.query_timeout, a leaked one never.",
+            )?,
+        })
+    }
+}
+
+impl Collector for CheckoutCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.in_use
+            .desc()
+            .into_iter()
+            .chain(self.oldest.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (in_use, oldest) = self.checkouts.snapshot();
+        for (purpose, n) in Purpose::ALL.iter().zip(in_use) {
+            self.in_use.with_label_values(&[purpose.label()]).set(n);
+        }
+        self.oldest.set(oldest.as_secs_f64());
+        self.in_use
+            .collect()
+            .into_iter()
+            .chain(self.oldest.collect())
+            .collect()
     }
 }
 
@@ -187,6 +416,18 @@ impl DbError {
             DbError::Failed(_) => "MySQL error",
             DbError::Deadline(_) => "deadline",
         }
+    }
+
+    /// A wait for a pooled connection that ran out of time.
+    fn is_acquire_timeout(&self) -> bool {
+        matches!(
+            self,
+            DbError::Unavailable(
+                Unavailable::PoolExhausted { .. }
+                    | Unavailable::NoConnection(_)
+                    | Unavailable::Connection(sqlx::Error::PoolTimedOut)
+            ) | DbError::Deadline(DeadlineCut::NoConnection(_))
+        )
     }
 }
 
@@ -430,8 +671,18 @@ impl Db {
     pub async fn acquire(
         &self,
         deadline: Option<Instant>,
-    ) -> Result<PoolConnection<MySql>, DbError> {
+        purpose: Purpose,
+    ) -> Result<Checkout, DbError> {
         let _waiting = GaugeGuard::new(&self.metrics.waiting);
+        let started = Instant::now();
+        let result = self.wait_for_connection(deadline).await;
+        self.metrics.record(purpose, started, result)
+    }
+
+    async fn wait_for_connection(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<PoolConnection<MySql>, DbError> {
         match self.wait() {
             PoolWait::Bounded => {
                 let budget = crate::deadline::remaining(deadline, self.acquire_timeout);
@@ -520,16 +771,16 @@ impl Db {
     /// waits longer than `mysql.acquire_timeout` for a connection, whatever
     /// [`PoolWait`] says, and names an exhausted pool.
     pub async fn ping(&self) -> Result<(), DbError> {
-        let mut conn = match tokio::time::timeout(self.acquire_timeout, self.pool.acquire()).await {
-            Ok(Ok(conn)) => conn,
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.acquire_timeout, self.pool.acquire()).await {
+            Ok(Ok(conn)) => Ok(conn),
             Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.at_max() => {
-                return Err(self.exhausted_error());
+                Err(self.exhausted_error())
             }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(Unavailable::NoConnection(self.acquire_timeout).into());
-            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(Unavailable::NoConnection(self.acquire_timeout).into()),
         };
+        let mut conn = self.metrics.record(Purpose::Probe, started, result)?;
         self.bounded(sqlx::query("SELECT 1").execute(&mut *conn))
             .await
             .map(|_| ())
@@ -540,7 +791,7 @@ impl Db {
         id: i64,
         deadline: Option<Instant>,
     ) -> Result<Option<ItemRow>, DbError> {
-        let mut conn = self.acquire(deadline).await?;
+        let mut conn = self.acquire(deadline, Purpose::Request).await?;
         self.within(
             deadline,
             sqlx::query_as::<_, ItemRow>(
@@ -560,7 +811,7 @@ impl Db {
         traceparent: Option<&str>,
         deadline: Option<Instant>,
     ) -> Result<i64, DbError> {
-        let mut conn = self.acquire(deadline).await?;
+        let mut conn = self.acquire(deadline, Purpose::Request).await?;
         let done = self
             .within(
                 deadline,
@@ -578,7 +829,7 @@ impl Db {
         id: i64,
         deadline: Option<Instant>,
     ) -> Result<Option<JobRow>, DbError> {
-        let mut conn = self.acquire(deadline).await?;
+        let mut conn = self.acquire(deadline, Purpose::Request).await?;
         self.within(
             deadline,
             sqlx::query_as::<_, JobRow>(
@@ -598,7 +849,7 @@ impl Db {
     /// Records that an attempt started (attempts + 1), without claiming.
     /// Returns the attempt number.
     pub async fn start_attempt(&self, id: i64, instance: &str) -> Result<u32, DbError> {
-        let mut conn = self.acquire(None).await?;
+        let mut conn = self.acquire(None, Purpose::Job).await?;
         self.bounded(
             sqlx::query(
                 "UPDATE jobs SET attempts = attempts + 1, claimed_by = ?, claimed_at = NOW(3) \
@@ -636,7 +887,7 @@ impl Db {
         max_attempts: u32,
         skip: &[i64],
     ) -> Result<Vec<i64>, DbError> {
-        let mut conn = self.acquire(None).await?;
+        let mut conn = self.acquire(None, Purpose::Job).await?;
         let claim = async {
             // READ COMMITTED: the claim locks only the rows it takes, no gap
             // locks, so it neither blocks nor deadlocks with new inserts.
@@ -710,7 +961,7 @@ impl Db {
                     .bind(id)
             }
         };
-        let mut conn = self.acquire(None).await?;
+        let mut conn = self.acquire(None, Purpose::Job).await?;
         let done = self.bounded(query.execute(&mut *conn)).await?;
         Ok(done.rows_affected() > 0)
     }
@@ -963,6 +1214,50 @@ fn split_database(url: &str) -> Result<(String, String), DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection held long (a leak) shows as the oldest checkout's age;
+    /// ones that come back leave no trace.
+    #[tokio::test(start_paused = true)]
+    async fn checkouts_count_by_purpose_and_age_the_oldest() {
+        let checkouts = Checkouts::default();
+        assert_eq!(checkouts.snapshot(), ([0, 0, 0], Duration::ZERO));
+        let leaked = checkouts.open(Purpose::Job);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let busy = checkouts.open(Purpose::Request);
+        let probe = checkouts.open(Purpose::Probe);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let (in_use, oldest) = checkouts.snapshot();
+        assert_eq!(in_use, [1, 1, 1]);
+        assert_eq!(oldest, Duration::from_millis(30_005));
+        drop((busy, probe));
+        assert_eq!(
+            checkouts.snapshot(),
+            ([0, 1, 0], Duration::from_millis(30_005))
+        );
+        drop(leaked);
+        assert_eq!(checkouts.snapshot(), ([0, 0, 0], Duration::ZERO));
+    }
+
+    #[test]
+    fn only_waits_that_ran_out_of_time_count_as_acquire_timeouts() {
+        let timeouts: [DbError; 4] = [
+            Unavailable::PoolExhausted {
+                pool_max: 4,
+                acquire_timeout: Duration::from_millis(500),
+            }
+            .into(),
+            Unavailable::NoConnection(Duration::from_millis(500)).into(),
+            Unavailable::Connection(sqlx::Error::PoolTimedOut).into(),
+            DeadlineCut::NoConnection(Duration::from_millis(20)).into(),
+        ];
+        assert!(timeouts.iter().all(DbError::is_acquire_timeout));
+        let others: [DbError; 3] = [
+            Unavailable::QueryTimeout(Duration::from_secs(1)).into(),
+            Unavailable::Connection(sqlx::Error::PoolClosed).into(),
+            DeadlineCut::NoTimeLeft.into(),
+        ];
+        assert!(!others.iter().any(DbError::is_acquire_timeout));
+    }
 
     #[test]
     fn errors_name_each_cause_once() {

@@ -17,6 +17,7 @@ pub mod deadline;
 pub mod grpc;
 pub mod http_client;
 pub mod item_cache;
+pub mod job_queue;
 pub mod metrics;
 pub mod recycle;
 pub mod registry;

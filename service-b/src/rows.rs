@@ -40,13 +40,12 @@ use prometheus::{IntGauge, Registry};
 use sqlx::{
     MySql, QueryBuilder, Row,
     mysql::{MySqlArguments, MySqlRow},
-    pool::PoolConnection,
     query::Query,
 };
 
 use lab_common::metrics::Registrar;
 
-use crate::db::{Db, DbError, Failure};
+use crate::db::{Checkout, Db, DbError, Failure, Purpose};
 
 /// A job as the worker sees it, decoded from its row.
 #[derive(Debug, Clone)]
@@ -103,7 +102,7 @@ const JOB_COLUMNS: &str = "SELECT id, payload, attempts, traceparent, \
 /// the rest of the rows unread on its socket (`leak-on-error`). Never
 /// dropped: that is the leak.
 struct LeakedResultSet {
-    _connection: PoolConnection<MySql>,
+    _connection: Checkout,
 }
 
 /// The batch reader of the job worker, in the form in force.
@@ -161,7 +160,7 @@ impl JobRows {
         query: Query<'_, MySql, MySqlArguments>,
         each: &mut impl FnMut(JobTask),
     ) -> Result<Vec<BadRow>, DbError> {
-        let mut connection = db.acquire(None).await?;
+        let mut connection = db.acquire(None, Purpose::Job).await?;
         let mut bad = Vec::new();
         let mode = self.faults.current().rows;
         let abandoned_on = db
@@ -194,7 +193,7 @@ impl JobRows {
     }
 
     /// `leak-on-error`: the connection, with its unread rows, is kept.
-    fn keep_forever(&self, connection: PoolConnection<MySql>, reason: String) {
+    fn keep_forever(&self, connection: Checkout, reason: String) {
         tracing::warn!(%reason, "job batch abandoned; its MySQL connection is never returned");
         if let Ok(mut leaked) = self.leaked.lock() {
             leaked.push(LeakedResultSet {

@@ -172,6 +172,17 @@ async fn poisoned(rows: &str, deadline: &str) -> anyhow::Result<TestLab> {
     Ok(lab)
 }
 
+/// B's `lab_jobs_queued{status}`: job rows in MySQL with that status.
+async fn queued(lab: &TestLab, status: &str) -> Option<f64> {
+    lab.metric(B, "lab_jobs_queued", &[("status", status)])
+        .await
+}
+
+/// B's `name{purpose="request"}`: its pool metrics for request queries.
+async fn request_acquire(lab: &TestLab, name: &str) -> Option<f64> {
+    lab.metric(B, name, &[("purpose", "request")]).await
+}
+
 async fn in_use(lab: &TestLab) -> Option<f64> {
     lab.metric(B, "lab_db_pool_connections", &[("state", "in_use")])
         .await
@@ -192,12 +203,53 @@ async fn leak_on_error_pins_the_pool_and_items_fail_fast_naming_it() -> anyhow::
     // Pinned: in use stays at the maximum, nothing comes back. The second
     // of watching is the measurement (ten worker ticks of 100 ms, each of
     // which would return a connection if any came back).
+    let oldest_before = metric(&lab, B, "lab_db_oldest_checkout_seconds").await?;
     for _ in 0..10 {
         assert_eq!(in_use(&lab).await, Some(4.0), "pool pinned at its maximum");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A leak, not a busy pool: the job connections never come back, so the
+    // oldest checkout ages with the clock (a busy one would be back within
+    // mysql.query_timeout and the oldest would stay young).
+    let oldest_after = metric(&lab, B, "lab_db_oldest_checkout_seconds").await?;
+    let held_by_jobs = lab
+        .metric(B, "lab_db_connections_in_use", &[("purpose", "job")])
+        .await;
+    println!(
+        "leak-on-error: oldest checkout {oldest_before:.2} s → {oldest_after:.2} s, \
+         {held_by_jobs:?} held by jobs"
+    );
+    assert_eq!(
+        held_by_jobs,
+        Some(4.0),
+        "the leaked connections are the worker's"
+    );
+    assert!(
+        oldest_after >= oldest_before + 0.9,
+        "the oldest checkout ages by the second watched: {oldest_before} → {oldest_after}"
+    );
+    let timeouts_before = request_acquire(&lab, "lab_db_acquire_timeouts_total").await;
+    let waited_before = request_acquire(&lab, "lab_db_acquire_wait_seconds_sum").await;
     let (status, _, body, elapsed) = get_json(&format!("{}/api/items/1", lab.a_url())).await?;
     println!("leak-on-error: GET /api/items/1 → {status} in {elapsed:?}: {body}");
+    // The request waited out mysql.acquire_timeout (500 ms) for a
+    // connection and gave up: counted as a timeout, its wait recorded.
+    let timeouts_after = request_acquire(&lab, "lab_db_acquire_timeouts_total").await;
+    let waited_after = request_acquire(&lab, "lab_db_acquire_wait_seconds_sum").await;
+    println!(
+        "leak-on-error: request acquire timeouts {timeouts_before:?} → {timeouts_after:?}, \
+         wait sum {waited_before:?} → {waited_after:?} s"
+    );
+    assert_eq!(
+        timeouts_after,
+        timeouts_before.map(|n| n + 1.0),
+        "one acquire timeout for the request"
+    );
+    let waited = waited_after.unwrap_or(0.0) - waited_before.unwrap_or(0.0);
+    assert!(
+        (0.45..0.9).contains(&waited),
+        "the request's wait (~mysql.acquire_timeout) is in the histogram: {waited} s"
+    );
     assert_eq!(status, 503, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(error.contains("pool exhausted"), "names the cause: {body}");
@@ -268,6 +320,23 @@ async fn close_releases_the_connection_and_dead_letters_the_bad_row() -> anyhow:
         Some(0.0),
         "nothing waits for the pool"
     );
+    // The queue as MySQL holds it, read by B on its own connection.
+    let total = count(&db, "SELECT COUNT(*) FROM jobs").await?;
+    eventually(
+        Duration::from_secs(10),
+        "B's queue gauges to show every row done or dead",
+        || async {
+            let dead = queued(&lab, "dead").await?;
+            let done = queued(&lab, "done").await?;
+            let pending = queued(&lab, "pending").await?;
+            let oldest = lab
+                .metric(B, "lab_jobs_oldest_pending_seconds", &[])
+                .await?;
+            let expected = (poison as f64, (total - poison) as f64, 0.0, 0.0);
+            ((dead, done, pending, oldest) == expected).then_some(())
+        },
+    )
+    .await?;
     let (status, _, body, _) = get_json(&format!("{}/api/items/1", lab.a_url())).await?;
     assert_eq!(status, 200, "items keep being served: {body}");
     println!("close: {poison} poison rows dead-lettered, the pool back to 0 in use");
@@ -303,6 +372,13 @@ async fn under_ignore_an_exhausted_pool_hangs_requests_past_the_deadline() -> an
     assert!(
         waiting_after >= waiting_before + 1.0,
         "the abandoned request still waits in B: {waiting_before} → {waiting_after}"
+    );
+    // Waits without a bound never time out: the signal that tells this
+    // pool apart from the bounded one, which fails requests fast.
+    assert_eq!(
+        request_acquire(&lab, "lab_db_acquire_timeouts_total").await,
+        Some(0.0),
+        "an unbounded wait never gives up"
     );
     Ok(())
 }
