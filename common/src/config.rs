@@ -1064,7 +1064,7 @@ mod tests {
         .expect_err("rejected")
         .to_string();
         assert!(
-            msg.contains("slb.check") && msg.contains("`tcp`, `ready`"),
+            msg.contains("slb.check") && msg.contains("`tcp` or `ready`"),
             "{msg}"
         );
         assert_eq!(set.service_a.balance_load, BalanceLoad::PeakEwma);

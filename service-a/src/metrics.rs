@@ -27,6 +27,19 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let r = Registrar(registry);
+        let backend_calls = r.int_counter_vec(
+            "lab_backend_calls_total",
+            "gRPC calls from A to B, by answering B instance and status code \
+             (backend=\"unknown\" when no B answered).",
+            &["backend", "code"],
+        )?;
+        // The two ways a call fails without any B's answer, exported at 0
+        // from the start so a dashboard can set them side by side before
+        // either happens: A's own deadline ran out (DeadlineExceeded), or no
+        // B could be reached (Unavailable).
+        for code in [tonic::Code::DeadlineExceeded, tonic::Code::Unavailable] {
+            backend_calls.with_label_values(&["unknown", lab_proto::code_name(code)]);
+        }
         Ok(Self {
             backend_retries: r.int_counter(
                 "lab_backend_retries_total",
@@ -50,12 +63,7 @@ impl Metrics {
                 )?,
                 &crate::api::ROUTES,
             ),
-            backend_calls: r.int_counter_vec(
-                "lab_backend_calls_total",
-                "gRPC calls from A to B, by answering B instance and status code \
-                 (backend=\"unknown\" when no B answered).",
-                &["backend", "code"],
-            )?,
+            backend_calls,
             backend_endpoints: r.int_gauge(
                 "lab_backend_endpoints",
                 "Endpoints currently in A's balancer.",

@@ -176,11 +176,40 @@ impl TestLab {
         labctl::jobs::produce(&spec).await
     }
 
+    /// HAProxy's view of one server (`UP`, `DOWN`, `UP 1/2`, …) in one
+    /// backend (`b_l4`, `b_l7`), from its stats page as CSV.
+    pub async fn haproxy_status(&self, backend: &str, server: &str) -> anyhow::Result<String> {
+        let url = format!("{}/stats;csv", self.admin_url("slb")?.trim_end_matches('/'));
+        let csv = plain_client()?
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .text()
+            .await?;
+        haproxy_csv_status(&csv, backend, server)
+            .ok_or_else(|| anyhow::anyhow!("{backend}/{server} not in HAProxy's stats:\n{csv}"))
+    }
+
     /// One metric of a named service, summed over matching samples.
     pub async fn metric(&self, name: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let text = self.metrics(name).await.ok()?;
         metric_sum(&text, metric, labels)
     }
+}
+
+/// The `status` column of `backend`/`server` in HAProxy's stats CSV
+/// (its first line names the columns: `# pxname,svname,…,status,…`).
+pub fn haproxy_csv_status(csv: &str, backend: &str, server: &str) -> Option<String> {
+    let mut lines = csv.lines();
+    let header = lines.next()?.trim_start_matches("# ");
+    let status = header.split(',').position(|c| c == "status")?;
+    lines.find_map(|line| {
+        let fields: Vec<&str> = line.split(',').collect();
+        (fields.first() == Some(&backend) && fields.get(1) == Some(&server))
+            .then(|| fields.get(status).map(|s| (*s).to_owned()))?
+    })
 }
 
 /// Sum of every sample of `name` whose labels include all of `labels`.
@@ -409,6 +438,21 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn haproxy_csv_status_reads_the_status_column_of_one_server() {
+        let csv = "# pxname,svname,qcur,status,weight\n\
+                   b_l4,b-1,0,UP,1\nb_l4,b-2,0,DOWN,1\nb_l7,b-1,0,UP 1/2,1\nb_l4,BACKEND,0,UP,2\n";
+        assert_eq!(
+            haproxy_csv_status(csv, "b_l4", "b-2").as_deref(),
+            Some("DOWN")
+        );
+        assert_eq!(
+            haproxy_csv_status(csv, "b_l7", "b-1").as_deref(),
+            Some("UP 1/2")
+        );
+        assert_eq!(haproxy_csv_status(csv, "b_l7", "b-2"), None);
+    }
 
     #[test]
     fn metric_sum_matches_names_and_labels_exactly() {

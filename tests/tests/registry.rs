@@ -5,6 +5,11 @@
 //! while every B is healthy. A's registry guard keeps the endpoints the
 //! registry dropped in bulk while they answer; B puts itself back as soon as
 //! etcd answers.
+//!
+//! The signals a diagnosis needs are checked on the way: B's
+//! `lab_registry_registered` and lease TTL follow the lease, its failures
+//! name their reason, and HAProxy's checks follow `slb.check` (a B whose
+//! `/readyz` fails stays UP under `tcp`, goes DOWN under `ready`).
 
 use std::time::Duration;
 
@@ -225,6 +230,12 @@ async fn partition_bs_from_etcd(guard: bool) -> anyhow::Result<Partition> {
     until_bs_registered(&lab, 0.0, ttl).await?;
     // Not a synchronisation: the partition, past the TTL, is what is tested.
     tokio::time::sleep_until(cut_at + 2 * ttl).await;
+    // slb.check = tcp (the default, the incident's SLB): HAProxy still
+    // counts both Bs UP though each one's /readyz has said 503 for seconds.
+    for server in ["b-1", "b-2"] {
+        let status = lab.haproxy_status("b_l4", server).await?;
+        assert_eq!(status, "UP", "a TCP check does not see /readyz");
+    }
     relay.set_cut(false);
     let healed = tokio::time::Instant::now();
     until_bs_registered(&lab, 1.0, Duration::from_secs(10)).await?;
@@ -274,6 +285,142 @@ async fn backends_cut_off_from_etcd_keep_serving_through_the_guard() -> anyhow::
         0,
         "no request failed: {:?}",
         guarded.report
+    );
+    Ok(())
+}
+
+/// The HAProxy state of B-1 and B-2 in both backends.
+async fn haproxy_states(lab: &TestLab) -> anyhow::Result<Vec<String>> {
+    let mut states = Vec::new();
+    for backend in ["b_l4", "b_l7"] {
+        for server in ["b-1", "b-2"] {
+            states.push(lab.haproxy_status(backend, server).await?);
+        }
+    }
+    Ok(states)
+}
+
+/// B-1 alone reaches etcd through a relay that is cut: its lease is lost
+/// while B-2's is not. B-1's signals say so — registered 0, no lease time
+/// left, the failure's reason — and with `slb.check = ready` HAProxy reads
+/// its `/readyz` (503, not registered) and takes it out of both backends,
+/// then puts it back once B-1 registers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_lost_its_lease_says_why_and_ready_checks_take_it_out_of_haproxy()
+-> anyhow::Result<()> {
+    let ttl = Duration::from_secs(3);
+    let config = load(&Sources {
+        overrides: vec![
+            "faults.lb=etcd".into(),
+            "etcd.lease_ttl=3s".into(),
+            "slb.check=ready".into(),
+        ],
+        ..Sources::default()
+    })?;
+    let mut relay = None;
+    let lab = TestLab::start_customised(2, config, |options, state_dir| {
+        if let Ok(r) = EtcdRelay::start(state_dir.join("lab.toml")) {
+            options
+                .instance_overrides
+                .insert(1, vec![format!("etcd.endpoints={}", r.url())]);
+            relay = Some(r);
+        }
+    })
+    .await?;
+    let relay = relay.ok_or_else(|| anyhow::anyhow!("the relay did not start"))?;
+    until_bs_registered(&lab, 1.0, Duration::from_secs(5)).await?;
+    eventually(
+        Duration::from_secs(10),
+        "HAProxy to see both Bs UP",
+        || async {
+            let states = haproxy_states(&lab).await.ok()?;
+            states.iter().all(|s| s == "UP").then_some(())
+        },
+    )
+    .await?;
+    // A live lease: time left within the TTL, keepalives answered and timed.
+    eventually(
+        Duration::from_secs(5),
+        "B-1's keepalives to be timed",
+        || async {
+            let rtts = lab
+                .metric(BS[0], "lab_registry_keepalive_rtt_seconds_count", &[])
+                .await?;
+            (rtts >= 1.0).then_some(())
+        },
+    )
+    .await?;
+    let left = lab
+        .metric(BS[0], "lab_registry_lease_ttl_seconds", &[])
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        left > 0.0 && left <= ttl.as_secs_f64(),
+        "lease time left {left} s"
+    );
+
+    relay.set_cut(true);
+    let cut_at = tokio::time::Instant::now();
+    eventually(ttl, "B-1 to read unregistered", || async {
+        let registered = lab.metric(BS[0], "lab_registry_registered", &[]).await?;
+        (registered == 0.0).then_some(())
+    })
+    .await?;
+    let unregistered_after = cut_at.elapsed();
+    let left = lab
+        .metric(BS[0], "lab_registry_lease_ttl_seconds", &[])
+        .await;
+    assert_eq!(left, Some(0.0), "no lease time left once it is lost");
+    let unanswered = lab
+        .metric(
+            BS[0],
+            "lab_registry_failures_total",
+            &[("reason", "keepalive_unanswered")],
+        )
+        .await;
+    assert_eq!(unanswered, Some(1.0), "the loss is named by its reason");
+    let (status, _, why, _) =
+        lab_tests::get_json(&format!("{}/readyz", lab.admin_url(BS[0])?)).await?;
+    assert_eq!(status, 503, "{why}");
+    assert!(
+        why["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not registered"),
+        "{why}"
+    );
+    assert_eq!(
+        lab.metric(BS[1], "lab_registry_registered", &[]).await,
+        Some(1.0),
+        "B-2 keeps its lease"
+    );
+    let down = eventually(
+        Duration::from_secs(5),
+        "HAProxy to take B-1 out of both backends",
+        || async {
+            let states = haproxy_states(&lab).await.ok()?;
+            (states == ["DOWN", "UP", "DOWN", "UP"]).then_some(states)
+        },
+    )
+    .await?;
+    let down_after = cut_at.elapsed();
+
+    relay.set_cut(false);
+    let healed = tokio::time::Instant::now();
+    until_bs_registered(&lab, 1.0, Duration::from_secs(10)).await?;
+    eventually(
+        Duration::from_secs(10),
+        "HAProxy to put B-1 back",
+        || async {
+            let states = haproxy_states(&lab).await.ok()?;
+            states.iter().all(|s| s == "UP").then_some(())
+        },
+    )
+    .await?;
+    println!(
+        "B-1 cut off from etcd: unregistered after {unregistered_after:?}, HAProxy \
+         (slb.check = ready) had it {down:?} after {down_after:?}; UP again {:?} after the cut ended",
+        healed.elapsed()
     );
     Ok(())
 }
