@@ -625,6 +625,12 @@ pub struct AdminConfig {
     /// profiles, task dumps). Empty: those endpoints are off. `labctl up`
     /// generates one into `<state-dir>/admin.token`.
     pub token: AdminToken,
+    /// Set by `labctl drill start` (on standard input, never in a file):
+    /// this process is in a drill and its switches are hidden. `GET /faults`
+    /// and `PUT /faults` need this token instead of `token`, `lab_fault_info`
+    /// is not exported, and no log line names a switch's value. Empty: no
+    /// drill.
+    pub drill_token: AdminToken,
     /// jemalloc samples allocations from start, so `GET /debug/pprof/heap`
     /// can show what is live. On by default: its measured cost is small
     /// (docs/architecture.md, "Profiles and task dumps").
@@ -635,6 +641,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             token: AdminToken::default(),
+            drill_token: AdminToken::default(),
             heap_profiling: true,
         }
     }
@@ -786,6 +793,8 @@ pub enum Origin {
     File(PathBuf),
     Env(String),
     Flag(String),
+    /// The TOML read from standard input (`--config-stdin`).
+    Stdin,
 }
 
 impl fmt::Display for Origin {
@@ -795,6 +804,7 @@ impl fmt::Display for Origin {
             Origin::File(p) => write!(f, "file {}", p.display()),
             Origin::Env(var) => write!(f, "environment variable {var}"),
             Origin::Flag(flag) => write!(f, "command-line {flag}"),
+            Origin::Stdin => f.write_str("standard input (--config-stdin)"),
         }
     }
 }
@@ -812,6 +822,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("the config read from standard input (--config-stdin) is not valid TOML")]
+    ParseStdin,
+    #[error("reading the config from standard input (--config-stdin)")]
+    ReadStdin { source: std::io::Error },
     #[error("unknown config key `{key}` (from {origin}); allowed keys here: {allowed}")]
     UnknownKey {
         key: String,
@@ -850,6 +864,11 @@ pub struct Sources {
     pub env: Vec<(String, String)>,
     /// `KEY=VALUE` overrides from the command line, in order.
     pub overrides: Vec<String>,
+    /// TOML read from standard input (`--config-stdin`), layered after the
+    /// file: how `labctl drill` hands a process the hidden switches and the
+    /// drill token without putting them in a file, an argument or the
+    /// environment.
+    pub stdin: Option<String>,
 }
 
 impl Sources {
@@ -865,6 +884,7 @@ impl Sources {
             file: args.config.clone(),
             env: std::env::vars().collect(),
             overrides,
+            stdin: None,
         }
     }
 }
@@ -882,11 +902,23 @@ pub struct ConfigArgs {
     /// file and environment).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Read one more TOML layer from standard input, after the file (how
+    /// `labctl drill` passes the hidden switches).
+    #[arg(long)]
+    pub config_stdin: bool,
 }
 
 /// Loads from `args` and the environment, or prints the error and exits 2.
 pub fn load_or_exit(args: &ConfigArgs) -> LabConfig {
-    load(&Sources::from_args(args)).unwrap_or_else(|e| e.exit())
+    let mut sources = Sources::from_args(args);
+    if args.config_stdin {
+        let mut text = String::new();
+        if let Err(source) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            ConfigError::ReadStdin { source }.exit();
+        }
+        sources.stdin = Some(text);
+    }
+    load(&sources).unwrap_or_else(|e| e.exit())
 }
 
 /// `faults.http_client` → `LAB_FAULTS_HTTP_CLIENT`.
@@ -901,6 +933,9 @@ pub fn load(sources: &Sources) -> Result<LabConfig, ConfigError> {
     let mut figment = layers::defaults();
     if let Some(path) = &sources.file {
         figment = layers::merge_file(figment, path, &keys)?;
+    }
+    if let Some(text) = &sources.stdin {
+        figment = layers::merge_stdin(figment, text, &keys)?;
     }
     figment = layers::merge_env(figment, &sources.env, &keys)?;
     for arg in &sources.overrides {
@@ -1004,6 +1039,7 @@ mod tests {
                 ("LAB_MYSQL_POOL_MAX", "7"),
             ]),
             overrides: vec!["service_a.backend_timeout=250ms".into()],
+            stdin: None,
         };
         let c = load(&sources).expect("loads");
         assert_eq!(c.mode, Mode::Fixed);
@@ -1040,6 +1076,43 @@ mod tests {
         assert!(msg.contains("round-robin"), "{msg}");
         assert!(msg.contains("LAB_FAULTS_LB"), "{msg}");
         assert!(msg.contains("`l4`, `l7`, `etcd`"), "{msg}");
+    }
+
+    #[test]
+    fn the_stdin_layer_sits_between_file_and_flags_and_never_echoes_its_text() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(file, "mode = \"fixed\"\n[faults]\nworker = \"bounded\"").expect("write");
+        let secret = "[admin]\ndrill_token = \"s3cret-drill\"\n[faults]\nworker = \"unbounded\"\nrows = \"leak-on-error\"\n";
+        let c = load(&Sources {
+            file: Some(file.path().to_path_buf()),
+            stdin: Some(secret.into()),
+            overrides: vec!["faults.rows=close".into()],
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!(c.admin.drill_token.expose(), "s3cret-drill");
+        assert_eq!(
+            c.faults.worker,
+            WorkerMode::Unbounded,
+            "stdin wins over the file"
+        );
+        assert_eq!(c.faults.rows, RowsMode::Close, "a flag wins over stdin");
+        assert_eq!(
+            c.faults.deadline,
+            DeadlineMode::Propagate,
+            "the file's preset stays"
+        );
+
+        let msg = load(&Sources {
+            stdin: Some("drill_token = \"s3cret-drill".into()),
+            ..Sources::default()
+        })
+        .expect_err("not TOML")
+        .to_string();
+        assert!(
+            msg.contains("standard input") && !msg.contains("s3cret"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::config::{
-    DeadlineMode, Faults, HttpClientMode, LbMode, RowsMode, SwitchValue, WorkerMode,
+    DeadlineMode, Faults, HttpClientMode, LabConfig, LbMode, RowsMode, SwitchValue, WorkerMode,
 };
 
 /// One fault switch, by its config name under `[faults]`.
@@ -171,6 +171,8 @@ struct Inner {
     owned: &'static [Switch],
     sender: watch::Sender<Faults>,
     info: IntGaugeVec,
+    /// In a drill: the values are not exported or logged.
+    hidden: bool,
 }
 
 impl LiveFaults {
@@ -182,6 +184,30 @@ impl LiveFaults {
         owned: &'static [Switch],
         registry: &Registry,
     ) -> prometheus::Result<Self> {
+        Self::build(service, initial, owned, registry, false)
+    }
+
+    /// The switches of `config`; hidden when it carries a drill token
+    /// (`admin.drill_token`): then `lab_fault_info` is not registered and a
+    /// flip is logged without its switch or values, so neither `/metrics`
+    /// nor the log gives a drill's answer away.
+    pub fn from_config(
+        service: &'static str,
+        config: &LabConfig,
+        owned: &'static [Switch],
+        registry: &Registry,
+    ) -> prometheus::Result<Self> {
+        let hidden = config.admin.drill_token.is_set();
+        Self::build(service, config.faults, owned, registry, hidden)
+    }
+
+    fn build(
+        service: &'static str,
+        initial: Faults,
+        owned: &'static [Switch],
+        registry: &Registry,
+        hidden: bool,
+    ) -> prometheus::Result<Self> {
         let info = IntGaugeVec::new(
             Opts::new(
                 "lab_fault_info",
@@ -189,13 +215,16 @@ impl LiveFaults {
             ),
             &["switch", "value"],
         )?;
-        registry.register(Box::new(info.clone()))?;
+        if !hidden {
+            registry.register(Box::new(info.clone()))?;
+        }
         let live = Self {
             inner: Arc::new(Inner {
                 service,
                 owned,
                 sender: watch::Sender::new(initial),
                 info,
+                hidden,
             }),
         };
         live.export(&initial);
@@ -211,6 +240,11 @@ impl LiveFaults {
     /// when a switch flips (A's channel, B's worker loop).
     pub fn subscribe(&self) -> watch::Receiver<Faults> {
         self.inner.sender.subscribe()
+    }
+
+    /// Whether this process is in a drill (switches hidden).
+    pub fn hidden(&self) -> bool {
+        self.inner.hidden
     }
 
     /// The switches this process owns.
@@ -286,6 +320,14 @@ impl LiveFaults {
             changed
         });
         let flips = outcome?;
+        if self.inner.hidden && !flips.is_empty() {
+            tracing::warn!(
+                service = self.inner.service,
+                by,
+                "fault switches set by the operator (a drill: which and to what is hidden)"
+            );
+            return Ok(flips);
+        }
         for flip in &flips {
             tracing::warn!(
                 service = self.inner.service,

@@ -59,6 +59,105 @@ pub enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+    /// Incident drills: a lab with hidden, randomly drawn causes for a
+    /// trainee to diagnose from its signals; answers scored against a
+    /// sealed key.
+    Drill {
+        #[command(subcommand)]
+        what: DrillCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrillCmd {
+    /// Start a drill (facilitator): a detached lab whose switches are drawn
+    /// from the seed and hidden, with steady load and job inflow. Prints the
+    /// drill token once (keep it: it scores and reveals) and the trainee's
+    /// brief (also in <state-dir>/drill/brief.txt).
+    Start(DrillStartArgs),
+    /// Score answers against the sealed key, e.g. `lb=l4 worker=bounded`;
+    /// every answer is logged with its time. Needs the drill token.
+    Answer(DrillAnswerArgs),
+    /// Print the drill's causes (facilitator). Needs the drill token.
+    Reveal(DrillTokenArgs),
+    /// Stop the drill's lab; with the drill token, also print the final
+    /// score and the causes.
+    Stop(DrillStopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DrillStartArgs {
+    /// The lab's config (ports, time constants). Its switches do not count:
+    /// the drill draws them.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Seed of the draw: the same seed and --causes give the same causes
+    /// [default: random].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How many causes are in their buggy form: `all`, a number 0..=5, or
+    /// `random` (each switch independently, even odds).
+    #[arg(long, default_value = "random")]
+    pub causes: labctl::drill::CauseCount,
+    /// Number of service-b instances.
+    #[arg(long, default_value_t = 2)]
+    pub backends: usize,
+    /// `auto` picks free loopback ports.
+    #[arg(long, default_value = "config", value_parser = parse_ports)]
+    pub ports: PortPolicy,
+    #[command(flatten)]
+    pub dir: StateDir,
+    /// Also write the drill token to this file (mode 0600; not inside the
+    /// state dir, which the trainee may read).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Start no load and no job inflow (bring your own).
+    #[arg(long)]
+    pub no_traffic: bool,
+    /// The steady load's rate at A (open loop).
+    #[arg(long, default_value_t = 50.0)]
+    pub rps: f64,
+    /// Jobs per second inserted into MySQL.
+    #[arg(long, default_value_t = 12.0)]
+    pub job_rate: f64,
+}
+
+/// Where the drill token comes from.
+#[derive(Debug, Args)]
+pub struct DrillToken {
+    /// A file holding the drill token (as written by `start --token-file`);
+    /// or set LABCTL_DRILL_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DrillTokenArgs {
+    #[command(flatten)]
+    pub token: DrillToken,
+    #[command(flatten)]
+    pub dir: StateDir,
+}
+
+#[derive(Debug, Args)]
+pub struct DrillAnswerArgs {
+    /// SWITCH=VALUE for each cause diagnosed, e.g. `lb=l4 worker=bounded`.
+    pub answers: Vec<String>,
+    /// Ask for each switch in turn instead.
+    #[arg(long, conflicts_with = "answers")]
+    pub interactive: bool,
+    #[command(flatten)]
+    pub token: DrillToken,
+    #[command(flatten)]
+    pub dir: StateDir,
+}
+
+#[derive(Debug, Args)]
+pub struct DrillStopArgs {
+    #[command(flatten)]
+    pub token: DrillToken,
+    #[command(flatten)]
+    pub dir: StateDir,
 }
 
 #[derive(Debug, Args)]

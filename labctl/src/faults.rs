@@ -493,8 +493,9 @@ mod tests {
 
     fn lab() -> LabState {
         LabState {
-            mode: Mode::Buggy,
-            faults: Faults::preset(Mode::Buggy),
+            mode: Some(Mode::Buggy),
+            faults: Some(Faults::preset(Mode::Buggy)),
+            drill: false,
             state_dir: PathBuf::from("/nonexistent"),
             config_file: PathBuf::from("/nonexistent/lab.toml"),
             auto_ports: true,

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lab_common::config::{LabConfig, SlbCheck, SlbConfig};
+use lab_common::config::{AdminToken, Faults, LabConfig, SlbCheck, SlbConfig};
 use partner_api::certs::{self, TlsFiles};
 use tokio::process::Child;
 
@@ -59,6 +59,59 @@ pub struct UpOptions {
     /// `service-b-1`), after `backend_overrides`: one instance unlike the
     /// others, e.g. a degraded B with `service_b.handler_latency=20ms`.
     pub instance_overrides: BTreeMap<usize, Vec<String>>,
+    /// A drill: these switches (not `config`'s) and the drill token go to A
+    /// and the Bs on standard input, and nothing the stack writes — the
+    /// config file, `state.json`, the arguments — names them.
+    pub drill: Option<DrillSecrets>,
+}
+
+/// What a drill hides from the trainee: the switches in force and the
+/// facilitator's token that reads them back.
+#[derive(Debug, Clone)]
+pub struct DrillSecrets {
+    pub token: AdminToken,
+    pub faults: Faults,
+}
+
+impl DrillSecrets {
+    /// The TOML layer A and the Bs read with `--config-stdin`: every switch
+    /// spelled out (so the file's preset decides nothing) and the token.
+    fn stdin_layer(&self) -> Result<String, toml::ser::Error> {
+        #[derive(serde::Serialize)]
+        struct Admin<'a> {
+            drill_token: &'a AdminToken,
+        }
+        #[derive(serde::Serialize)]
+        struct Layer<'a> {
+            faults: &'a Faults,
+            admin: Admin<'a>,
+        }
+        toml::to_string(&Layer {
+            faults: &self.faults,
+            admin: Admin {
+                drill_token: &self.token,
+            },
+        })
+    }
+}
+
+/// `config` as the file every process reads, minus what a drill hides: no
+/// `mode`, no `[faults]`, no drill token (each comes on standard input).
+fn config_file_text(config: &LabConfig, drill: bool) -> Result<String, LaunchError> {
+    let text = config.to_toml()?;
+    if !drill {
+        return Ok(text);
+    }
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| LaunchError::Io {
+        what: "re-reading the config written for the services".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    table.remove("mode");
+    table.remove("faults");
+    if let Some(toml::Value::Table(admin)) = table.get_mut("admin") {
+        admin.remove("drill_token");
+    }
+    Ok(toml::to_string(&table)?)
 }
 
 impl UpOptions {
@@ -73,6 +126,7 @@ impl UpOptions {
             ready_timeout: Duration::from_secs(30),
             backend_overrides: Vec::new(),
             instance_overrides: BTreeMap::new(),
+            drill: None,
         }
     }
 }
@@ -96,6 +150,9 @@ pub struct Stack {
     backend_overrides: Vec<String>,
     /// [`UpOptions::instance_overrides`], kept for a B that is restarted.
     instance_overrides: BTreeMap<usize, Vec<String>>,
+    /// [`UpOptions::drill`], for A or a B started again. `None` in a drill
+    /// attached from another labctl: then A and the Bs cannot be started.
+    drill: Option<DrillSecrets>,
 }
 
 /// A readiness check for one process.
@@ -241,14 +298,20 @@ impl Stack {
         let mut config = with_ports(&options.config, &ports, &tls, &mysql_password);
         config.admin.token = token::ensure(&state_dir, &config.admin.token)
             .doing(|| format!("writing {}", token::path(&state_dir).display()))?;
+        if let Some(drill) = &options.drill {
+            config.faults = drill.faults;
+            config.admin.drill_token = drill.token.clone();
+        }
+        let drill = options.drill.is_some();
         // Private: it carries the operator token.
         let config_file = state_dir.join("lab.toml");
-        token::write_private(&config_file, config.to_toml()?.as_bytes())
+        token::write_private(&config_file, config_file_text(&config, drill)?.as_bytes())
             .doing(|| format!("writing {}", config_file.display()))?;
         Ok(Stack {
             state: LabState {
-                mode: config.mode,
-                faults: config.faults,
+                mode: (!drill).then_some(config.mode),
+                faults: (!drill).then_some(config.faults),
+                drill,
                 state_dir,
                 config_file,
                 auto_ports: options.ports == PortPolicy::Auto,
@@ -262,6 +325,7 @@ impl Stack {
             stopped: false,
             backend_overrides: options.backend_overrides.clone(),
             instance_overrides: options.instance_overrides.clone(),
+            drill: options.drill.clone(),
         })
     }
 
@@ -314,7 +378,8 @@ impl Stack {
         let ports = self.ports.clone();
         let mut cmd = Command::new(&launch.bins.service_a);
         cmd.arg("--config").arg(&self.state.config_file);
-        self.start("service-a", cmd, |r| {
+        let input = self.drill_input(&mut cmd)?;
+        self.start_with_input("service-a", cmd, input, |r| {
             r.url = Some(url(ports.a_http));
             r.admin_url = Some(url(ports.a_admin));
         })?;
@@ -335,12 +400,31 @@ impl Stack {
         cmd: Command,
         describe: impl FnOnce(&mut ServiceRecord),
     ) -> Result<(), LaunchError> {
+        self.start_with_input(name, cmd, None, describe)
+    }
+
+    /// Starts a process that is part of the lab but not a service of it
+    /// (a drill's steady load and job inflow), recorded so that `status`
+    /// lists it and `down` stops it first.
+    pub fn start_companion(&mut self, name: &str, cmd: Command) -> Result<(), LaunchError> {
+        self.start(name, cmd, |_| {})
+    }
+
+    /// [`Stack::start`] with `input` as the process's standard input.
+    fn start_with_input(
+        &mut self,
+        name: &str,
+        cmd: Command,
+        input: Option<String>,
+        describe: impl FnOnce(&mut ServiceRecord),
+    ) -> Result<(), LaunchError> {
         let log = self
             .state
             .state_dir
             .join("logs")
             .join(format!("{name}.log"));
-        let child = procs::spawn(cmd, &log, self.lifetime)?;
+        let input = input.as_deref().map(str::as_bytes);
+        let child = procs::spawn_with_input(cmd, &log, self.lifetime, input)?;
         let (pid, start_time) = child
             .id()
             .and_then(|pid| Some((pid, procs::start_time(pid)?)))
@@ -495,7 +579,19 @@ impl Stack {
             // Not recorded in the state file: test and benchmark knobs.
             backend_overrides: Vec::new(),
             instance_overrides: BTreeMap::new(),
+            drill: None,
         })
+    }
+
+    /// In a drill, what A or a B reads on standard input (and the flag that
+    /// makes it read it); `None` outside one.
+    fn drill_input(&self, cmd: &mut Command) -> Result<Option<String>, LaunchError> {
+        if !self.state.drill {
+            return Ok(None);
+        }
+        let drill = self.drill.as_ref().ok_or(LaunchError::DrillHidden)?;
+        cmd.arg("--config-stdin");
+        Ok(Some(drill.stdin_layer()?))
     }
 
     /// Starts B number `index` on the given ports (not waiting for it).
@@ -521,7 +617,8 @@ impl Stack {
         {
             cmd.arg("--set").arg(set);
         }
-        self.start(&name, cmd, |r| {
+        let input = self.drill_input(&mut cmd)?;
+        self.start_with_input(&name, cmd, input, |r| {
             r.instance_id = Some(instance_id.clone());
             r.grpc_addr = Some(addr(grpc));
             r.admin_url = Some(url(admin));
@@ -1199,6 +1296,51 @@ mod tests {
             );
             assert_eq!(l7.matches("proto h2").count(), 2, "{cfg}");
         }
+    }
+
+    /// In a drill the file names no switch and no token; the stdin layer
+    /// over it gives the services exactly the drill's switches.
+    #[test]
+    fn a_drill_keeps_the_switches_out_of_the_file_and_hands_them_over_stdin() {
+        let drill = DrillSecrets {
+            token: AdminToken::new("drill-token-0123456789abcdef"),
+            faults: Faults {
+                worker: lab_common::config::WorkerMode::Unbounded,
+                ..Faults::preset(lab_common::config::Mode::Fixed)
+            },
+        };
+        let mut config = LabConfig {
+            faults: drill.faults,
+            ..LabConfig::default()
+        };
+        config.admin.drill_token = drill.token.clone();
+        let file = config_file_text(&config, true).expect("file");
+        for hidden in [
+            "mode",
+            "[faults]",
+            "unbounded",
+            "drill_token",
+            "drill-token",
+        ] {
+            assert!(!file.contains(hidden), "{hidden} in the file:\n{file}");
+        }
+        assert!(
+            config_file_text(&config, false)
+                .expect("file")
+                .contains("[faults]")
+        );
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("lab.toml");
+        std::fs::write(&path, &file).expect("write");
+        let loaded = lab_common::config::load(&lab_common::config::Sources {
+            file: Some(path),
+            stdin: Some(drill.stdin_layer().expect("layer")),
+            ..Default::default()
+        })
+        .expect("the services load it");
+        assert_eq!(loaded.faults, drill.faults);
+        assert_eq!(loaded.admin.drill_token, drill.token);
     }
 
     #[test]

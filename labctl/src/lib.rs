@@ -3,6 +3,7 @@
 //! their helpers.
 
 pub mod bench;
+pub mod drill;
 pub mod faults;
 pub mod jobs;
 pub mod launcher;

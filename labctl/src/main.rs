@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use lab_common::config::{LogFormat, TelemetryConfig};
 
-use cli::{BenchCmd, Cli, Cmd, ConfigCmd, FaultsCmd, ScaleCmd, ScenarioCmd};
+use cli::{BenchCmd, Cli, Cmd, ConfigCmd, DrillCmd, FaultsCmd, ScaleCmd, ScenarioCmd};
 
 /// Parses the command line (invalid input exits 2 with clap's message),
 /// runs the subcommand, and exits 1 with the error chain if it fails.
@@ -68,6 +68,12 @@ async fn main() -> ExitCode {
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => commands::config::check(&file),
+        Cmd::Drill { what } => match what {
+            DrillCmd::Start(args) => commands::drill::start(args).await,
+            DrillCmd::Answer(args) => commands::drill::answer(args),
+            DrillCmd::Reveal(args) => commands::drill::reveal(args),
+            DrillCmd::Stop(args) => commands::drill::stop(args).await,
+        },
         Cmd::Scenario {
             what: ScenarioCmd::List,
         } => commands::scenario::list(),

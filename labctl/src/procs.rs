@@ -137,7 +137,20 @@ pub enum ProcError {
 /// it SIGTERM if labctl dies (`PR_SET_PDEATHSIG`, even on SIGKILL), and
 /// tokio sends it SIGKILL when its [`Child`] handle is dropped
 /// (`kill_on_drop`). The graceful path is [`terminate_child`].
-pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child, ProcError> {
+pub fn spawn(cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child, ProcError> {
+    spawn_with_input(cmd, log, lifetime, None)
+}
+
+/// [`spawn`], with `input` (if any) as the process's standard input: a pipe
+/// that holds exactly those bytes and is closed, so the process reads them
+/// and then end-of-file. (How a drill hands a service its hidden switches:
+/// a pipe leaves nothing in a file, the arguments or the environment.)
+pub fn spawn_with_input(
+    mut cmd: Command,
+    log: &Path,
+    lifetime: Lifetime,
+    input: Option<&[u8]>,
+) -> Result<Child, ProcError> {
     let out = open_log(log)?;
     let err = out.try_clone().map_err(|source| ProcError::OpenLog {
         path: log.to_path_buf(),
@@ -148,10 +161,21 @@ pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child, 
             cmd.env_remove(key);
         }
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .process_group(0);
+    match input {
+        Some(bytes) => {
+            let program = cmd.get_program().to_string_lossy().into_owned();
+            let pipe = filled_pipe(bytes).map_err(|source| ProcError::Spawn {
+                program,
+                log: log.to_path_buf(),
+                source,
+            })?;
+            cmd.stdin(pipe)
+        }
+        None => cmd.stdin(Stdio::null()),
+    }
+    .stdout(Stdio::from(out))
+    .stderr(Stdio::from(err))
+    .process_group(0);
     let tied = lifetime == Lifetime::TiedToLabctl;
     if tied {
         // SAFETY: the closure runs between fork and exec and only makes one
@@ -173,6 +197,22 @@ pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child, 
         log: log.to_path_buf(),
         source,
     })
+}
+
+/// A pipe's read end, with `bytes` already written and the write end
+/// closed. The bytes must fit the pipe's buffer (64 KiB on Linux; a drill's
+/// input is a few hundred bytes), or writing them would block.
+fn filled_pipe(bytes: &[u8]) -> std::io::Result<std::io::PipeReader> {
+    use std::io::Write;
+    const PIPE_BUFFER: usize = 64 * 1024;
+    if bytes.len() > PIPE_BUFFER {
+        return Err(std::io::Error::other(
+            "standard input larger than a pipe buffer",
+        ));
+    }
+    let (reader, mut writer) = std::io::pipe()?;
+    writer.write_all(bytes)?;
+    Ok(reader)
 }
 
 fn open_log(path: &Path) -> Result<File, ProcError> {

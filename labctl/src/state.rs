@@ -87,8 +87,15 @@ impl ServiceRecord {
 /// The running stack.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LabState {
-    pub mode: Mode,
-    pub faults: Faults,
+    /// The preset and the switches at start; absent in a drill, where they
+    /// are the answer (`drill` is then true).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mode: Option<Mode>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub faults: Option<Faults>,
+    /// Started by `labctl drill start`: the switches are hidden.
+    #[serde(default)]
+    pub drill: bool,
     pub state_dir: PathBuf,
     /// The config file every service was started with.
     pub config_file: PathBuf,

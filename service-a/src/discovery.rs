@@ -59,18 +59,29 @@ pub struct DiscoveryMetrics {
 
 impl DiscoveryMetrics {
     pub fn register(registry: &Registry, endpoints: IntGauge) -> prometheus::Result<Self> {
+        let events = Registrar(registry).int_counter_vec(
+            "lab_discovery_events_total",
+            "Registry changes applied to A's balancer (insert, remove, resync, stale, back).",
+            &["kind"],
+        )?;
+        let watch_errors = Registrar(registry).int_counter_vec(
+            "lab_discovery_watch_errors_total",
+            "etcd connection, get or watch failures seen by discovery.",
+            &["stage"],
+        )?;
+        // Exported at 0 from the start, whatever `lb` is: a series that
+        // appeared only under `lb = "etcd"` would tell a drill's trainee
+        // the switch without any diagnosis.
+        for kind in ["insert", "remove", "resync", "stale", "back"] {
+            events.with_label_values(&[kind]);
+        }
+        for stage in ["connect", "get", "watch"] {
+            watch_errors.with_label_values(&[stage]);
+        }
         Ok(Self {
             endpoints,
-            events: Registrar(registry).int_counter_vec(
-                "lab_discovery_events_total",
-                "Registry changes applied to A's balancer (insert, remove, resync, stale, back).",
-                &["kind"],
-            )?,
-            watch_errors: Registrar(registry).int_counter_vec(
-                "lab_discovery_watch_errors_total",
-                "etcd connection, get or watch failures seen by discovery.",
-                &["stage"],
-            )?,
+            events,
+            watch_errors,
             stale: Registrar(registry).int_gauge(
                 "lab_discovery_stale_endpoints",
                 "Endpoints the registry removed in bulk that A's registry guard keeps routing to.",

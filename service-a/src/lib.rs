@@ -38,14 +38,19 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let config = Arc::new(config);
     let registry = lab_common::metrics::registry()?;
     let metrics = metrics::Metrics::register(&registry)?;
-    let faults = lab_common::faults::LiveFaults::new(
+    let faults = lab_common::faults::LiveFaults::from_config(
         "service-a",
-        config.faults,
+        &config,
         lab_common::faults::Switch::SERVICE_A,
         &registry,
     )?;
     let dialer = balancer::Dialer::new(&config, &registry, metrics.backend_endpoints.clone())?;
-    let (channel, target) = live_channel::start(dialer, faults.subscribe(), shutdown.clone());
+    let (channel, target) = live_channel::start(
+        dialer,
+        faults.subscribe(),
+        faults.hidden(),
+        shutdown.clone(),
+    );
     let channel = channel.boxed();
 
     // Ready when some B answers a gRPC health check over A's own channel
@@ -93,7 +98,12 @@ pub async fn run(config: LabConfig, shutdown: CancellationToken) -> anyhow::Resu
     let listener = http_listener::bind(addr)
         .await
         .with_context(|| format!("binding HTTP listener {addr}"))?;
-    tracing::info!(http = %addr, admin = %admin_addr, backend = %target, mode = ?config.mode, faults = ?config.faults, "service-a serving");
+    if faults.hidden() {
+        // A drill: what A dials, the preset and the switches are the answer.
+        tracing::info!(http = %addr, admin = %admin_addr, "service-a serving");
+    } else {
+        tracing::info!(http = %addr, admin = %admin_addr, backend = %target, mode = ?config.mode, faults = ?config.faults, "service-a serving");
+    }
     let limits = http_listener::Limits {
         header_read_timeout: config.service_a.header_read_timeout,
         max_header_bytes: MAX_HEADER_BYTES,

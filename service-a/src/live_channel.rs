@@ -105,9 +105,11 @@ impl Service<http::Request<Body>> for LiveChannel {
 
 /// Builds the channel for the `lb` in force, and rebuilds it on every flip
 /// until `shutdown`. Returns the channel and what it dials first (for logs).
+/// `hidden` (a drill): a flip is logged without naming `lb`'s values.
 pub fn start(
     dialer: Dialer,
     faults: watch::Receiver<Faults>,
+    hidden: bool,
     shutdown: CancellationToken,
 ) -> (LiveChannel, String) {
     let lb = faults.borrow().lb;
@@ -125,7 +127,7 @@ pub fn start(
     };
     lab_common::tasks::spawn(
         "balancer.follow-lb",
-        follow(dialer, current, sender, faults, shutdown),
+        follow(dialer, current, sender, faults, hidden, shutdown),
     );
     (
         LiveChannel {
@@ -151,6 +153,7 @@ async fn follow(
     mut current: InForce,
     sender: watch::Sender<BackendChannel>,
     mut faults: watch::Receiver<Faults>,
+    hidden: bool,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -193,6 +196,11 @@ async fn follow(
             discovery.stop().await;
         }
         dialer.in_force(wanted);
+        if hidden {
+            tracing::info!(warm_up = ?started.elapsed(), ok = warmed.is_ok(),
+                "A's channel rebuilt after a switch change (a drill: which is hidden)");
+            continue;
+        }
         match warmed {
             Ok(()) => tracing::info!(
                 from = previous.lb.as_str(),

@@ -78,7 +78,7 @@ impl Application {
         let config = Arc::new(config);
         let instance_id: Arc<str> = crate::instance_id(&config).into();
         let registry = lab_common::metrics::registry()?;
-        let faults = LiveFaults::new("service-b", config.faults, Switch::SERVICE_B, &registry)?;
+        let faults = LiveFaults::from_config("service-b", &config, Switch::SERVICE_B, &registry)?;
         let metrics = ServiceMetrics::register(&faults, &registry)?;
         let partner = partner_client(&config, &faults, &metrics)?;
         let readiness = Readiness::new(config.faults.lb, metrics.registry.status());
@@ -122,9 +122,16 @@ impl Application {
         health.set_serving::<BackendServer<BackendService>>().await;
         readiness.serving.store(true, Ordering::Release);
         let advertised = crate::advertise_addr(&config);
-        tracing::info!(%instance_id, grpc = %config.service_b.listen,
-            advertised = %advertised, admin = %config.service_b.admin_listen,
-            mode = ?config.mode, faults = ?config.faults, "service-b serving");
+        if faults.hidden() {
+            // A drill: the preset and the switches are the answer.
+            tracing::info!(%instance_id, grpc = %config.service_b.listen,
+                advertised = %advertised, admin = %config.service_b.admin_listen,
+                "service-b serving");
+        } else {
+            tracing::info!(%instance_id, grpc = %config.service_b.listen,
+                advertised = %advertised, admin = %config.service_b.admin_listen,
+                mode = ?config.mode, faults = ?config.faults, "service-b serving");
+        }
         let stop_registration = CancellationToken::new();
         let registration = register_in_etcd(
             &config,
@@ -325,7 +332,7 @@ impl ServiceMetrics {
         Ok(Self {
             grpc: metrics::Metrics::register(registry)?,
             registry: RegistryMetrics::register(registry)?,
-            worker: worker::WorkerMetrics::register(registry)?,
+            worker: worker::WorkerMetrics::register(registry, faults.hidden())?,
             deadline: deadline::DeadlineMetrics::register(registry)?,
             pool: db::PoolMetrics::register(registry)?,
             job_rows: Arc::new(rows::JobRows::new(faults.clone(), registry)?),
@@ -396,7 +403,7 @@ impl Readiness {
         }
         db.ping().await.map_err(|e| format!("{}: {e}", e.kind()))?;
         if self.needs_registration && !self.registration.is_registered() {
-            return Err("not registered in etcd (faults.lb = \"etcd\")".into());
+            return Err("not registered in etcd".into());
         }
         Ok(())
     }

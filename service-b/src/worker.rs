@@ -87,10 +87,13 @@ pub struct WorkerMetrics {
     pub loops_started: IntCounterVec,
     pub old_loop_tasks: IntGauge,
     pub claims_deferred: IntCounter,
+    /// A drill: the `mode` labels read `hidden`, since the worker's form is
+    /// the answer.
+    hide_mode: bool,
 }
 
 impl WorkerMetrics {
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry, hide_mode: bool) -> prometheus::Result<Self> {
         let r = Registrar(registry);
         let jobs = r.int_counter_vec(
             "lab_jobs_total",
@@ -136,7 +139,18 @@ impl WorkerMetrics {
                 "lab_worker_claims_deferred_total",
                 "Ticks the bounded loop claimed nothing because more jobs than its claim can leave out (1000) still ran in tasks of a loop a flip replaced.",
             )?,
+            hide_mode,
         })
+    }
+
+    /// The `mode` label for the worker form `mode`.
+    fn mode_label(&self, mode: &'static str) -> &'static str {
+        if self.hide_mode { "hidden" } else { mode }
+    }
+
+    /// Whether the worker's form is hidden (a drill).
+    fn hidden(&self) -> bool {
+        self.hide_mode
     }
 }
 
@@ -319,9 +333,13 @@ pub async fn run(
         shared
             .metrics
             .loops_started
-            .with_label_values(&[mode.as_str()])
+            .with_label_values(&[shared.metrics.mode_label(mode.as_str())])
             .inc();
-        tracing::info!(?mode, "job worker loop started");
+        if shared.metrics.hidden() {
+            tracing::info!("job worker loop started");
+        } else {
+            tracing::info!(?mode, "job worker loop started");
+        }
         let work = run_loop(mode, shared.clone(), stop.clone());
         tokio::pin!(work);
         let flipped = tokio::select! {
@@ -338,7 +356,11 @@ pub async fn run(
             return;
         }
         shared.replace_loop();
-        tracing::info!(from = ?mode, "job worker loop stopped by a flip; its tasks run to their end");
+        if shared.metrics.hidden() {
+            tracing::info!("job worker loop stopped by a flip; its tasks run to their end");
+        } else {
+            tracing::info!(from = ?mode, "job worker loop stopped by a flip; its tasks run to their end");
+        }
     }
 }
 
@@ -450,7 +472,7 @@ async fn attempt_unclaimed(
     shared
         .metrics
         .job_lag
-        .with_label_values(&[mode])
+        .with_label_values(&[shared.metrics.mode_label(mode)])
         .observe(row.age_us.max(0) as f64 / 1e6);
     if let Err(e) = shared.db.start_attempt(row.id, &shared.instance).await {
         tracing::warn!(job = row.id, error = %e, "recording the attempt failed");
@@ -603,7 +625,7 @@ async fn attempt_claimed(
     shared
         .metrics
         .job_lag
-        .with_label_values(&["bounded"])
+        .with_label_values(&[shared.metrics.mode_label("bounded")])
         .observe(job.age_us.max(0) as f64 / 1e6);
     let outcome = match tokio::time::timeout(
         shared.config.job_timeout,

@@ -50,6 +50,31 @@ pub async fn require_operator(
     }
 }
 
+/// Middleware for `/faults` while the process is in a drill: only the
+/// facilitator's `admin.drill_token` reads or sets the switches (the
+/// trainee's `admin.token` still opens profiles and task dumps).
+pub async fn require_drill_facilitator(
+    State(state): State<AdminState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let addr = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
+    let route = format!("{} {}", request.method(), request.uri().path());
+    match check(state.config.admin.drill_token.expose(), request.headers()) {
+        Ok(()) => {
+            request.extensions_mut().insert(Operator { addr });
+            next.run(request).await
+        }
+        Err(_) => {
+            tracing::warn!(?addr, %route, "drill: switches requested without the drill token");
+            Refusal::DrillHidden.into_response()
+        }
+    }
+}
+
 /// Why a request was not let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
@@ -59,6 +84,8 @@ enum Refusal {
     Missing,
     /// A bearer token, but not this one.
     Wrong,
+    /// In a drill, `/faults` without the drill token.
+    DrillHidden,
 }
 
 impl Refusal {
@@ -69,6 +96,9 @@ impl Refusal {
             }
             Refusal::Missing => "operator endpoint: send `Authorization: Bearer <admin token>`",
             Refusal::Wrong => "the admin token does not match",
+            Refusal::DrillHidden => {
+                "a drill is running: the switches are hidden; the facilitator's drill token reads or sets them"
+            }
         }
     }
 }
@@ -79,6 +109,7 @@ impl IntoResponse for Refusal {
             Refusal::Missing => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             Refusal::Wrong => (StatusCode::FORBIDDEN, "forbidden"),
             Refusal::NoTokenConfigured => (StatusCode::FORBIDDEN, "operator_endpoints_off"),
+            Refusal::DrillHidden => (StatusCode::FORBIDDEN, "drill_hidden"),
         };
         let body = Json(json!({"error": self.reason(), "code": code}));
         if status == StatusCode::UNAUTHORIZED {

@@ -59,25 +59,44 @@ pub struct AdminState {
 
 /// The admin routes for `state`: the open ones, and the operator ones
 /// behind the token check.
+///
+/// In a drill (`admin.drill_token` set) both `GET` and `PUT /faults` sit
+/// behind the drill token instead: the switches are the drill's answer.
 pub fn router(state: AdminState) -> Router {
-    let operator = operator_routes().route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        auth::require_operator,
-    ));
-    Router::new()
+    let by_token = |routes: Router<AdminState>| {
+        routes.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_operator,
+        ))
+    };
+    let switches = Router::new()
+        .route("/faults", get(faults).put(put_faults))
+        .layer(DefaultBodyLimit::max(MAX_OPERATOR_BODY_BYTES));
+    let open = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/faults", get(faults))
-        .merge(operator)
-        .with_state(state)
+        .route("/readyz", get(readyz));
+    let router = if state.config.admin.drill_token.is_set() {
+        let switches = switches.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_drill_facilitator,
+        ));
+        open.merge(switches).merge(by_token(operator_routes()))
+    } else {
+        let read_switches = Router::new().route("/faults", get(faults));
+        let set_switches = Router::new()
+            .route("/faults", put(put_faults))
+            .layer(DefaultBodyLimit::max(MAX_OPERATOR_BODY_BYTES));
+        open.merge(read_switches)
+            .merge(by_token(set_switches.merge(operator_routes())))
+    };
+    router.with_state(state)
 }
 
-/// Routes that change state or cost CPU; [`router`] puts them behind
-/// [`auth::require_operator`].
+/// Routes that cost CPU or show internals; [`router`] puts them behind
+/// [`auth::require_operator`] (with `PUT /faults`, outside a drill).
 fn operator_routes() -> Router<AdminState> {
     Router::new()
-        .route("/faults", put(put_faults))
         .route("/debug/pprof/profile", get(profiles::cpu_profile))
         .route("/debug/pprof/heap", get(profiles::heap_profile))
         .route("/debug/tasks", get(tasks::dump))
@@ -173,10 +192,7 @@ fn bad_request(status: StatusCode, reason: String) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::{AdminToken, Faults, Mode},
-        faults::Switch,
-    };
+    use crate::{config::AdminToken, faults::Switch};
     use axum::body::Body;
     use http::Request;
     use tower::ServiceExt as _;
@@ -193,23 +209,26 @@ mod tests {
     ];
 
     fn admin(token: &str) -> Router {
+        admin_in_drill(token, "").0
+    }
+
+    /// The admin routes of a B started with `token` and `drill_token`
+    /// (empty: none), and its metrics registry.
+    fn admin_in_drill(token: &str, drill_token: &str) -> (Router, Registry) {
         let registry = Registry::new();
         let mut config = LabConfig::default();
         config.admin.token = AdminToken::new(token);
-        let faults = LiveFaults::new(
-            "service-b",
-            Faults::preset(Mode::Buggy),
-            Switch::SERVICE_B,
-            &registry,
-        )
-        .expect("live faults");
-        router(AdminState {
+        config.admin.drill_token = AdminToken::new(drill_token);
+        let faults = LiveFaults::from_config("service-b", &config, Switch::SERVICE_B, &registry)
+            .expect("live faults");
+        let router = router(AdminState {
             service: "service-b",
-            registry,
+            registry: registry.clone(),
             config: Arc::new(config),
             faults,
             readiness: Arc::new(|| Box::pin(async { Ok(()) })),
-        })
+        });
+        (router, registry)
     }
 
     async fn status(router: &Router, method: &str, uri: &str, authorization: Option<&str>) -> u16 {
@@ -274,5 +293,50 @@ mod tests {
         for uri in ["/metrics", "/healthz", "/readyz", "/faults"] {
             assert_eq!(status(&router, "GET", uri, None).await, 200, "GET {uri}");
         }
+    }
+
+    /// In a drill the trainee holds `admin.token` (profiles, task dumps)
+    /// but only the facilitator's drill token reads or sets the switches,
+    /// and `/metrics` has no `lab_fault_info`.
+    #[tokio::test]
+    async fn in_a_drill_only_the_drill_token_reaches_the_switches() {
+        const DRILL: &str = "drill-token-for-tests-4567";
+        let (router, registry) = admin_in_drill(TOKEN, DRILL);
+        let trainee = format!("Bearer {TOKEN}");
+        let facilitator = format!("Bearer {DRILL}");
+        for method in ["GET", "PUT"] {
+            for who in [None, Some(trainee.as_str())] {
+                assert_eq!(
+                    status(&router, method, "/faults", who).await,
+                    403,
+                    "{method} /faults as {who:?}"
+                );
+            }
+            assert_eq!(
+                status(&router, method, "/faults", Some(&facilitator)).await,
+                200,
+                "{method} /faults with the drill token"
+            );
+        }
+        assert_eq!(
+            status(&router, "GET", "/debug/tasks", Some(&trainee)).await,
+            200
+        );
+        assert_eq!(status(&router, "GET", "/metrics", None).await, 200);
+        assert!(
+            registry
+                .gather()
+                .iter()
+                .all(|f| f.name() != "lab_fault_info"),
+            "lab_fault_info is not exported in a drill"
+        );
+        let (_, outside) = admin_in_drill(TOKEN, "");
+        assert!(
+            outside
+                .gather()
+                .iter()
+                .any(|f| f.name() == "lab_fault_info"),
+            "outside a drill it is"
+        );
     }
 }

@@ -31,6 +31,7 @@ const RESERVED_ENV: [&str; 1] = ["LAB_CONFIG"];
 const FILE: &str = "file";
 const ENV: &str = "environment variable";
 const FLAG: &str = "command-line";
+const STDIN: &str = "standard input";
 const DEFAULT: &str = "built-in default";
 
 impl Origin {
@@ -41,6 +42,7 @@ impl Origin {
             Origin::File(path) => Metadata::from(FILE, path.as_path()),
             Origin::Env(var) => Metadata::from(ENV, var.clone()),
             Origin::Flag(flag) => Metadata::from(FLAG, flag.clone()),
+            Origin::Stdin => Metadata::named(STDIN),
         }
     }
 
@@ -50,6 +52,7 @@ impl Origin {
             (_, Some(Source::File(path))) => Origin::File(path.clone()),
             (ENV, Some(Source::Custom(var))) => Origin::Env(var.clone()),
             (FLAG, Some(Source::Custom(flag))) => Origin::Flag(flag.clone()),
+            (STDIN, _) => Origin::Stdin,
             _ => Origin::Default,
         }
     }
@@ -93,7 +96,27 @@ pub(super) fn merge_file(
         path: path.to_path_buf(),
         source,
     })?;
-    let origin = Origin::File(path.to_path_buf());
+    merge_table(figment, table, Origin::File(path.to_path_buf()), keys)
+}
+
+/// Merges the TOML read from standard input (`--config-stdin`).
+pub(super) fn merge_stdin(
+    figment: Figment,
+    text: &str,
+    keys: &Keys,
+) -> Result<Figment, ConfigError> {
+    // The error does not carry toml's message: it quotes the offending
+    // line, and this input holds secrets.
+    let table: toml::Table = toml::from_str(text).map_err(|_| ConfigError::ParseStdin)?;
+    merge_table(figment, table, Origin::Stdin, keys)
+}
+
+fn merge_table(
+    figment: Figment,
+    table: toml::Table,
+    origin: Origin,
+    keys: &Keys,
+) -> Result<Figment, ConfigError> {
     for (key, _) in leaves(&table) {
         keys.check(&key, &origin)?;
     }
@@ -344,6 +367,7 @@ mod tests {
             Origin::File("/etc/lab.toml".into()),
             Origin::Env("LAB_MODE".into()),
             Origin::Flag("--set mode=fixed".into()),
+            Origin::Stdin,
         ] {
             assert_eq!(Origin::from_metadata(&origin.metadata()), origin);
         }
@@ -498,6 +522,7 @@ mod tests {
                     overrides: flag
                         .map(|i| vec![format!("{key}={}", values[i].1)])
                         .unwrap_or_default(),
+                    stdin: None,
                 };
                 let config = load(&sources).expect("valid values load");
                 let shown = serde_json::to_value(&config).expect("config as JSON");

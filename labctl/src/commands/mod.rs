@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod config;
 pub mod down;
+pub mod drill;
 pub mod faults;
 pub mod jobs;
 pub mod kill;

@@ -155,6 +155,7 @@ fn sources(overrides: Vec<String>) -> Sources {
         file: None,
         env: std::env::vars().collect(),
         overrides,
+        stdin: None,
     }
 }
 

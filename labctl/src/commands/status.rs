@@ -20,7 +20,12 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     for s in &mut state.services {
         s.running = Some(s.is_alive());
     }
-    let live = faults::live_by_process(&state).await;
+    // In a drill every /faults answers 403 to the trainee's token.
+    let live = if state.drill {
+        Default::default()
+    } else {
+        faults::live_by_process(&state).await
+    };
     if args.json {
         // The state as recorded (its `faults` are the start values), plus
         // `live_faults`: each process's switches in force now.
@@ -36,11 +41,14 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
-    println!(
-        "mode {}; switches at start {}",
-        json_str(&state.mode),
-        serde_json::to_string(&state.faults)?
-    );
+    match (&state.mode, &state.faults) {
+        (Some(mode), Some(faults)) => println!(
+            "mode {}; switches at start {}",
+            json_str(mode),
+            serde_json::to_string(faults)?
+        ),
+        _ => println!("a drill is running: the switches are hidden"),
+    }
     println!(
         "{:<14} {:>7}  {:<8} {:<24} SWITCHES (live)",
         "NAME", "PID", "STATE", "ADDRESS"

@@ -68,17 +68,22 @@ async fn wait_for_stop(stack: &mut Stack) -> anyhow::Result<()> {
 }
 
 fn print_table(stack: &Stack) {
-    let f = &stack.state.faults;
-    println!(
-        "lab is up in {:.1} s — mode {}; lb={} worker={} deadline={} http_client={} rows={}",
-        stack.startup.as_secs_f64(),
-        json_str(&stack.state.mode),
-        json_str(&f.lb),
-        json_str(&f.worker),
-        json_str(&f.deadline),
-        json_str(&f.http_client),
-        json_str(&f.rows),
-    );
+    match (&stack.state.mode, &stack.state.faults) {
+        (Some(mode), Some(f)) => println!(
+            "lab is up in {:.1} s — mode {}; lb={} worker={} deadline={} http_client={} rows={}",
+            stack.startup.as_secs_f64(),
+            json_str(mode),
+            json_str(&f.lb),
+            json_str(&f.worker),
+            json_str(&f.deadline),
+            json_str(&f.http_client),
+            json_str(&f.rows),
+        ),
+        _ => println!(
+            "lab is up in {:.1} s — a drill: the switches are hidden",
+            stack.startup.as_secs_f64()
+        ),
+    }
     println!();
     println!(
         "{:<14} {:>7}  {:<38} {:<24} LOG",

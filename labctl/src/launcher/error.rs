@@ -44,6 +44,11 @@ pub enum LaunchError {
     NoBackends,
     #[error("at least one backend must remain")]
     LastBackend,
+    #[error(
+        "a drill is running: its switches are hidden, so this labctl cannot start A or a B \
+         (end the drill with `labctl drill stop`)"
+    )]
+    DrillHidden,
     #[error("no port for the new backend")]
     NoBackendPort,
     #[error("no lab running in {} (start one with `labctl up`)", dir.display())]
