@@ -1270,18 +1270,21 @@ mod tests {
     use super::*;
     use lab_common::config::SlbBalance;
 
+    /// Two Bs, for the generated backends.
+    const SERVERS: [SlbServer; 2] = [
+        SlbServer {
+            grpc: 5001,
+            admin: 9001,
+        },
+        SlbServer {
+            grpc: 5002,
+            admin: 9002,
+        },
+    ];
+
     #[test]
     fn the_l7_backend_balances_with_slb_balance_and_l4_stays_round_robin() {
-        let servers = [
-            SlbServer {
-                grpc: 5001,
-                admin: 9001,
-            },
-            SlbServer {
-                grpc: 5002,
-                admin: 9002,
-            },
-        ];
+        let servers = SERVERS;
         for balance in [SlbBalance::Roundrobin, SlbBalance::Leastconn] {
             let slb = SlbConfig {
                 balance,
@@ -1345,16 +1348,7 @@ mod tests {
 
     #[test]
     fn slb_check_ready_asks_each_b_admin_port_for_readyz_and_tcp_does_not() {
-        let servers = [
-            SlbServer {
-                grpc: 5001,
-                admin: 9001,
-            },
-            SlbServer {
-                grpc: 5002,
-                admin: 9002,
-            },
-        ];
+        let servers = SERVERS;
         let tcp = backends_cfg(&servers, &SlbConfig::default());
         assert!(!tcp.contains("httpchk") && !tcp.contains(" port "), "{tcp}");
         let ready = backends_cfg(

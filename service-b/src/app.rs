@@ -329,14 +329,24 @@ struct ServiceMetrics {
 
 impl ServiceMetrics {
     fn register(faults: &LiveFaults, registry: &Registry) -> anyhow::Result<Self> {
+        // Where the gauges go that the buggy code path itself keeps
+        // (`lab_db_connections_leaked`, `lab_http_responses_unclosed`): no
+        // real service counts its own leaks, and in a drill such a gauge
+        // would name the cause. A drill registers them where nobody scrapes,
+        // so the trainee infers the leak from what any service can observe.
+        let self_reported = if faults.hidden() {
+            Registry::new()
+        } else {
+            registry.clone()
+        };
         Ok(Self {
             grpc: metrics::Metrics::register(registry)?,
             registry: RegistryMetrics::register(registry)?,
             worker: worker::WorkerMetrics::register(registry, faults.hidden())?,
             deadline: deadline::DeadlineMetrics::register(registry)?,
             pool: db::PoolMetrics::register(registry)?,
-            job_rows: Arc::new(rows::JobRows::new(faults.clone(), registry)?),
-            http: http_client::HttpClientMetrics::register(registry)?,
+            job_rows: Arc::new(rows::JobRows::new(faults.clone(), &self_reported)?),
+            http: http_client::HttpClientMetrics::register(registry, &self_reported)?,
             item_cache: ItemCacheMetrics::register(registry)?,
             job_queue: job_queue::QueueMetrics::register(registry)?,
         })

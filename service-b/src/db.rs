@@ -13,7 +13,7 @@
 //!   `database/sql` with a background context, which has no acquire timeout —
 //!   a query waits for a free connection for as long as it takes, so an
 //!   exhausted pool shows up as hung requests, not errors. A database that
-//!   cannot be reached still fails, after `mysql.acquire_timeout` (sqlx
+//!   refuses connections still fails, after `mysql.acquire_timeout` (sqlx
 //!   retries a refused connection until then; Go returns the dial error),
 //!   unless the pool was exhausted when it went away.
 //!
@@ -547,6 +547,9 @@ pub struct Db {
     faults: LiveFaults,
     metrics: PoolMetrics,
     link_trouble: LinkTrouble,
+    /// MySQL's address, for [`Db::mysql_accepts_connections`].
+    mysql_host: String,
+    mysql_port: u16,
 }
 
 impl std::fmt::Debug for Db {
@@ -631,6 +634,7 @@ impl Db {
             admin.close().await;
         }
         let options: MySqlConnectOptions = config.url.parse().map_err(Failure::Url)?;
+        let (mysql_host, mysql_port) = (options.get_host().to_owned(), options.get_port());
         let link_trouble = LinkTrouble::new();
         let pool = MySqlPoolOptions::new()
             .max_connections(config.pool_max)
@@ -658,6 +662,8 @@ impl Db {
             faults,
             metrics,
             link_trouble,
+            mysql_host,
+            mysql_port,
         })
     }
 
@@ -707,25 +713,51 @@ impl Db {
             PoolWait::UntilFree => loop {
                 match self.pool.acquire().await {
                     Ok(conn) => return Ok(conn),
-                    // The pool has opened every connection it may and none
-                    // came free in time: wait on, as Go does (each retry
-                    // joins the back of sqlx's queue again). Below the
-                    // maximum, a timeout means new connections fail — MySQL
-                    // is down — and that error returns, as Go's dial error
-                    // does. (With MySQL down, a connection fails its ping —
-                    // before acquire if it was idle a while, else on its way
-                    // back after its query failed — and is closed, so the
-                    // size drops.)
+                    // No connection within sqlx's acquire timeout, and the
+                    // pool is at its maximum (all busy) or MySQL takes
+                    // connections (new ones are just slow to open, e.g. on a
+                    // starved B): wait on, as Go does, whose pool has no
+                    // acquire timeout and whose dial has none either (each
+                    // retry joins the back of sqlx's queue again). Giving up
+                    // below the maximum whatever the cause turned a buggy
+                    // B's pool into fast UNAVAILABLEs, the signature of the
+                    // fixed form: a blind diagnosis saw calls fail at 0.75 s
+                    // and could not tell the deadline was ignored.
                     // A flip to `propagate` meanwhile ends the wait here.
-                    Err(sqlx::Error::PoolTimedOut) if self.at_max() => {
+                    Err(sqlx::Error::PoolTimedOut)
+                        if self.at_max() || self.mysql_accepts_connections().await =>
+                    {
                         if self.wait() == PoolWait::Bounded {
-                            return Err(self.exhausted_error());
+                            return Err(if self.at_max() {
+                                self.exhausted_error()
+                            } else {
+                                Unavailable::NoConnection(self.acquire_timeout).into()
+                            });
                         }
                     }
+                    // Below the maximum and MySQL refuses connections: it is
+                    // down, and that error returns, as Go's dial error does.
                     Err(e) => return Err(e.into()),
                 }
             },
         }
+    }
+
+    /// Whether MySQL's port takes a TCP connection within
+    /// `mysql.acquire_timeout`: what Go's dial would find. Asked only when
+    /// a wait below the pool's maximum timed out, to tell a MySQL that is
+    /// down (refused: give up) from one that is slow to hand out a new
+    /// connection (wait on).
+    async fn mysql_accepts_connections(&self) -> bool {
+        let (host, port) = (self.mysql_host.as_str(), self.mysql_port);
+        matches!(
+            tokio::time::timeout(
+                self.acquire_timeout,
+                tokio::net::TcpStream::connect((host, port))
+            )
+            .await,
+            Ok(Ok(_))
+        )
     }
 
     /// The pool has opened every connection it may (idle or not).

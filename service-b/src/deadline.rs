@@ -51,6 +51,16 @@ pub struct DeadlineMetrics {
 impl DeadlineMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let r = Registrar(registry);
+        let refused = r.int_counter_vec(
+            "lab_requests_refused_total",
+            "Requests not worked on: shed (over max_concurrent_requests) or stale (deadline passed while queued).",
+            &["reason"],
+        )?;
+        // At 0 from the start: a series that appeared only once the bounded
+        // form sheds would tell a drill's trainee the switch.
+        for reason in ["shed", "stale"] {
+            refused.with_label_values(&[reason]);
+        }
         Ok(Self {
             work_after_deadline: r.int_counter(
                 "lab_work_after_deadline_total",
@@ -60,11 +70,7 @@ impl DeadlineMetrics {
                 "lab_request_queue_seconds",
                 "Time from a request reaching B to its work starting.",
             )?,
-            refused: r.int_counter_vec(
-                "lab_requests_refused_total",
-                "Requests not worked on: shed (over max_concurrent_requests) or stale (deadline passed while queued).",
-                &["reason"],
-            )?,
+            refused,
         })
     }
 }

@@ -194,7 +194,13 @@ impl JobRows {
 
     /// `leak-on-error`: the connection, with its unread rows, is kept.
     fn keep_forever(&self, connection: Checkout, reason: String) {
-        tracing::warn!(%reason, "job batch abandoned; its MySQL connection is never returned");
+        if self.faults.hidden() {
+            // A drill: what the Go loop would log, the error it returned,
+            // and nothing about the connection it kept.
+            tracing::warn!(%reason, "reading a job batch failed");
+        } else {
+            tracing::warn!(%reason, "job batch abandoned; its MySQL connection is never returned");
+        }
         if let Ok(mut leaked) = self.leaked.lock() {
             leaked.push(LeakedResultSet {
                 _connection: connection,

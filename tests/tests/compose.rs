@@ -365,6 +365,60 @@ fn the_topology_matches_labctl_up() {
     );
 }
 
+/// Compose's HAProxy picks its checks from `SLB_CHECK` with `.if`: both
+/// values must give a config HAProxy accepts, and only `ready` may ask the
+/// Bs' admin port (9081, where compose's Bs listen) for `/readyz`.
+#[test]
+fn compose_haproxy_accepts_both_slb_check_values() {
+    let haproxy = labctl::procs::find_binary(&["haproxy"])
+        .expect("haproxy (scripts/install-deps.sh installs it)");
+    let c = compose();
+    let env = dotenv();
+    let slb_env = &services(&c)["slb"]["environment"];
+    assert_eq!(
+        interpolate(&str_of(&slb_env["SLB_CHECK"]), &env),
+        "tcp",
+        "the incident's SLB checks TCP unless LAB_SLB_CHECK says otherwise"
+    );
+    let b_admin = str_of(&services(&c)["service-b-1"]["environment"]["LAB_SERVICE_B_ADMIN_LISTEN"]);
+    assert!(b_admin.ends_with(":9081"), "{b_admin}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The compose service names resolve only inside compose's network.
+    let backends = std::fs::read_to_string(repo().join("deploy/haproxy/backends-compose.cfg"))
+        .expect("backends")
+        .replace("service-b-1", "127.0.0.1")
+        .replace("service-b-2", "127.0.0.1");
+    assert_eq!(
+        backends.matches("port 9081 check-proto h1").count(),
+        2,
+        "{backends}"
+    );
+    let backends_file = dir.path().join("backends.cfg");
+    std::fs::write(&backends_file, backends).expect("write");
+    for check in ["tcp", "ready"] {
+        let out = std::process::Command::new(&haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(repo().join("deploy/haproxy/haproxy.cfg"))
+            .arg("-f")
+            .arg(&backends_file)
+            .env("SLB_L4_BIND", "127.0.0.1:1")
+            .env("SLB_L7_BIND", "127.0.0.1:2")
+            .env("SLB_STATS_BIND", "127.0.0.1:3")
+            .env("SLB_MAXCONN", "100")
+            .env("SLB_L7_BALANCE", "roundrobin")
+            .env("SLB_CHECK", check)
+            .output()
+            .expect("haproxy runs");
+        assert!(
+            out.status.success(),
+            "SLB_CHECK={check}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn lab_environment_is_valid_config_and_ports_agree_with_defaults() {
     let c = compose();

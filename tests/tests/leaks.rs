@@ -224,6 +224,28 @@ async fn leak_on_error_pins_the_pool_and_items_fail_fast_naming_it() -> anyhow::
         Some(4.0),
         "the leaked connections are the worker's"
     );
+    // The queue as MySQL holds it, read by B on a connection of its own
+    // (the pool is gone): rows stay pending, and the oldest one ages.
+    let oldest_pending = || async {
+        let pending = queued(&lab, "pending").await?;
+        let oldest = lab
+            .metric(B, "lab_jobs_oldest_pending_seconds", &[])
+            .await?;
+        (pending > 0.0 && oldest > 0.0).then_some(oldest)
+    };
+    let first = eventually(
+        Duration::from_secs(10),
+        "pending jobs in B's queue gauges",
+        oldest_pending,
+    )
+    .await?;
+    let later = eventually(
+        Duration::from_secs(10),
+        "the oldest pending job to age",
+        || async { oldest_pending().await.filter(|o| *o >= first + 1.5) },
+    )
+    .await?;
+    println!("leak-on-error: oldest pending job {first:.1} s → {later:.1} s old");
     assert!(
         oldest_after >= oldest_before + 0.9,
         "the oldest checkout ages by the second watched: {oldest_before} → {oldest_after}"

@@ -289,6 +289,15 @@ async fn backends_cut_off_from_etcd_keep_serving_through_the_guard() -> anyhow::
     Ok(())
 }
 
+/// Waits until HAProxy has every B UP in both backends.
+async fn until_haproxy_has_both_up(lab: &TestLab, what: &str) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(10), what, || async {
+        let states = haproxy_states(lab).await.ok()?;
+        states.iter().all(|s| s == "UP").then_some(())
+    })
+    .await
+}
+
 /// The HAProxy state of B-1 and B-2 in both backends.
 async fn haproxy_states(lab: &TestLab) -> anyhow::Result<Vec<String>> {
     let mut states = Vec::new();
@@ -329,15 +338,7 @@ async fn a_backend_that_lost_its_lease_says_why_and_ready_checks_take_it_out_of_
     .await?;
     let relay = relay.ok_or_else(|| anyhow::anyhow!("the relay did not start"))?;
     until_bs_registered(&lab, 1.0, Duration::from_secs(5)).await?;
-    eventually(
-        Duration::from_secs(10),
-        "HAProxy to see both Bs UP",
-        || async {
-            let states = haproxy_states(&lab).await.ok()?;
-            states.iter().all(|s| s == "UP").then_some(())
-        },
-    )
-    .await?;
+    until_haproxy_has_both_up(&lab, "HAProxy to see both Bs UP").await?;
     // A live lease: time left within the TTL, keepalives answered and timed.
     eventually(
         Duration::from_secs(5),
@@ -408,15 +409,7 @@ async fn a_backend_that_lost_its_lease_says_why_and_ready_checks_take_it_out_of_
     relay.set_cut(false);
     let healed = tokio::time::Instant::now();
     until_bs_registered(&lab, 1.0, Duration::from_secs(10)).await?;
-    eventually(
-        Duration::from_secs(10),
-        "HAProxy to put B-1 back",
-        || async {
-            let states = haproxy_states(&lab).await.ok()?;
-            states.iter().all(|s| s == "UP").then_some(())
-        },
-    )
-    .await?;
+    until_haproxy_has_both_up(&lab, "HAProxy to put B-1 back").await?;
     println!(
         "B-1 cut off from etcd: unregistered after {unregistered_after:?}, HAProxy \
          (slb.check = ready) had it {down:?} after {down_after:?}; UP again {:?} after the cut ended",

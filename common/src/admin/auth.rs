@@ -30,24 +30,16 @@ pub struct Operator {
 /// <admin.token>`, and hands the handler an [`Operator`].
 pub async fn require_operator(
     State(state): State<AdminState>,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
-    let addr = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| *addr);
-    let route = format!("{} {}", request.method(), request.uri().path());
-    match check(state.config.admin.token.expose(), request.headers()) {
-        Ok(()) => {
-            request.extensions_mut().insert(Operator { addr });
-            next.run(request).await
-        }
-        Err(refusal) => {
-            tracing::warn!(?addr, %route, reason = refusal.reason(), "operator endpoint refused");
-            refusal.into_response()
-        }
-    }
+    pass_with(
+        state.config.admin.token.expose(),
+        request,
+        next,
+        |refusal| refusal,
+    )
+    .await
 }
 
 /// Middleware for `/faults` while the process is in a drill: only the
@@ -55,22 +47,35 @@ pub async fn require_operator(
 /// trainee's `admin.token` still opens profiles and task dumps).
 pub async fn require_drill_facilitator(
     State(state): State<AdminState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let token = state.config.admin.drill_token.expose();
+    pass_with(token, request, next, |_| Refusal::DrillHidden).await
+}
+
+/// Runs `next` if the request carries `token`; else logs the refusal (as
+/// `answer` maps it) with the caller's address and answers it.
+async fn pass_with(
+    token: &str,
     mut request: Request,
     next: Next,
+    answer: impl FnOnce(Refusal) -> Refusal,
 ) -> Response {
     let addr = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| *addr);
     let route = format!("{} {}", request.method(), request.uri().path());
-    match check(state.config.admin.drill_token.expose(), request.headers()) {
+    match check(token, request.headers()) {
         Ok(()) => {
             request.extensions_mut().insert(Operator { addr });
             next.run(request).await
         }
-        Err(_) => {
-            tracing::warn!(?addr, %route, "drill: switches requested without the drill token");
-            Refusal::DrillHidden.into_response()
+        Err(refusal) => {
+            let refusal = answer(refusal);
+            tracing::warn!(?addr, %route, reason = refusal.reason(), "operator endpoint refused");
+            refusal.into_response()
         }
     }
 }

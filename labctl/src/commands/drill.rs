@@ -42,10 +42,12 @@ const TOKEN_VAR: &str = "LABCTL_DRILL_TOKEN";
 /// stopped with the lab.
 const TRAFFIC_FOR: &str = "24h";
 
-/// A drill's job inflow carries 1 poison row in 200 (the default is 1 in
-/// 1 000): at 12 jobs/s one every ~17 s, so a result set abandoned on a
-/// poison row shows within the first minutes.
-const POISON_RATIO: &str = "0.005";
+/// A drill's job inflow carries 1 poison row in 500 (the default is 1 in
+/// 1 000): at 12 jobs/s about one every 40 s. Under `rows = leak-on-error`
+/// the first one pins B's pool within seconds (the unbounded loop meets it
+/// again every tick), after which the worker's and the deadline's signals
+/// stop moving; the other causes get that long to show first.
+const POISON_RATIO: &str = "0.002";
 
 fn drill_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("drill")
@@ -82,11 +84,12 @@ pub async fn start(args: DrillStartArgs) -> anyhow::Result<()> {
         faults,
     });
     eprintln!("starting a drill in {} …", args.dir.state_dir.display());
-    let started_at_unix_ms = now_unix_ms();
     let mut stack = Stack::up(options).await?;
     if !args.no_traffic {
         start_traffic(&mut stack, &args)?;
     }
+    // The clock starts when the lab is up and loaded, not while it starts.
+    let started_at_unix_ms = now_unix_ms();
     let state_dir = stack.state.state_dir.clone();
     let key = DrillKey {
         seed,
@@ -173,11 +176,20 @@ fn brief_inputs(stack: &Stack, started_at_unix_ms: u64) -> BriefInputs {
     }
 }
 
-/// The token file must not be where the trainee looks.
+/// The token file must not be where the trainee looks. Paths are compared
+/// resolved (`..` and symlinks), so neither sneaks the file into the dir.
 fn refuse_inside(file: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let resolved = |p: &Path| {
+        p.canonicalize()
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    let file_resolved = match (file.parent(), file.file_name()) {
+        (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => resolved(dir).join(name),
+        _ => resolved(file),
+    };
     anyhow::ensure!(
-        !absolute(file).starts_with(absolute(state_dir)),
+        !file_resolved.starts_with(resolved(state_dir)),
         "--token-file {} is inside the state dir {}, which the trainee may read; \
          put it elsewhere",
         file.display(),
@@ -200,7 +212,7 @@ fn read_token(args: &DrillToken) -> anyhow::Result<Option<String>> {
 }
 
 /// The drill's key, opened with the token.
-fn open_key(token: &DrillToken, state_dir: &Path) -> anyhow::Result<DrillKey> {
+fn open_key(token: &DrillToken, state_dir: &Path) -> anyhow::Result<(DrillKey, String)> {
     let token = read_token(token)?.ok_or_else(|| {
         anyhow::anyhow!(
             "this needs the drill token `labctl drill start` printed: set {TOKEN_VAR} or pass --token-file"
@@ -214,12 +226,13 @@ fn open_key(token: &DrillToken, state_dir: &Path) -> anyhow::Result<DrillKey> {
             state_dir.display()
         )
     })?;
-    Ok(drill::open(&sealed, &token)?)
+    let key = drill::open(&sealed, &token)?;
+    Ok((key, token))
 }
 
 pub fn answer(args: DrillAnswerArgs) -> anyhow::Result<()> {
     let state_dir = &args.dir.state_dir;
-    let key = open_key(&args.token, state_dir)?;
+    let (key, token) = open_key(&args.token, state_dir)?;
     let answers = if args.interactive {
         drill::parse_answers(&ask()?)?
     } else {
@@ -227,8 +240,8 @@ pub fn answer(args: DrillAnswerArgs) -> anyhow::Result<()> {
     };
     let record = AnswerRecord::new(now_unix_ms(), &answers);
     let log_path = answers_path(state_dir);
-    drill::append_record(&log_path, &record)?;
-    let log = drill::read_records(&log_path)?;
+    drill::append_record(&log_path, &record, &token)?;
+    let log = drill::read_records(&log_path, &token)?;
     let elapsed = Duration::from_millis(record.at_unix_ms.saturating_sub(key.started_at_unix_ms));
     println!(
         "answer recorded {} into the drill",
@@ -257,7 +270,7 @@ fn ask() -> anyhow::Result<Vec<String>> {
 }
 
 pub fn reveal(args: DrillTokenArgs) -> anyhow::Result<()> {
-    let key = open_key(&args.token, &args.dir.state_dir)?;
+    let (key, _) = open_key(&args.token, &args.dir.state_dir)?;
     print!("{}", drill::render_key(&key));
     Ok(())
 }
@@ -276,8 +289,8 @@ pub async fn stop(args: DrillStopArgs) -> anyhow::Result<()> {
         }
     }
     if read_token(&args.token)?.is_some() {
-        let key = open_key(&args.token, state_dir)?;
-        let log = drill::read_records(&answers_path(state_dir))?;
+        let (key, token) = open_key(&args.token, state_dir)?;
+        let log = drill::read_records(&answers_path(state_dir), &token)?;
         println!();
         print!("{}", drill::score(&key, &log));
         println!();

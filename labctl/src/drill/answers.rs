@@ -113,9 +113,53 @@ impl AnswerRecord {
     }
 }
 
+/// One line of the answer log: the record and its MAC (HMAC-SHA256 under
+/// the drill token). The log sits in the state dir, which the trainee can
+/// write to; the MAC makes a line added or edited there (a backdated right
+/// answer) fail to read instead of scoring.
+#[derive(Serialize, Deserialize)]
+struct SignedLine {
+    #[serde(flatten)]
+    record: AnswerRecord,
+    mac: String,
+}
+
+/// The HMAC key for the answer log: the drill token.
+fn mac_key(token: &str) -> ring::hmac::Key {
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.trim().as_bytes())
+}
+
+/// What the MAC covers: a purpose label and the record's JSON.
+fn mac_message(record: &AnswerRecord) -> Result<Vec<u8>, serde_json::Error> {
+    let mut message = b"grpc-incident-lab drill answer v1\n".to_vec();
+    message.extend(serde_json::to_vec(record)?);
+    Ok(message)
+}
+
+/// The MAC of `record` under `token` (hex).
+fn mac_of(record: &AnswerRecord, token: &str) -> Result<String, serde_json::Error> {
+    let tag = ring::hmac::sign(&mac_key(token), &mac_message(record)?);
+    Ok(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether `mac` (hex) is `record`'s MAC under `token` (compared in
+/// constant time by ring).
+fn mac_matches(record: &AnswerRecord, mac: &str, token: &str) -> Result<bool, serde_json::Error> {
+    let Some(tag) = super::seal::from_hex(mac) else {
+        return Ok(false);
+    };
+    Ok(ring::hmac::verify(&mac_key(token), &mac_message(record)?, &tag).is_ok())
+}
+
 /// Why the answer log could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum AnswerLogError {
+    #[error(
+        "answer log {} line {line} was not written by `labctl drill answer` with this \
+         drill's token (edited, or from another drill): not scored",
+        path.display()
+    )]
+    Forged { path: PathBuf, line: usize },
     #[error("answer log {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -131,18 +175,28 @@ pub enum AnswerLogError {
     },
 }
 
-/// Appends `record` to the log at `path` as one JSON line, creating the
-/// file if needed. One write per line, so records never interleave.
-pub fn append_record(path: &Path, record: &AnswerRecord) -> Result<(), AnswerLogError> {
+/// Appends `record`, with its MAC under `token`, to the log at `path` as
+/// one JSON line, creating the file if needed. One write per line, so
+/// records never interleave.
+pub fn append_record(
+    path: &Path,
+    record: &AnswerRecord,
+    token: &str,
+) -> Result<(), AnswerLogError> {
     let io = |source| AnswerLogError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut line = serde_json::to_string(record).map_err(|source| AnswerLogError::Parse {
+    let encoding = |source| AnswerLogError::Parse {
         path: path.to_owned(),
         line: 0,
         source,
-    })?;
+    };
+    let signed = SignedLine {
+        record: record.clone(),
+        mac: mac_of(record, token).map_err(encoding)?,
+    };
+    let mut line = serde_json::to_string(&signed).map_err(encoding)?;
     line.push('\n');
     std::fs::OpenOptions::new()
         .create(true)
@@ -153,9 +207,10 @@ pub fn append_record(path: &Path, record: &AnswerRecord) -> Result<(), AnswerLog
         .map_err(io)
 }
 
-/// Every record in the log at `path`, in file order; none if the file does
-/// not exist yet (no answer given). Blank lines are skipped.
-pub fn read_records(path: &Path) -> Result<Vec<AnswerRecord>, AnswerLogError> {
+/// Every record in the log at `path`, in file order, each checked against
+/// its MAC under `token`; none if the file does not exist yet (no answer
+/// given). Blank lines are skipped.
+pub fn read_records(path: &Path, token: &str) -> Result<Vec<AnswerRecord>, AnswerLogError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
@@ -170,11 +225,20 @@ pub fn read_records(path: &Path) -> Result<Vec<AnswerRecord>, AnswerLogError> {
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|source| AnswerLogError::Parse {
+            let parse = |source| AnswerLogError::Parse {
                 path: path.to_owned(),
                 line: i + 1,
                 source,
-            })
+            };
+            let signed: SignedLine = serde_json::from_str(line).map_err(parse)?;
+            if mac_matches(&signed.record, &signed.mac, token).map_err(parse)? {
+                Ok(signed.record)
+            } else {
+                Err(AnswerLogError::Forged {
+                    path: path.to_owned(),
+                    line: i + 1,
+                })
+            }
         })
         .collect()
 }
@@ -251,29 +315,68 @@ mod tests {
     fn the_log_reads_back_what_was_appended() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("answers.jsonl");
-        assert_eq!(read_records(&path).unwrap(), vec![]);
+        assert_eq!(read_records(&path, TOKEN).unwrap(), vec![]);
         let first = AnswerRecord::new(10, &parse_answers(&["lb=l4"]).unwrap());
         let second = AnswerRecord::new(
             20,
             &parse_answers(&["worker=bounded", "deadline=ignore"]).unwrap(),
         );
-        append_record(&path, &first).unwrap();
-        append_record(&path, &second).unwrap();
-        assert_eq!(read_records(&path).unwrap(), vec![first, second]);
+        append_record(&path, &first, TOKEN).unwrap();
+        append_record(&path, &second, TOKEN).unwrap();
+        assert_eq!(read_records(&path, TOKEN).unwrap(), vec![first, second]);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2);
-        assert_eq!(
-            text.lines().next().unwrap(),
-            r#"{"at_unix_ms":10,"answers":{"lb":"l4"}}"#
+        assert!(
+            text.lines()
+                .next()
+                .unwrap()
+                .starts_with(r#"{"at_unix_ms":10,"answers":{"lb":"l4"},"mac":""#),
+            "{text}"
         );
+    }
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    /// A trainee who can write the state dir cannot add a backdated right
+    /// answer, edit one, or bring a log from another drill.
+    #[test]
+    fn a_line_not_written_with_the_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("answers.jsonl");
+        let honest = AnswerRecord::new(50_000, &parse_answers(&["lb=l4"]).unwrap());
+        append_record(&path, &honest, TOKEN).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+
+        let backdated = written.replace("50000", "1000");
+        std::fs::write(&path, &backdated).unwrap();
+        let err = read_records(&path, TOKEN).unwrap_err();
+        assert!(
+            matches!(err, AnswerLogError::Forged { line: 1, .. }),
+            "{err}"
+        );
+
+        let unsigned = r#"{"at_unix_ms":1,"answers":{"lb":"etcd"},"mac":"00"}"#;
+        std::fs::write(&path, format!("{written}{unsigned}\n")).unwrap();
+        let err = read_records(&path, TOKEN).unwrap_err();
+        assert!(
+            matches!(err, AnswerLogError::Forged { line: 2, .. }),
+            "{err}"
+        );
+
+        std::fs::write(&path, &written).unwrap();
+        assert!(read_records(&path, "another-drill-token").is_err());
+        assert_eq!(read_records(&path, TOKEN).unwrap(), vec![honest]);
     }
 
     #[test]
     fn a_broken_log_line_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("answers.jsonl");
-        std::fs::write(&path, "{\"at_unix_ms\":1,\"answers\":{}}\n\nnot json\n").unwrap();
-        let err = read_records(&path).unwrap_err();
+        let record = AnswerRecord::new(1, &parse_answers(&["lb=l4"]).unwrap());
+        append_record(&path, &record, TOKEN).unwrap();
+        let first = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{first}\nnot json\n")).unwrap();
+        let err = read_records(&path, TOKEN).unwrap_err();
         assert!(
             matches!(err, AnswerLogError::Parse { line: 3, .. }),
             "{err}"

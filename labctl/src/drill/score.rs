@@ -16,7 +16,9 @@ pub struct Signal {
     pub docs: &'static str,
 }
 
-/// The signal that confirms `switch`'s cause when it is in force.
+/// What `switch`'s buggy form shows; its absence marks the fixed form. The
+/// score prints it for every switch, right or not, as the way to confirm
+/// the answer either way.
 pub fn confirming_signal(switch: Switch) -> Signal {
     let (text, docs) = match switch {
         Switch::Lb => (
@@ -28,7 +30,7 @@ pub fn confirming_signal(switch: Switch) -> Signal {
             "docs/diagnose.md#3-tasks-pile-up-and-jobs-start-twice",
         ),
         Switch::Deadline => (
-            "A's calls fail with DeadlineExceeded (504) rather than fast UNAVAILABLE; lab_work_after_deadline_total rises; lab_db_acquire_timeouts_total stays 0 while lab_db_acquire_waiting climbs",
+            "A's calls end at A's deadline (DeadlineExceeded, A answers 504) rather than as fast UNAVAILABLE; B's lab_work_after_deadline_total rises; lab_db_acquire_waiting climbs while lab_db_acquire_timeouts_total stays flat",
             "docs/diagnose.md#4-requests-served-after-the-caller-gave-up",
         ),
         Switch::HttpClient => (
@@ -117,7 +119,7 @@ impl fmt::Display for Score {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "score: {} % ({} of {} causes right)",
+            "score: {} % ({} of {} switches right)",
             self.percent(),
             self.right(),
             self.switches.len()
@@ -138,17 +140,16 @@ impl fmt::Display for Score {
                     }
                     writeln!(f, ")")?;
                 }
-                (Some(value), false) => writeln!(
-                    f,
-                    "{name:width$}  missed: you answered \"{value}\"; confirm with: {}  ({})",
-                    signal.text, signal.docs
-                )?,
-                (None, _) => writeln!(
-                    f,
-                    "{name:width$}  not answered; confirm with: {}  ({})",
-                    signal.text, signal.docs
-                )?,
+                (Some(value), false) => {
+                    writeln!(f, "{name:width$}  missed: you answered \"{value}\"")?;
+                }
+                (None, _) => writeln!(f, "{name:width$}  missed: not answered")?,
             }
+            writeln!(
+                f,
+                "{:width$}  the incident's form shows: {}  ({})",
+                "", signal.text, signal.docs
+            )?;
         }
         Ok(())
     }
@@ -206,7 +207,7 @@ mod tests {
         }
         let text = score.to_string();
         assert!(
-            text.starts_with("score: 100 % (5 of 5 causes right)\n"),
+            text.starts_with("score: 100 % (5 of 5 switches right)\n"),
             "{text}"
         );
         assert!(
@@ -218,6 +219,10 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("right  (").count(), 5, "{text}");
+        // Every switch, right or not, says how to confirm it.
+        for switch in Switch::ALL {
+            assert!(text.contains(confirming_signal(switch).text), "{text}");
+        }
     }
 
     #[test]
@@ -238,18 +243,31 @@ mod tests {
         assert_eq!(score.missed(), vec![Switch::Worker, Switch::Deadline]);
         let text = score.to_string();
         assert!(
-            text.starts_with("score: 60 % (3 of 5 causes right)\n"),
+            text.starts_with("score: 60 % (3 of 5 switches right)\n"),
             "{text}"
         );
-        let missed: Vec<&str> = text.lines().filter(|l| l.contains("missed")).collect();
+        let lines: Vec<&str> = text.lines().collect();
+        let missed: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].contains("missed"))
+            .collect();
         assert_eq!(missed.len(), 2, "{text}");
-        assert!(missed[0].starts_with("worker       missed: you answered \"bounded\"; confirm with: lab_worker_tasks_alive"), "{text}");
-        assert!(missed[0].ends_with("(docs/diagnose.md#3-tasks-pile-up-and-jobs-start-twice)"));
-        assert!(missed[1].starts_with("deadline     missed: you answered \"ignore\";"));
-        assert!(missed[1].contains(confirming_signal(Switch::Deadline).text));
+        let (worker, deadline) = (missed[0], missed[1]);
+        assert_eq!(
+            lines[worker], "worker       missed: you answered \"bounded\"",
+            "{text}"
+        );
+        assert!(lines[worker + 1].contains(confirming_signal(Switch::Worker).text));
+        assert!(
+            lines[worker + 1].ends_with("(docs/diagnose.md#3-tasks-pile-up-and-jobs-start-twice)")
+        );
+        assert_eq!(
+            lines[deadline], "deadline     missed: you answered \"ignore\"",
+            "{text}"
+        );
+        assert!(lines[deadline + 1].contains(confirming_signal(Switch::Deadline).text));
         // The right value of a missed switch is not printed.
-        assert!(!missed[0].contains("unbounded"), "{text}");
-        assert!(!missed[1].contains("propagate"), "{text}");
+        assert!(!text.contains("unbounded"), "{text}");
+        assert!(!text.contains("propagate"), "{text}");
     }
 
     #[test]
@@ -304,14 +322,10 @@ mod tests {
         assert_eq!(score.missed(), Switch::ALL.to_vec());
         let text = score.to_string();
         assert!(
-            text.starts_with("score: 0 % (0 of 5 causes right)\n"),
+            text.starts_with("score: 0 % (0 of 5 switches right)\n"),
             "{text}"
         );
-        assert_eq!(
-            text.matches("not answered; confirm with: ").count(),
-            5,
-            "{text}"
-        );
+        assert_eq!(text.matches("missed: not answered\n").count(), 5, "{text}");
         for switch in Switch::ALL {
             assert!(text.contains(confirming_signal(switch).docs), "{text}");
         }

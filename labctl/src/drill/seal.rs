@@ -145,7 +145,7 @@ fn to_hex(bytes: &[u8]) -> String {
     out
 }
 
-fn from_hex(text: &str) -> Option<Vec<u8>> {
+pub(super) fn from_hex(text: &str) -> Option<Vec<u8>> {
     let digits = text.as_bytes();
     if !digits.len().is_multiple_of(2) {
         return None;
@@ -232,12 +232,45 @@ mod tests {
 
     #[test]
     fn the_sealed_text_gives_nothing_away() {
-        let sealed = seal(&key(), &new_token()).unwrap();
-        let mut words: Vec<&str> = Switch::ALL.into_iter().flat_map(|s| s.values()).collect();
+        let key = key();
+        let sealed = seal(&key, &new_token()).unwrap();
+        // The document holds only what opening it needs: no field carries
+        // the key in the clear.
+        let document: serde_json::Value = serde_json::from_str(&sealed).unwrap();
+        let mut fields: Vec<&str> = document
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["ciphertext", "nonce", "salt", "version"]);
+        // And the ciphertext's bytes are not the plaintext's: no piece of
+        // the key's JSON survives in them (hex hides nothing by itself, so
+        // the bytes are compared, not the text).
+        let plaintext = serde_json::to_vec(&key).unwrap();
+        let ciphertext = from_hex(document["ciphertext"].as_str().unwrap()).unwrap();
+        let mut words: Vec<&str> = Switch::ALL
+            .into_iter()
+            .map(|s| s.value_in(&key.faults))
+            .collect();
         words.extend(["faults", "seed", "causes"]);
         for word in words {
-            assert!(!sealed.contains(word), "`{word}` in {sealed}");
+            assert!(
+                plaintext.windows(word.len()).any(|w| w == word.as_bytes()),
+                "`{word}` is in the plaintext, or this check means nothing"
+            );
+            assert!(
+                !ciphertext.windows(word.len()).any(|w| w == word.as_bytes()),
+                "`{word}` in the ciphertext"
+            );
         }
+        assert!(
+            !ciphertext
+                .windows(16)
+                .any(|w| plaintext.windows(16).any(|p| p == w)),
+            "16 plaintext bytes in a row survive in the ciphertext"
+        );
     }
 
     #[test]
