@@ -111,7 +111,13 @@ fn config_file_text(config: &LabConfig, drill: bool) -> Result<String, LaunchErr
     if let Some(toml::Value::Table(admin)) = table.get_mut("admin") {
         admin.remove("drill_token");
     }
-    Ok(toml::to_string(&table)?)
+    // Read without the services' standard input, this file gives the
+    // defaults for what it leaves out; say so to whoever reads it.
+    Ok(format!(
+        "# A drill is running: the switches are not in this file; the services\n\
+         # read them on standard input.\n{}",
+        toml::to_string(&table)?
+    ))
 }
 
 impl UpOptions {
