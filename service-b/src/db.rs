@@ -20,7 +20,8 @@
 //! The wait is chosen per query from the `deadline` switch in force, so a
 //! flip (`PUT /faults`) applies to the next query; a query already waiting
 //! under `UntilFree` looks again each `mysql.acquire_timeout` and, after a
-//! flip to `propagate`, gives up with the pool-exhausted error.
+//! flip to `propagate`, gives up with the pool-exhausted error (or, below
+//! the pool's maximum, the no-connection one).
 
 use std::{
     collections::BTreeMap,
@@ -547,9 +548,47 @@ pub struct Db {
     faults: LiveFaults,
     metrics: PoolMetrics,
     link_trouble: LinkTrouble,
-    /// MySQL's address, for [`Db::mysql_accepts_connections`].
-    mysql_host: String,
-    mysql_port: u16,
+    /// For [`Db::mysql_accepts_connections`].
+    probe: Arc<MysqlProbe>,
+}
+
+/// Logs in to MySQL on a connection of its own, at most once per
+/// `mysql.acquire_timeout` for the whole pool (waiters in between share the
+/// answer), and closes it properly. A full login, not a bare TCP connect:
+/// MySQL counts a connection dropped mid-handshake against
+/// `max_connect_errors` and, with name resolution on (the stock MySQL image),
+/// blocks the host after 100, while a completed login resets the count.
+struct MysqlProbe {
+    options: MySqlConnectOptions,
+    every: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+impl MysqlProbe {
+    async fn accepts(&self) -> bool {
+        let mut last = self.last.lock().await;
+        if let Some((at, accepted)) = *last
+            && at.elapsed() < self.every
+        {
+            return accepted;
+        }
+        let accepted =
+            match tokio::time::timeout(self.every, MySqlConnection::connect_with(&self.options))
+                .await
+            {
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                    true
+                }
+                // Refused, reset, or turned away: MySQL does not answer.
+                Ok(Err(_)) => false,
+                // Slow but not refused: Go's dial, which has no timeout, would
+                // still be waiting.
+                Err(_) => true,
+            };
+        *last = Some((Instant::now(), accepted));
+        accepted
+    }
 }
 
 impl std::fmt::Debug for Db {
@@ -634,7 +673,11 @@ impl Db {
             admin.close().await;
         }
         let options: MySqlConnectOptions = config.url.parse().map_err(Failure::Url)?;
-        let (mysql_host, mysql_port) = (options.get_host().to_owned(), options.get_port());
+        let probe = Arc::new(MysqlProbe {
+            options: options.clone(),
+            every: config.acquire_timeout,
+            last: tokio::sync::Mutex::new(None),
+        });
         let link_trouble = LinkTrouble::new();
         let pool = MySqlPoolOptions::new()
             .max_connections(config.pool_max)
@@ -662,8 +705,7 @@ impl Db {
             faults,
             metrics,
             link_trouble,
-            mysql_host,
-            mysql_port,
+            probe,
         })
     }
 
@@ -743,21 +785,12 @@ impl Db {
         }
     }
 
-    /// Whether MySQL's port takes a TCP connection within
-    /// `mysql.acquire_timeout`: what Go's dial would find. Asked only when
-    /// a wait below the pool's maximum timed out, to tell a MySQL that is
-    /// down (refused: give up) from one that is slow to hand out a new
-    /// connection (wait on).
+    /// Whether MySQL takes a new connection: what Go's dial would find.
+    /// Asked only when a wait below the pool's maximum timed out, to tell a
+    /// MySQL that is down (refused: give up) from one that is slow to hand
+    /// out a connection (wait on). See [`MysqlProbe`].
     async fn mysql_accepts_connections(&self) -> bool {
-        let (host, port) = (self.mysql_host.as_str(), self.mysql_port);
-        matches!(
-            tokio::time::timeout(
-                self.acquire_timeout,
-                tokio::net::TcpStream::connect((host, port))
-            )
-            .await,
-            Ok(Ok(_))
-        )
+        self.probe.accepts().await
     }
 
     /// The pool has opened every connection it may (idle or not).
