@@ -12,6 +12,7 @@ use lab_common::{config::Mode, faults::Switch};
 use serde::{Deserialize, Serialize};
 
 use super::causes::value_of;
+use crate::faults::{Assignment, AssignmentError};
 
 /// The values a drill sets `switch` to, buggy form first: the only answers.
 pub fn allowed_answers(switch: Switch) -> [&'static str; 2] {
@@ -63,26 +64,20 @@ pub fn parse_answers<S: AsRef<str>>(args: &[S]) -> Result<Answers, AnswerError> 
     }
     let mut given: Vec<(Switch, &'static str)> = Vec::with_capacity(args.len());
     for arg in args {
-        let arg = arg.as_ref();
-        let (name, value) = arg
-            .split_once('=')
-            .map(|(n, v)| (n.trim(), v.trim()))
-            .ok_or_else(|| AnswerError::NotKeyValue {
-                arg: arg.to_owned(),
-            })?;
-        let switch = Switch::ALL
-            .into_iter()
-            .find(|s| s.name() == name)
-            .ok_or_else(|| AnswerError::UnknownSwitch {
-                name: name.to_owned(),
-            })?;
-        let value = allowed_answers(switch)
-            .into_iter()
-            .find(|&v| v == value)
-            .ok_or_else(|| AnswerError::BadValue {
+        // The same KEY=VALUE parsing as `labctl faults set`, then the
+        // narrower set of values a drill draws.
+        let Assignment { switch, value } = arg.as_ref().parse().map_err(|e| match e {
+            AssignmentError::NotAnAssignment(arg) => AnswerError::NotKeyValue { arg },
+            AssignmentError::UnknownSwitch { name } => AnswerError::UnknownSwitch { name },
+            AssignmentError::BadValue { switch, value } => AnswerError::BadValue { switch, value },
+            AssignmentError::Repeated(switch) => AnswerError::Repeated { switch },
+        })?;
+        if !allowed_answers(switch).contains(&value) {
+            return Err(AnswerError::BadValue {
                 switch,
                 value: value.to_owned(),
-            })?;
+            });
+        }
         if given.iter().any(|(s, _)| *s == switch) {
             return Err(AnswerError::Repeated { switch });
         }
