@@ -3,8 +3,8 @@
 # (MariaDB), etcd and HAProxy, and a C toolchain to build it. With
 # --for-tests (scripts/test.sh passes it) also what only the tests need:
 # Chromium and a font, a container engine with docker-compose and
-# mmdebstrap, and kubectl and kubernetes-validate for the Kubernetes
-# manifests. Idempotent: does nothing when they are already there.
+# mmdebstrap, kubectl and kubernetes-validate for the Kubernetes
+# manifests, and Go and Python's venv for the example clients. Idempotent: does nothing when they are already there.
 # Debian and Ubuntu (apt) are supported; elsewhere it names what to install.
 set -euo pipefail
 
@@ -40,6 +40,13 @@ if $for_tests; then
     have npm || missing+=(npm)
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     have chromium || have chromium-browser || missing+=(chromium)
+    # The polyglot test (tests/tests/polyglot.rs) builds examples/go-client
+    # from Debian's Go packages in GOPATH mode (there is no Go module proxy
+    # here), and examples/python-client in a venv with grpcio from PyPI.
+    have go || missing+=(golang-go)
+    [ -d /usr/share/gocode/src/go.etcd.io/etcd/clientv3/naming/resolver ] || missing+=(golang-etcd-server-dev)
+    [ -d /usr/share/gocode/src/google.golang.org/grpc/balancer/roundrobin ] || missing+=(golang-google-grpc-dev)
+    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
     { have fc-list && [ -n "$(fc-list 2>/dev/null | head -n 1)" ]; } || missing+=(fonts-dejavu-core fontconfig)
 fi
 
@@ -68,6 +75,9 @@ install-deps: no apt-get here. Install these with your package manager and re-ru
   - a C compiler (cc) and make, to build ring and jemalloc
   - Chromium (chromium or chromium-browser) and a font, for the report's browser check
   - a Docker engine (dockerd), docker-compose and mmdebstrap, for the container test
+  - Go with etcd's Go client 3.4 and grpc-go in GOPATH (Debian: golang-go,
+    golang-etcd-server-dev, golang-google-grpc-dev) and Python's venv, for the
+    example clients' test
   (kubectl with Kustomize v5 and kubernetes-validate, for the Kubernetes test,
   come from npm and PyPI once these are in)
 MSG

@@ -569,7 +569,9 @@ pub fn redacted_url(url: &str) -> String {
 pub struct EtcdConfig {
     /// Client endpoints.
     pub endpoints: Vec<String>,
-    /// Key prefix under which B instances register.
+    /// Key prefix under which B instances register: no leading slash, one
+    /// trailing slash (`lab/services/backend/`), so that grpc-go dials the
+    /// same instances as `etcd:///lab/services/backend`.
     pub prefix: String,
     /// Registration lease TTL.
     #[serde(with = "humantime_serde")]
@@ -580,7 +582,7 @@ impl Default for EtcdConfig {
     fn default() -> Self {
         Self {
             endpoints: vec!["http://127.0.0.1:2379".into()],
-            prefix: "/lab/services/backend/".into(),
+            prefix: "lab/services/backend/".into(),
             lease_ttl: Duration::from_secs(10),
         }
     }
@@ -1256,6 +1258,32 @@ mod tests {
             bad_addr.contains("service_b.listen") && bad_addr.contains("IP:PORT"),
             "{bad_addr}"
         );
+    }
+
+    #[test]
+    fn the_registry_prefix_is_one_grpc_go_can_dial() {
+        assert_eq!(LabConfig::default().etcd.prefix, "lab/services/backend/");
+        let ok = load(&Sources {
+            overrides: vec!["etcd.prefix=drill/backends/".into()],
+            ..Sources::default()
+        })
+        .expect("a relative prefix loads");
+        assert_eq!(ok.etcd.prefix, "drill/backends/");
+        for (bad, why) in [
+            ("/lab/services/backend/", "must not start with '/'"),
+            ("lab/services/backend", "ending in '/'"),
+            ("/", "must not start with '/'"),
+        ] {
+            let msg = load(&Sources {
+                overrides: vec![format!("etcd.prefix={bad}")],
+                ..Sources::default()
+            })
+            .expect_err(bad)
+            .to_string();
+            assert!(msg.contains("etcd.prefix"), "{msg}");
+            assert!(msg.contains(&format!("{bad:?}")), "{msg}");
+            assert!(msg.contains(why), "{msg}");
+        }
     }
 
     #[test]

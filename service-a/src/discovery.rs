@@ -549,6 +549,11 @@ mod tests {
     #[test]
     fn parses_b_and_grpc_go_values() {
         assert_eq!(
+            parse_addr(br#"{"Addr":"127.0.0.1:50051","Op":0}"#),
+            Some("127.0.0.1:50051".into())
+        );
+        // An older B's value, with a Metadata object.
+        assert_eq!(
             parse_addr(br#"{"Op":0,"Addr":"127.0.0.1:50051","Metadata":{"instance_id":"b-1"}}"#),
             Some("127.0.0.1:50051".into())
         );

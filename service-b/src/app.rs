@@ -271,12 +271,7 @@ fn register_in_etcd(
         "registry.keepalive",
         registry::maintain(
             config.etcd.clone(),
-            Registration::new(
-                &config.etcd,
-                instance_id,
-                advertised,
-                &config.service_b.admin_listen,
-            ),
+            Registration::new(&config.etcd, instance_id, advertised),
             metrics.registry.clone(),
             stop,
         ),

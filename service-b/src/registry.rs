@@ -1,8 +1,8 @@
 //! Cause 1, the fix — B's half: registration in etcd.
 //!
-//! B puts `<prefix><instance_id>` → `{"Op":0,"Addr":"host:port","Metadata":{…}}`
-//! (the value layout of etcd's Go naming/endpoints manager, so a grpc-go
-//! client with etcd's resolver finds the same instances) under a lease of
+//! B puts `<prefix><instance_id>` → `{"Op":0,"Addr":"host:port"}` (the value
+//! layout of etcd's Go naming/endpoints manager, so a grpc-go client with
+//! etcd's resolver finds the same instances: see [`Registration`]) under a lease of
 //! `etcd.lease_ttl`, kept alive every TTL/3. If the lease is lost — a
 //! keepalive answers TTL ≤ 0, etcd restarts, the network drops — B grants a
 //! new lease and puts the key again, with backoff, without restarting; if
@@ -188,7 +188,15 @@ impl RegistrationStatus {
     }
 }
 
-/// What B registers.
+/// What B registers: `<etcd.prefix><instance_id>` → `{"Op":0,"Addr":"host:port"}`.
+///
+/// The layout is the one etcd's Go `naming/endpoints` package reads, so that
+/// grpc-go with etcd's resolver (`etcd:///lab/services/backend`) finds every B
+/// unaided: the prefix has no leading slash (grpc-go drops the one after
+/// `etcd:///`), and there is no `Metadata`, because the resolver hands it to
+/// grpc-go as address metadata and grpc-go 1.33's round_robin hashes it (a
+/// JSON object there panics: "hash of unhashable type"). The instance id is
+/// the key's last segment; nothing else is needed to dial B.
 #[derive(Debug, Clone)]
 pub struct Registration {
     pub key: String,
@@ -202,15 +210,8 @@ pub struct Registration {
 
 impl Registration {
     /// The key and value for one B instance.
-    pub fn new(config: &EtcdConfig, instance_id: &str, addr: &str, admin: &str) -> Self {
-        let entry = |op: u8| {
-            json!({
-                "Op": op,
-                "Addr": addr,
-                "Metadata": {"instance_id": instance_id, "admin": admin},
-            })
-            .to_string()
-        };
+    pub fn new(config: &EtcdConfig, instance_id: &str, addr: &str) -> Self {
+        let entry = |op: u8| json!({"Op": op, "Addr": addr}).to_string();
         Self {
             key: format!("{}{instance_id}", config.prefix),
             value: entry(0),
@@ -516,19 +517,13 @@ mod tests {
 
     #[test]
     fn value_has_the_go_naming_layout() {
-        let r = Registration::new(
-            &EtcdConfig::default(),
-            "b-1",
-            "10.0.0.5:50051",
-            "10.0.0.5:9081",
-        );
-        assert_eq!(r.key, "/lab/services/backend/b-1");
-        let v: serde_json::Value = serde_json::from_str(&r.value).expect("json");
-        assert_eq!(v["Op"], 0);
-        assert_eq!(v["Addr"], "10.0.0.5:50051");
-        assert_eq!(v["Metadata"]["instance_id"], "b-1");
-        let leaving: serde_json::Value = serde_json::from_str(&r.leaving).expect("json");
-        assert_eq!(leaving["Op"], 1);
-        assert_eq!(leaving["Addr"], "10.0.0.5:50051");
+        let r = Registration::new(&EtcdConfig::default(), "b-1", "10.0.0.5:50051");
+        // No leading slash: grpc-go's `etcd:///lab/services/backend` watches
+        // `lab/services/backend`.
+        assert_eq!(r.key, "lab/services/backend/b-1");
+        // Exactly Op and Addr: a `Metadata` object would reach grpc-go's
+        // round_robin as address metadata, which it cannot hash.
+        assert_eq!(r.value, r#"{"Addr":"10.0.0.5:50051","Op":0}"#);
+        assert_eq!(r.leaving, r#"{"Addr":"10.0.0.5:50051","Op":1}"#);
     }
 }

@@ -136,7 +136,7 @@ async fn grpc_load_reaches_the_same_backends(lab: &TestLab) -> anyhow::Result<()
     let config = lab.stack.config();
     let etcd = config.etcd.endpoints[0].trim_start_matches("http://");
     let mut spec = LoadSpec::new(
-        format!("etcd://{etcd}{}", config.etcd.prefix),
+        format!("etcd://{etcd}/{}", config.etcd.prefix),
         "lab.v1.Backend/GetItem",
     );
     spec.requests = Some(1000);

@@ -16,7 +16,7 @@ struct Broken {
 type Rule = fn(&LabConfig) -> Result<(), Broken>;
 
 /// Every rule, in the order they are checked.
-const RULES: [Rule; 17] = [
+const RULES: [Rule; 18] = [
     listeners_are_ip_port,
     backend_urls_are_http,
     mysql_url_is_mysql,
@@ -30,6 +30,7 @@ const RULES: [Rule; 17] = [
     partner_url_is_https,
     partner_answers_may_have_a_body,
     lease_ttl_is_whole_seconds,
+    registry_prefix_is_a_go_target,
     registry_guard_loss_is_a_share,
     admin_token_is_strong,
     otlp_endpoint_is_http,
@@ -308,6 +309,24 @@ fn lease_ttl_is_whole_seconds(c: &LabConfig) -> Result<(), Broken> {
         duration_text(c.etcd.lease_ttl),
         "etcd leases are granted in whole seconds: use at least 1s",
     ))
+}
+
+/// grpc-go dials `etcd:///lab/services/backend` and etcd's resolver watches
+/// `lab/services/backend`: grpc-go drops the slash after `etcd:///`, so keys
+/// under a prefix that starts with one are never found. The trailing slash
+/// keeps `…/backend/` from also matching `…/backend-old/…`, and A reads the
+/// instance id as what follows the prefix.
+fn registry_prefix_is_a_go_target(c: &LabConfig) -> Result<(), Broken> {
+    let prefix = &c.etcd.prefix;
+    let reason = if prefix.starts_with('/') {
+        "must not start with '/': grpc-go's etcd resolver looks up the prefix of \
+         etcd:///PREFIX without its leading slash; e.g. \"lab/services/backend/\""
+    } else if !prefix.ends_with('/') || prefix.len() < 2 {
+        "must be a path ending in '/', e.g. \"lab/services/backend/\""
+    } else {
+        return Ok(());
+    };
+    Err(broken("etcd.prefix", quoted(prefix), reason))
 }
 
 fn all_positive(durations: &[(&'static str, Duration)]) -> Result<(), Broken> {

@@ -381,8 +381,8 @@ async fn wait_for_endpoints(admin_url: &str, expected: usize) -> anyhow::Result<
 struct ExtraKeys {
     client: Client,
     etcd: EtcdConfig,
-    /// (gRPC address, admin address) of each real B, dealt round robin.
-    targets: Vec<(String, String)>,
+    /// gRPC address of each real B, dealt round robin.
+    targets: Vec<String>,
     live: VecDeque<Registration>,
     next_id: u64,
 }
@@ -393,14 +393,11 @@ const FILL_BATCH: usize = 100;
 impl ExtraKeys {
     async fn connect(stack: &Stack) -> anyhow::Result<Self> {
         let etcd = stack.config().etcd.clone();
-        let targets: Vec<(String, String)> = stack
+        let targets: Vec<String> = stack
             .state
             .backends()
             .filter(|b| b.is_alive())
-            .filter_map(|b| {
-                let admin = b.admin_url.as_deref()?.trim_start_matches("http://");
-                Some((b.grpc_addr.clone()?, admin.to_owned()))
-            })
+            .filter_map(|b| b.grpc_addr.clone())
             .collect();
         if targets.is_empty() {
             bail!("no running B to point the extra keys at");
@@ -419,13 +416,9 @@ impl ExtraKeys {
 
     /// The next fresh instance.
     fn next_registration(&mut self) -> Registration {
-        let (grpc, admin) = &self.targets[self.next_id as usize % self.targets.len()];
-        let registration = Registration::new(
-            &self.etcd,
-            &format!("extra-{:06}", self.next_id),
-            grpc,
-            admin,
-        );
+        let grpc = &self.targets[self.next_id as usize % self.targets.len()];
+        let registration =
+            Registration::new(&self.etcd, &format!("extra-{:06}", self.next_id), grpc);
         self.next_id += 1;
         registration
     }

@@ -119,9 +119,10 @@ fn authority_and_path<'a>(url: &'a str, scheme: &str) -> anyhow::Result<(&'a str
 }
 
 /// The config A's balancer gets from `etcd://host:port/<prefix>[?query]`:
-/// etcd at `host:port`, the prefix exactly as the URL's path has it (the
-/// lab's default layout: `etcd://host:port/lab/services/backend/`), and the
-/// load measure the query names.
+/// etcd at `host:port`, the prefix as grpc-go reads `etcd:///<prefix>` (the
+/// URL's path without its leading slash; a trailing slash added if missing,
+/// so `etcd://host:port/lab/services/backend` is the lab's default layout),
+/// and the load measure the query names.
 fn balancer_config(url: &str) -> anyhow::Result<LabConfig> {
     let (url, query) = match url.split_once('?') {
         Some((url, query)) => (url, Some(query)),
@@ -130,8 +131,12 @@ fn balancer_config(url: &str) -> anyhow::Result<LabConfig> {
     let (authority, prefix) = authority_and_path(url, "etcd")?;
     let mut config = LabConfig::default();
     config.etcd.endpoints = vec![format!("http://{authority}")];
-    if !prefix.is_empty() && prefix != "/" {
-        config.etcd.prefix = prefix.to_string();
+    let prefix = prefix.trim_start_matches('/');
+    if !prefix.is_empty() {
+        config.etcd.prefix = match prefix.ends_with('/') {
+            true => prefix.to_string(),
+            false => format!("{prefix}/"),
+        };
     }
     config.service_a.balance_load = balance_load_of(query)?;
     Ok(config)
@@ -406,7 +411,10 @@ mod tests {
     fn an_etcd_url_configures_the_balancer() {
         let config = balancer_config("etcd://127.0.0.1:2379/x/bs/?balance_load=peak-ewma").unwrap();
         assert_eq!(config.etcd.endpoints, ["http://127.0.0.1:2379"]);
-        assert_eq!(config.etcd.prefix, "/x/bs/");
+        assert_eq!(config.etcd.prefix, "x/bs/");
+        // grpc-go's spelling: no trailing slash.
+        let go = balancer_config("etcd://h:1/lab/services/backend").unwrap();
+        assert_eq!(go.etcd.prefix, "lab/services/backend/");
         assert_eq!(config.service_a.balance_load, BalanceLoad::PeakEwma);
         let default = balancer_config("etcd://h:1").unwrap();
         assert_eq!(default.etcd.endpoints, ["http://h:1"]);

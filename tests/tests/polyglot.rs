@@ -1,0 +1,301 @@
+//! The registry and B from other languages, end to end: `examples/go-client`
+//! (grpc-go with etcd's own resolver and round_robin, built from Debian's Go
+//! packages) and `examples/python-client` (grpcio, stubs generated from the
+//! .proto, discovery through etcd's JSON gateway) against a lab with two Bs.
+//!
+//! Both examples are built here, as their READMEs say, so a change that
+//! breaks either one (or the etcd layout they read) fails this test.
+//! `scripts/install-deps.sh --for-tests` installs Go and Python's venv.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use lab_tests::TestLab;
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{ChildStdout, Command},
+};
+
+/// One JSON line of either client: a window of calls (Go), or the tally of
+/// a whole run (`summary`, Go; the Python client's second line).
+#[derive(Debug, Deserialize)]
+struct Tally {
+    #[serde(default)]
+    summary: bool,
+    calls: u64,
+    served_by: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+/// What the Python client learnt about one B before calling it.
+#[derive(Debug, Deserialize)]
+struct Described {
+    addr: String,
+    health: String,
+    services: Vec<String>,
+    methods: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Instances {
+    instances: BTreeMap<String, Described>,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository")
+        .to_path_buf()
+}
+
+/// Runs a build step; its output is shown only if it fails.
+async fn run_step(what: &str, command: &mut Command) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let output = command.output().await.with_context(|| {
+        format!("{what}: could not start it (scripts/install-deps.sh --for-tests installs it)")
+    })?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{what} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{what}: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `go build` in GOPATH mode against Debian's /usr/share/gocode, as
+/// examples/go-client/README.md says.
+async fn build_go_client(work: &Path) -> anyhow::Result<PathBuf> {
+    let binary = work.join("go-client");
+    let gopath = format!("{}:/usr/share/gocode", work.join("gopath").display());
+    run_step(
+        "go build examples/go-client",
+        Command::new("go")
+            .arg("build")
+            .arg("-o")
+            .arg(&binary)
+            .arg(".")
+            .current_dir(repo_root().join("examples/go-client"))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", gopath),
+    )
+    .await?;
+    Ok(binary)
+}
+
+/// A venv with requirements.txt from PyPI, and the stubs generate.sh makes;
+/// returns the venv's python and the stubs' directory.
+async fn set_up_python_client(work: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let example = repo_root().join("examples/python-client");
+    let venv = work.join("venv");
+    let python = venv.join("bin/python");
+    let stubs = work.join("stubs");
+    run_step(
+        "python3 -m venv",
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+    )
+    .await?;
+    run_step(
+        "pip install -r examples/python-client/requirements.txt",
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(example.join("requirements.txt")),
+    )
+    .await?;
+    run_step(
+        "examples/python-client/generate.sh",
+        Command::new(example.join("generate.sh"))
+            .arg(&stubs)
+            .env("PYTHON", &python),
+    )
+    .await?;
+    Ok((python, stubs))
+}
+
+/// Instance id → address of every B registered under the lab's prefix, read
+/// with the Rust etcd client (not the examples' own discovery).
+async fn registered(lab: &TestLab) -> anyhow::Result<BTreeMap<String, String>> {
+    let config = &lab.stack.config().etcd;
+    let mut etcd = etcd_client::Client::connect(&config.endpoints, None).await?;
+    let answer = etcd
+        .get(
+            config.prefix.as_bytes(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let mut instances = BTreeMap::new();
+    for kv in answer.kvs() {
+        let id = kv
+            .key_str()?
+            .strip_prefix(&config.prefix)
+            .context("key under the prefix")?;
+        let value: serde_json::Value = serde_json::from_slice(kv.value())?;
+        let addr = value["Addr"].as_str().context("an Addr in the value")?;
+        instances.insert(id.to_string(), addr.to_string());
+    }
+    Ok(instances)
+}
+
+fn names(map: &BTreeMap<String, u64>) -> BTreeSet<String> {
+    map.keys().cloned().collect()
+}
+
+/// The next JSON line of the Go client, within `timeout`.
+async fn next_tally(
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    timeout: Duration,
+) -> anyhow::Result<Tally> {
+    let line = tokio::time::timeout(timeout, lines.next_line())
+        .await
+        .context("the Go client printed nothing")??
+        .context("the Go client's output ended")?;
+    serde_json::from_str(&line).with_context(|| format!("parsing {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> anyhow::Result<()> {
+    let work = tempfile::Builder::new().prefix("lab-polyglot-").tempdir()?;
+    let go_client = build_go_client(work.path()).await?;
+    let (python, stubs) = set_up_python_client(work.path()).await?;
+
+    let lab = TestLab::start(2, &["mode=fixed"]).await?;
+    let bs = registered(&lab).await?;
+    let ids: BTreeSet<String> = bs.keys().cloned().collect();
+    assert_eq!(ids, BTreeSet::from(["b-1".into(), "b-2".into()]), "{bs:?}");
+    let etcd = lab.stack.config().etcd.endpoints.join(",");
+
+    // Python: discovery, health and reflection as a grpcurl-style tool uses
+    // them, then 100 calls.
+    let output = Command::new(&python)
+        .arg(repo_root().join("examples/python-client/client.py"))
+        .args(["--etcd", &etcd, "--calls", "100", "--stubs"])
+        .arg(&stubs)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "client.py: {}\n{stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut lines = stdout.lines();
+    let found: Instances = serde_json::from_str(lines.next().context("client.py's first line")?)?;
+    let found_addrs: BTreeMap<String, String> = found
+        .instances
+        .iter()
+        .map(|(id, b)| (id.clone(), b.addr.clone()))
+        .collect();
+    assert_eq!(found_addrs, bs, "Python found what etcd holds");
+    for (id, b) in &found.instances {
+        assert_eq!(b.health, "SERVING", "{id}: {b:?}");
+        for service in ["lab.v1.Backend", "grpc.health.v1.Health"] {
+            assert!(
+                b.services.iter().any(|s| s == service),
+                "{id} reflects {service}: {b:?}"
+            );
+        }
+        assert_eq!(b.methods, ["GetItem", "SubmitJob", "GetJob"], "{id}");
+    }
+    let python_calls: Tally = serde_json::from_str(lines.next().context("client.py's tally")?)?;
+    assert_eq!(python_calls.calls, 100);
+    assert!(python_calls.errors.is_empty(), "{python_calls:?}");
+    assert_eq!(
+        names(&python_calls.served_by),
+        ids,
+        "both Bs served Python: {python_calls:?}"
+    );
+    assert_eq!(python_calls.served_by.values().sum::<u64>(), 100);
+
+    // Go: etcd's resolver and round_robin, calling until stopped, one line
+    // per 50 calls.
+    let mut go = Command::new(&go_client)
+        .args(["-etcd", &etcd, "-calls", "0", "-report", "50"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut windows = BufReader::new(go.stdout.take().context("Go's stdout")?).lines();
+    let line_timeout = Duration::from_secs(10);
+    let first = next_tally(&mut windows, line_timeout).await?;
+    assert!(first.errors.is_empty(), "{first:?}");
+    assert_eq!(
+        names(&first.served_by),
+        ids,
+        "round_robin reached both Bs: {first:?}"
+    );
+    assert_eq!(first.served_by.values().sum::<u64>(), 50);
+
+    // A B stopped with SIGTERM revokes its lease; etcd's watch tells the
+    // resolver, and round_robin stops picking it.
+    lab.stack.signal("service-b-2", Signal::SIGTERM)?;
+    let only_b1 = BTreeSet::from(["b-1".to_string()]);
+    let deadline = Instant::now() + line_timeout;
+    let mut windows_until_gone = 0;
+    loop {
+        let window = next_tally(&mut windows, line_timeout).await?;
+        assert!(
+            window.errors.is_empty(),
+            "a graceful stop fails no call: {window:?}"
+        );
+        assert!(names(&window.served_by).is_subset(&ids), "{window:?}");
+        if names(&window.served_by) == only_b1 {
+            break;
+        }
+        windows_until_gone += 1;
+        assert!(
+            Instant::now() < deadline,
+            "b-2 still picked {line_timeout:?} after its SIGTERM"
+        );
+    }
+    eprintln!("b-2 gone from the Go client's picks after {windows_until_gone} windows of 50 calls");
+    for _ in 0..5 {
+        let window = next_tally(&mut windows, line_timeout).await?;
+        assert_eq!(
+            names(&window.served_by),
+            only_b1,
+            "b-2 never comes back: {window:?}"
+        );
+        assert!(window.errors.is_empty(), "{window:?}");
+    }
+    assert_eq!(
+        registered(&lab)
+            .await?
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        only_b1,
+        "etcd no longer lists b-2"
+    );
+
+    // SIGTERM ends the Go client with a summary of every call.
+    let pid = go.id().context("the Go client's pid")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+    let summary = loop {
+        let tally = next_tally(&mut windows, line_timeout).await?;
+        if tally.summary {
+            break tally;
+        }
+    };
+    let status = tokio::time::timeout(line_timeout, go.wait()).await??;
+    assert!(status.success(), "go-client exited {status}");
+    assert!(summary.errors.is_empty(), "{summary:?}");
+    assert_eq!(names(&summary.served_by), ids);
+    assert_eq!(summary.served_by.values().sum::<u64>(), summary.calls);
+    Ok(())
+}
