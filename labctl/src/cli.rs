@@ -236,8 +236,9 @@ The report (table, and --json FILE):
 #[command(group(clap::ArgGroup::new("target").required(true).args(["url", "grpc"])))]
 pub struct LoadArgs {
     /// What to load: http://HOST:PORT (A's HTTP front), grpc://HOST:PORT (one B) or
-    /// etcd://HOST:PORT/PREFIX (every B registered under PREFIX, e.g.
-    /// /lab/services/backend/, balanced per request by A's own balancer; add
+    /// etcd://HOST:PORT/PREFIX (every B registered under PREFIX, read as grpc-go reads
+    /// etcd:///PREFIX, e.g. etcd://127.0.0.1:2379/lab/services/backend, balanced per
+    /// request by A's own balancer; add
     /// ?balance_load=peak-ewma to weigh requests in flight by each B's latency).
     #[arg(long)]
     pub url: Option<String>,

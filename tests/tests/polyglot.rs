@@ -214,6 +214,7 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
         assert_eq!(b.methods, ["GetItem", "SubmitJob", "GetJob"], "{id}");
     }
     let python_calls: Tally = serde_json::from_str(lines.next().context("client.py's tally")?)?;
+    eprintln!("Python: {python_calls:?}");
     assert_eq!(python_calls.calls, 100);
     assert!(python_calls.errors.is_empty(), "{python_calls:?}");
     assert_eq!(
@@ -233,6 +234,7 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
     let mut windows = BufReader::new(go.stdout.take().context("Go's stdout")?).lines();
     let line_timeout = Duration::from_secs(10);
     let first = next_tally(&mut windows, line_timeout).await?;
+    eprintln!("Go, first window: {first:?}");
     assert!(first.errors.is_empty(), "{first:?}");
     assert_eq!(
         names(&first.served_by),
@@ -244,6 +246,7 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
     // A B stopped with SIGTERM revokes its lease; etcd's watch tells the
     // resolver, and round_robin stops picking it.
     lab.stack.signal("service-b-2", Signal::SIGTERM)?;
+    let stopped = Instant::now();
     let only_b1 = BTreeSet::from(["b-1".to_string()]);
     let deadline = Instant::now() + line_timeout;
     let mut windows_until_gone = 0;
@@ -263,7 +266,11 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
             "b-2 still picked {line_timeout:?} after its SIGTERM"
         );
     }
-    eprintln!("b-2 gone from the Go client's picks after {windows_until_gone} windows of 50 calls");
+    eprintln!(
+        "b-2 gone from the Go client's picks: the first window without it ended {:.3} s \
+         after the SIGTERM, {windows_until_gone} window(s) of 50 calls after it",
+        stopped.elapsed().as_secs_f64()
+    );
     for _ in 0..5 {
         let window = next_tally(&mut windows, line_timeout).await?;
         assert_eq!(
@@ -294,6 +301,7 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
     };
     let status = tokio::time::timeout(line_timeout, go.wait()).await??;
     assert!(status.success(), "go-client exited {status}");
+    eprintln!("Go, summary: {summary:?}");
     assert!(summary.errors.is_empty(), "{summary:?}");
     assert_eq!(names(&summary.served_by), ids);
     assert_eq!(summary.served_by.values().sum::<u64>(), summary.calls);

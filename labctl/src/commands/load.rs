@@ -104,7 +104,7 @@ mod tests {
         assert_eq!(s.connections, 1);
         let s = spec(&[
             "--url",
-            "etcd://127.0.0.1:2379/lab/services/backend/",
+            "etcd://127.0.0.1:2379/lab/services/backend",
             "--method",
             "lab.v1.Backend/SubmitJob",
             "--duration",
