@@ -35,29 +35,63 @@ const roundRobin = `{"loadBalancingConfig": [{"round_robin": {}}]}`
 
 const getItem = "/lab.v1.Backend/GetItem"
 
+// options are the command-line flags.
+type options struct {
+	etcd, target, authority string
+	calls, report           int
+	timeout, ready          time.Duration
+	idMax                   int64
+}
+
 func main() {
-	etcdEndpoints := flag.String("etcd", "http://127.0.0.1:2379", "etcd client endpoints, comma-separated")
-	target := flag.String("target", "etcd:///lab/services/backend", "gRPC target: etcd:///<prefix without its trailing slash>")
+	var o options
+	flag.StringVar(&o.etcd, "etcd", "http://127.0.0.1:2379", "etcd client endpoints, comma-separated")
+	// Ending the target with '/' (etcd:///lab/services/backend/) also keeps
+	// out keys under sibling prefixes such as lab/services/backend-old/.
+	flag.StringVar(&o.target, "target", "etcd:///lab/services/backend", "gRPC target: etcd:///<etcd.prefix>")
 	// grpc-go sends the target's path (lab/services/backend) as :authority.
 	// Rust's HTTP/2 server (the h2 crate, under tonic) refuses an authority
 	// with a '/' in it (RST_STREAM PROTOCOL_ERROR), so name any host here.
-	authority := flag.String("authority", "lab-backend", "the :authority sent to B (must not contain '/')")
-	calls := flag.Int("calls", 100, "calls to make; 0 calls until SIGINT or SIGTERM")
-	report := flag.Int("report", 0, "print one line per this many calls (0: one line at the end)")
-	timeout := flag.Duration("timeout", 2*time.Second, "deadline of each call")
-	ready := flag.Duration("ready-timeout", 10*time.Second, "how long to wait for a first B")
-	idMax := flag.Int64("id-max", 100, "items asked for cycle through 1..id-max")
+	flag.StringVar(&o.authority, "authority", "lab-backend", "the :authority sent to B (must not contain '/')")
+	flag.IntVar(&o.calls, "calls", 100, "calls to make; 0 calls until SIGINT or SIGTERM")
+	flag.IntVar(&o.report, "report", 0, "print one line per this many calls (0: one line at the end)")
+	flag.DurationVar(&o.timeout, "timeout", 2*time.Second, "deadline of each call")
+	flag.DurationVar(&o.ready, "ready-timeout", 10*time.Second, "how long to wait for a first B")
+	flag.Int64Var(&o.idMax, "id-max", 100, "items asked for cycle through 1..id-max")
 	flag.Parse()
-
-	if err := run(*etcdEndpoints, *target, *authority, *calls, *report, *timeout, *ready, *idMax); err != nil {
+	if err := o.check(); err != nil {
+		fmt.Fprintln(os.Stderr, "go-client:", err)
+		os.Exit(2)
+	}
+	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "go-client:", err)
 		os.Exit(1)
 	}
 }
 
-func run(etcdEndpoints, target, authority string, calls, report int, timeout, ready time.Duration, idMax int64) error {
+func (o options) check() error {
+	switch {
+	case o.calls < 0:
+		return fmt.Errorf("-calls must be 0 (until a signal) or more, got %d", o.calls)
+	case o.report < 0:
+		return fmt.Errorf("-report must be 0 (one line at the end) or more, got %d", o.report)
+	case o.idMax < 1:
+		return fmt.Errorf("-id-max must be at least 1, got %d", o.idMax)
+	case o.timeout <= 0 || o.ready <= 0:
+		return fmt.Errorf("-timeout and -ready-timeout must be positive, got %s and %s", o.timeout, o.ready)
+	case strings.Contains(o.authority, "/"):
+		return fmt.Errorf("-authority %q contains '/': B's HTTP/2 server resets such calls", o.authority)
+	}
+	return nil
+}
+
+func run(o options) error {
+	// SIGINT or SIGTERM ends the calls; the run ends with its summary.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
 	etcd, err := clientv3.New(clientv3.Config{
-		Endpoints:   strings.Split(etcdEndpoints, ","),
+		Endpoints:   strings.Split(o.etcd, ","),
 		DialTimeout: 5 * time.Second,
 	})
 	if err != nil {
@@ -65,46 +99,44 @@ func run(etcdEndpoints, target, authority string, calls, report int, timeout, re
 	}
 	defer etcd.Close()
 
+	// etcd's resolver reads the registry inside grpc.Dial with no deadline,
+	// so an etcd that does not answer would hang the dial: ask it first.
+	if err := checkRegistry(ctx, etcd, o); err != nil {
+		return err
+	}
+
 	builder, err := resolver.NewBuilder(etcd)
 	if err != nil {
 		return fmt.Errorf("etcd resolver: %w", err)
 	}
-	conn, err := grpc.Dial(target,
+	conn, err := grpc.Dial(o.target,
 		grpc.WithResolvers(builder),
 		grpc.WithDefaultServiceConfig(roundRobin),
-		grpc.WithAuthority(authority),
+		grpc.WithAuthority(o.authority),
 		grpc.WithInsecure(),
 	)
 	if err != nil {
-		return fmt.Errorf("dial %s: %w", target, err)
+		return fmt.Errorf("dial %s: %w", o.target, err)
 	}
 	defer conn.Close()
-	if err := waitReady(conn, ready); err != nil {
-		return err
-	}
 
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
 	out := json.NewEncoder(os.Stdout)
 	window, total := newTally(), newTally()
-	for i := 0; calls == 0 || i < calls; i++ {
-		select {
-		case <-stop:
-			calls = i
-		default:
+	err = waitReady(ctx, conn, o.ready)
+	for i := 0; err == nil && (o.calls == 0 || i < o.calls) && ctx.Err() == nil; i++ {
+		servedBy, callErr := callGetItem(ctx, conn, int64(i)%o.idMax+1, o.timeout)
+		if callErr != nil && ctx.Err() != nil {
+			break // cut short by the signal: not B's failure
 		}
-		if calls != 0 && i >= calls {
-			break
-		}
-		servedBy, err := callGetItem(conn, int64(i)%idMax+1, timeout)
-		window.add(servedBy, err)
-		total.add(servedBy, err)
-		if report > 0 && window.Calls == report {
-			if err := out.Encode(window); err != nil {
-				return err
-			}
+		window.add(servedBy, callErr)
+		total.add(servedBy, callErr)
+		if o.report > 0 && window.Calls == o.report {
+			err = out.Encode(window)
 			window = newTally()
 		}
+	}
+	if err != nil {
+		return err
 	}
 	total.Summary = true
 	if err := out.Encode(total); err != nil {
@@ -116,10 +148,27 @@ func run(etcdEndpoints, target, authority string, calls, report int, timeout, re
 	return nil
 }
 
+// checkRegistry makes sure etcd answers and the target's prefix holds at
+// least one key, within the ready timeout.
+func checkRegistry(ctx context.Context, etcd *clientv3.Client, o options) error {
+	prefix := strings.TrimPrefix(o.target, "etcd:///")
+	ctx, cancel := context.WithTimeout(ctx, o.ready)
+	defer cancel()
+	answer, err := etcd.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return fmt.Errorf("reading %q from etcd at %s: %w", prefix, o.etcd, err)
+	}
+	if answer.Count == 0 {
+		return fmt.Errorf("no B is registered under %q in etcd at %s", prefix, o.etcd)
+	}
+	return nil
+}
+
 // waitReady returns once round_robin has a connected B, so the first calls
-// are not spent waiting for etcd and the first connection.
-func waitReady(conn *grpc.ClientConn, limit time.Duration) error {
-	ctx, cancel := context.WithTimeout(context.Background(), limit)
+// are not spent waiting for etcd and the first connection. A signal while
+// waiting is not an error: the run ends with an empty summary.
+func waitReady(ctx context.Context, conn *grpc.ClientConn, limit time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	for {
 		state := conn.GetState()
@@ -127,6 +176,9 @@ func waitReady(conn *grpc.ClientConn, limit time.Duration) error {
 			return nil
 		}
 		if !conn.WaitForStateChange(ctx, state) {
+			if errors.Is(ctx.Err(), context.Canceled) {
+				return nil
+			}
 			return fmt.Errorf("no B became ready within %s (last state %s): is one registered in etcd?", limit, state)
 		}
 	}
@@ -134,8 +186,8 @@ func waitReady(conn *grpc.ClientConn, limit time.Duration) error {
 
 // callGetItem sends lab.v1.GetItemRequest{id} and returns the reply's
 // served_by, the instance id of the B that answered.
-func callGetItem(conn *grpc.ClientConn, id int64, timeout time.Duration) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+func callGetItem(ctx context.Context, conn *grpc.ClientConn, id int64, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	request := protowire.AppendTag(nil, 1, protowire.VarintType)
 	request = protowire.AppendVarint(request, uint64(id))

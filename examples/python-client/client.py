@@ -65,13 +65,15 @@ def registered(etcd: str, prefix: str, timeout: float) -> dict:
         answer = json.load(response)
     instances = {}
     for kv in answer.get("kvs", []):
-        instance_id = base64.b64decode(kv["key"]).decode()[len(prefix):]
+        key = base64.b64decode(kv["key"]).decode(errors="replace")
         try:
             addr = json.loads(base64.b64decode(kv.get("value", "")))["Addr"]
         except (ValueError, KeyError, TypeError):
-            print(f"client.py: skipping {prefix}{instance_id}: not a naming entry", file=sys.stderr)
+            addr = None
+        if not isinstance(addr, str) or not addr:
+            print(f"client.py: skipping {key!r}: not a naming entry with an Addr", file=sys.stderr)
             continue
-        instances[instance_id] = addr
+        instances[key[len(prefix):]] = addr
     return instances
 
 
@@ -109,15 +111,26 @@ def main() -> int:
     args = parser.parse_args()
     backend_pb2, backend_pb2_grpc = import_stubs(args.stubs)
 
-    instances = registered(args.etcd, args.prefix, args.timeout)
+    if args.calls < 0 or args.id_max < 1:
+        parser.error("--calls must be 0 or more and --id-max at least 1")
+
+    try:
+        instances = registered(args.etcd, args.prefix, args.timeout)
+    except (OSError, ValueError) as err:  # URLError is an OSError; bad JSON a ValueError
+        print(f"client.py: cannot read the registry from etcd at {args.etcd}: {err}", file=sys.stderr)
+        return 1
     if not instances:
         print(f"client.py: no B registered under {args.prefix!r} in {args.etcd}", file=sys.stderr)
         return 1
-    channels = {id: grpc.insecure_channel(addr) for id, addr in sorted(instances.items())}
-    report = {
-        id: {"addr": instances[id], **describe(channel, args.timeout)}
-        for id, channel in channels.items()
-    }
+    channels = {b: grpc.insecure_channel(addr) for b, addr in sorted(instances.items())}
+    report = {}
+    for b, channel in channels.items():
+        try:
+            report[b] = {"addr": instances[b], **describe(channel, args.timeout)}
+        except grpc.RpcError as err:
+            print(f"client.py: {b} at {instances[b]} did not answer health or reflection: "
+                  f"{err.code().name} {err.details()}", file=sys.stderr)
+            return 1
     print(json.dumps({"instances": report}), flush=True)
 
     stubs = [backend_pb2_grpc.BackendStub(channel) for channel in channels.values()]

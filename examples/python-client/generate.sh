@@ -6,7 +6,8 @@
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/gen}
-rm -rf "$out"
+# Only the generated package is replaced, so any DIR is safe to name.
+rm -rf "$out/lab"
 mkdir -p "$out"
 "${PYTHON:-python3}" -m grpc_tools.protoc \
     --proto_path="$here/../../proto" \

@@ -321,7 +321,7 @@ fn registry_prefix_is_a_go_target(c: &LabConfig) -> Result<(), Broken> {
     let reason = if prefix.starts_with('/') {
         "must not start with '/': grpc-go's etcd resolver looks up the prefix of \
          etcd:///PREFIX without its leading slash; e.g. \"lab/services/backend/\""
-    } else if !prefix.ends_with('/') || prefix.len() < 2 {
+    } else if !prefix.ends_with('/') {
         "must be a path ending in '/', e.g. \"lab/services/backend/\""
     } else {
         return Ok(());

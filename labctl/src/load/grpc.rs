@@ -133,9 +133,10 @@ fn balancer_config(url: &str) -> anyhow::Result<LabConfig> {
     config.etcd.endpoints = vec![format!("http://{authority}")];
     let prefix = prefix.trim_start_matches('/');
     if !prefix.is_empty() {
-        config.etcd.prefix = match prefix.ends_with('/') {
-            true => prefix.to_string(),
-            false => format!("{prefix}/"),
+        config.etcd.prefix = if prefix.ends_with('/') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}/")
         };
     }
     config.service_a.balance_load = balance_load_of(query)?;
