@@ -25,6 +25,7 @@ import (
 	"go.etcd.io/etcd/clientv3/naming/resolver"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/connectivity"
+	gresolver "google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -56,7 +57,7 @@ func main() {
 	flag.IntVar(&o.calls, "calls", 100, "calls to make; 0 calls until SIGINT or SIGTERM")
 	flag.IntVar(&o.report, "report", 0, "print one line per this many calls (0: one line at the end)")
 	flag.DurationVar(&o.timeout, "timeout", 2*time.Second, "deadline of each call")
-	flag.DurationVar(&o.ready, "ready-timeout", 10*time.Second, "how long to wait for a first B")
+	flag.DurationVar(&o.ready, "ready-timeout", 10*time.Second, "how long to wait for etcd and a first connected B")
 	flag.Int64Var(&o.idMax, "id-max", 100, "items asked for cycle through 1..id-max")
 	flag.Parse()
 	if err := o.check(); err != nil {
@@ -86,7 +87,7 @@ func (o options) check() error {
 }
 
 func run(o options) error {
-	// SIGINT or SIGTERM ends the calls; the run ends with its summary.
+	// SIGINT or SIGTERM ends the run, with its summary.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -98,48 +99,19 @@ func run(o options) error {
 		return fmt.Errorf("etcd client: %w", err)
 	}
 	defer etcd.Close()
-
-	// etcd's resolver reads the registry inside grpc.Dial with no deadline,
-	// so an etcd that does not answer would hang the dial: ask it first.
-	if err := checkRegistry(ctx, etcd, o); err != nil {
-		return err
-	}
-
-	builder, err := resolver.NewBuilder(etcd)
-	if err != nil {
-		return fmt.Errorf("etcd resolver: %w", err)
-	}
-	conn, err := grpc.Dial(o.target,
-		grpc.WithResolvers(builder),
-		grpc.WithDefaultServiceConfig(roundRobin),
-		grpc.WithAuthority(o.authority),
-		grpc.WithInsecure(),
-	)
-	if err != nil {
-		return fmt.Errorf("dial %s: %w", o.target, err)
-	}
-	defer conn.Close()
-
-	out := json.NewEncoder(os.Stdout)
-	window, total := newTally(), newTally()
-	err = waitReady(ctx, conn, o.ready)
-	for i := 0; err == nil && (o.calls == 0 || i < o.calls) && ctx.Err() == nil; i++ {
-		servedBy, callErr := callGetItem(ctx, conn, int64(i)%o.idMax+1, o.timeout)
-		if callErr != nil && ctx.Err() != nil {
-			break // cut short by the signal: not B's failure
-		}
-		window.add(servedBy, callErr)
-		total.add(servedBy, callErr)
-		if o.report > 0 && window.Calls == o.report {
-			err = out.Encode(window)
-			window = newTally()
-		}
-	}
+	conn, err := connect(ctx, etcd, o)
 	if err != nil {
 		return err
+	}
+	total := newTally()
+	if conn != nil {
+		defer conn.Close()
+		if total, err = callAll(ctx, conn, o); err != nil {
+			return err
+		}
 	}
 	total.Summary = true
-	if err := out.Encode(total); err != nil {
+	if err := json.NewEncoder(os.Stdout).Encode(total); err != nil {
 		return err
 	}
 	if len(total.ServedBy) == 0 && total.Calls > 0 {
@@ -148,12 +120,51 @@ func run(o options) error {
 	return nil
 }
 
-// checkRegistry makes sure etcd answers and the target's prefix holds at
-// least one key, within the ready timeout.
-func checkRegistry(ctx context.Context, etcd *clientv3.Client, o options) error {
-	prefix := strings.TrimPrefix(o.target, "etcd:///")
-	ctx, cancel := context.WithTimeout(ctx, o.ready)
+// connect dials the target through etcd's resolver with round_robin and
+// returns once a B is connected, all within -ready-timeout. A signal
+// meanwhile returns no connection and no error: the run ends with no calls.
+func connect(ctx context.Context, etcd *clientv3.Client, o options) (*grpc.ClientConn, error) {
+	readyCtx, cancel := context.WithTimeout(ctx, o.ready)
 	defer cancel()
+	// etcd's resolver reads the registry inside grpc.Dial with no deadline,
+	// so an etcd that does not answer would hang the dial: ask it first.
+	err := checkRegistry(readyCtx, etcd, o)
+	if err == nil {
+		var builder gresolver.Builder
+		if builder, err = resolver.NewBuilder(etcd); err != nil {
+			return nil, fmt.Errorf("etcd resolver: %w", err)
+		}
+		var conn *grpc.ClientConn
+		conn, err = grpc.Dial(o.target,
+			grpc.WithResolvers(builder),
+			grpc.WithDefaultServiceConfig(roundRobin),
+			grpc.WithAuthority(o.authority),
+			grpc.WithInsecure(),
+		)
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", o.target, err)
+		}
+		if err = waitReady(readyCtx, conn); err == nil {
+			return conn, nil
+		}
+		conn.Close()
+	}
+	if ctx.Err() != nil {
+		return nil, nil // a signal, not a failure
+	}
+	return nil, err
+}
+
+// checkRegistry makes sure etcd answers and holds at least one key under the
+// target's prefix (what follows etcd://[authority]/ in the target).
+func checkRegistry(ctx context.Context, etcd *clientv3.Client, o options) error {
+	prefix := o.target
+	if i := strings.Index(prefix, "://"); i >= 0 {
+		prefix = prefix[i+len("://"):]
+		if j := strings.Index(prefix, "/"); j >= 0 {
+			prefix = prefix[j+1:]
+		}
+	}
 	answer, err := etcd.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
 	if err != nil {
 		return fmt.Errorf("reading %q from etcd at %s: %w", prefix, o.etcd, err)
@@ -165,23 +176,39 @@ func checkRegistry(ctx context.Context, etcd *clientv3.Client, o options) error 
 }
 
 // waitReady returns once round_robin has a connected B, so the first calls
-// are not spent waiting for etcd and the first connection. A signal while
-// waiting is not an error: the run ends with an empty summary.
-func waitReady(ctx context.Context, conn *grpc.ClientConn, limit time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, limit)
-	defer cancel()
+// are not spent waiting for etcd and the first connection.
+func waitReady(ctx context.Context, conn *grpc.ClientConn) error {
 	for {
 		state := conn.GetState()
 		if state == connectivity.Ready {
 			return nil
 		}
 		if !conn.WaitForStateChange(ctx, state) {
-			if errors.Is(ctx.Err(), context.Canceled) {
-				return nil
-			}
-			return fmt.Errorf("no B became ready within %s (last state %s): is one registered in etcd?", limit, state)
+			return fmt.Errorf("no B became ready (last state %s): %w", state, ctx.Err())
 		}
 	}
+}
+
+// callAll calls GetItem -calls times (0: until a signal), printing a line
+// every -report calls, and returns the tally of every call.
+func callAll(ctx context.Context, conn *grpc.ClientConn, o options) (*tally, error) {
+	out := json.NewEncoder(os.Stdout)
+	window, total := newTally(), newTally()
+	for i := 0; (o.calls == 0 || i < o.calls) && ctx.Err() == nil; i++ {
+		servedBy, err := callGetItem(ctx, conn, int64(i)%o.idMax+1, o.timeout)
+		if err != nil && ctx.Err() != nil {
+			break // cut short by the signal: not B's failure
+		}
+		window.add(servedBy, err)
+		total.add(servedBy, err)
+		if o.report > 0 && window.Calls == o.report {
+			if err := out.Encode(window); err != nil {
+				return nil, err
+			}
+			window = newTally()
+		}
+	}
+	return total, nil
 }
 
 // callGetItem sends lab.v1.GetItemRequest{id} and returns the reply's

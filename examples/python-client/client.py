@@ -12,7 +12,8 @@
 
 It prints two JSON lines: the instances (address, health, services, methods)
 and a tally of the calls (served_by counts, failures by status code). It
-exits 1 if no B is registered or no call succeeded.
+exits 1 if etcd cannot be read, no B is registered, a B does not answer
+health or reflection, or no call succeeded; 2 on a bad argument.
 """
 
 import argparse
@@ -130,6 +131,9 @@ def main() -> int:
         except grpc.RpcError as err:
             print(f"client.py: {b} at {instances[b]} did not answer health or reflection: "
                   f"{err.code().name} {err.details()}", file=sys.stderr)
+            return 1
+        except KeyError as err:  # reflection answered, but without the symbol
+            print(f"client.py: {b} at {instances[b]} does not reflect {err}", file=sys.stderr)
             return 1
     print(json.dumps({"instances": report}), flush=True)
 

@@ -10,14 +10,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use lab_proto::v1::{GetItemRequest, backend_client::BackendClient};
 use lab_tests::TestLab;
-use nix::sys::signal::Signal;
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
 use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
@@ -60,15 +63,34 @@ fn repo_root() -> PathBuf {
 /// before the test gives up on it rather than stall CI.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Runs a step to its end; its output is shown only if it fails.
-async fn run_step(what: &str, command: &mut Command) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let output = tokio::time::timeout(STEP_TIMEOUT, command.kill_on_drop(true).output())
-        .await
-        .with_context(|| format!("{what} took more than {STEP_TIMEOUT:?}"))?
+/// Runs `command` to its end and returns its output, within
+/// [`STEP_TIMEOUT`]. It runs in a process group of its own, so that on a
+/// timeout what it started (go's compilers, pip's builds) is killed with it.
+async fn output_within(what: &str, command: &mut Command) -> anyhow::Result<Output> {
+    let child = command
+        .process_group(0)
+        .kill_on_drop(true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| {
             format!("{what}: could not start it (scripts/install-deps.sh --for-tests installs it)")
         })?;
+    let group = Pid::from_raw(child.id().context("a pid")? as i32);
+    match tokio::time::timeout(STEP_TIMEOUT, child.wait_with_output()).await {
+        Ok(output) => Ok(output?),
+        Err(_) => {
+            // Best effort: the group may be gone already.
+            let _ = killpg(group, Signal::SIGKILL);
+            anyhow::bail!("{what} took more than {STEP_TIMEOUT:?}")
+        }
+    }
+}
+
+/// Runs a build step; its output is shown only if it fails.
+async fn run_step(what: &str, command: &mut Command) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let output = output_within(what, command).await?;
     anyhow::ensure!(
         output.status.success(),
         "{what} failed ({}):\n{}{}",
@@ -197,15 +219,14 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
 
     // Python: discovery, health and reflection as a grpcurl-style tool uses
     // them, then 100 calls.
-    let mut client_py = Command::new(&python);
-    client_py
-        .arg(repo_root().join("examples/python-client/client.py"))
-        .args(["--etcd", &etcd, "--calls", "100", "--stubs"])
-        .arg(&stubs)
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(STEP_TIMEOUT, client_py.output())
-        .await
-        .context("client.py did not finish")??;
+    let output = output_within(
+        "client.py",
+        Command::new(&python)
+            .arg(repo_root().join("examples/python-client/client.py"))
+            .args(["--etcd", &etcd, "--calls", "100", "--stubs"])
+            .arg(&stubs),
+    )
+    .await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -245,7 +266,11 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
     // per 50 calls. It starts calling once one B is connected, so the first
     // windows may not reach the other yet.
     let mut go = Command::new(&go_client)
-        .args(["-etcd", &etcd, "-calls", "0", "-report", "50"])
+        // A per-call deadline no loaded machine reaches: a failed call
+        // here would be the machine, not the registry.
+        .args([
+            "-etcd", &etcd, "-calls", "0", "-report", "50", "-timeout", "10s",
+        ])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -275,6 +300,9 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
     // registry, not from b-2's connection going away.
     lab.stack.signal("service-b-2", Signal::SIGTERM)?;
     let stopped = Instant::now();
+    // Below the drain period, so that b-2 leaving later reads as that,
+    // not as a refused direct call.
+    let leave_within = Duration::from_secs(4);
     let only_b1 = BTreeSet::from(["b-1".to_string()]);
     let mut windows_until_gone = 0;
     loop {
@@ -289,8 +317,8 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
         }
         windows_until_gone += 1;
         assert!(
-            stopped.elapsed() < line_timeout,
-            "b-2 still picked {line_timeout:?} after its SIGTERM"
+            stopped.elapsed() < leave_within,
+            "b-2 still picked {leave_within:?} after its SIGTERM"
         );
     }
     let gone_after = stopped.elapsed();
@@ -335,7 +363,7 @@ async fn go_and_python_clients_find_every_b_through_etcd_and_spread_calls() -> a
 
     // SIGTERM ends the Go client with a summary of every call.
     let pid = go.id().context("the Go client's pid")?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
     let summary = loop {
         let tally = next_tally(&mut windows, line_timeout).await?;
         if tally.summary {
